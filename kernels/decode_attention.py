@@ -1,0 +1,330 @@
+"""Fused decode step: attention over a fixed-size KV cache, slot importance and eviction choice.
+
+The PyTorch reference beside this file (`decode_attention_reference.py`) defines the semantics
+and the tensor shapes; this module computes the same thing in three Triton launches:
+
+1. ``_attend_split_kernel`` (grid ``splits x Hkv x B``, flash-decoding split-K). Each program
+   owns one KV head of one row and a contiguous range of slots. It loads the ``G`` query heads of
+   its group once (one ``[BLOCK_G, D]`` tile, padded to 16 rows for ``tl.dot``), then streams its
+   slots in ``[BLOCK_S, D]`` tiles of K and V: every K/V byte of the cache is read exactly once,
+   for all query heads of the group. It keeps a running max / running sum (online softmax, float32)
+   and writes the unnormalised partial output, the partial max and sum, and two small per-slot
+   side outputs that eviction needs: the base-2 logits ``[G, S]`` and ``||v_s||_1``. The program
+   whose range holds ``write_slot`` also stores this step's key/value/position into the cache; all
+   programs read the new token from registers, not from the cache, so there is no ordering hazard.
+2. ``_score_chunk_kernel`` (grid ``chunks x Hsel x B``). Once all splits are done the softmax
+   normalisers are known: each program rebuilds them from the split partials (a few floats per
+   head), turns its chunk of logits into probabilities, forms the slot scores (summed over the
+   group, and over the KV heads when eviction is shared), masks empty / protected / unusable slots
+   and writes the chunk's minimum and its index.
+3. ``_combine_kernel`` (grid ``Hkv x B``). Merges the split partials into the final output and
+   reduces the chunk minima to the slot the next step overwrites.
+
+Extra traffic over plain attention: ``(G + 1) * 4`` bytes per slot written and read back, against
+``4 * D`` bytes of bf16 K/V per slot (about 6% for G=4, D=128).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode_attention_reference import ScoreKind
+
+LOG2E = 1.4426950408889634
+
+# Slots scored by one program of the scoring pass.
+SCORE_BLOCK = 256
+
+
+@triton.jit
+def _attend_split_kernel(
+    Q, K_new, V_new, K_cache, V_cache, Slot_pos, Write_slot, Position, Slot_limit,
+    Out_part, M_part, L_part, Logits, Vnorm,
+    stride_qb, stride_qh,
+    stride_nkb, stride_nkh, stride_nvb, stride_nvh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_pb, stride_ph,
+    n_splits, split_size, num_slots, qk_scale,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    WITH_VNORM: tl.constexpr,
+):
+    split = tl.program_id(0)
+    head = tl.program_id(1)
+    row = tl.program_id(2).to(tl.int64)
+    kv_heads = tl.num_programs(1)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < G
+
+    # The group's query heads, loaded once for every slot of this split.
+    q = tl.load(Q + row * stride_qb + (head * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)
+    k_new = tl.load(K_new + row * stride_nkb + head * stride_nkh + offs_d)
+    v_new = tl.load(V_new + row * stride_nvb + head * stride_nvh + offs_d)
+    write_slot = tl.load(Write_slot + row * kv_heads + head)
+    position = tl.load(Position + row)
+    limit = tl.load(Slot_limit + row * kv_heads + head)
+
+    k_base = K_cache + row * stride_kb + head * stride_kh
+    v_base = V_cache + row * stride_vb + head * stride_vh
+    pos_base = Slot_pos + row * stride_pb + head * stride_ph
+    start = split * split_size
+    end = tl.minimum(start + split_size, limit)
+
+    # The program that owns the write slot commits this step's token to the cache.
+    owns = (write_slot >= start) & (write_slot < end)
+    tl.store(k_base + write_slot * stride_ks + offs_d, k_new, mask=owns & (offs_d < HEAD_DIM))
+    tl.store(v_base + write_slot * stride_vs + offs_d, v_new, mask=owns & (offs_d < HEAD_DIM))
+    tl.store(pos_base + write_slot, position, mask=owns)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    logit_base = Logits + ((row * kv_heads + head) * G) * num_slots
+    # Loop over the whole split (static trip count); tiles past the head's limit are masked out.
+    for s0 in range(start, start + split_size, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        in_range = offs_s < end
+        is_new = offs_s == write_slot
+        pos = tl.load(pos_base + offs_s, mask=in_range, other=-1)
+        valid = in_range & ((pos >= 0) | is_new)
+        k = tl.load(k_base + offs_s[:, None] * stride_ks + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        k = tl.where(is_new[:, None], k_new[None, :], k)
+        v = tl.where(is_new[:, None], v_new[None, :], v)
+
+        qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_S], base-2 logits
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        tl.store(logit_base + offs_g[:, None] * num_slots + offs_s[None, :], qk,
+                 mask=g_mask[:, None] & in_range[None, :])
+        if WITH_VNORM:
+            vnorm = tl.sum(tl.abs(v.to(tl.float32)), axis=1)
+            tl.store(Vnorm + (row * kv_heads + head) * num_slots + offs_s, vnorm, mask=in_range)
+
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile so far
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    part = (row * kv_heads + head) * n_splits + split
+    tl.store(Out_part + (part * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+    tl.store(M_part + part * G + offs_g, m_i, mask=g_mask)
+    tl.store(L_part + part * G + offs_g, l_i, mask=g_mask)
+
+
+@triton.jit
+def _score_chunk_kernel(
+    M_part, L_part, Logits, Vnorm, Slot_pos, Write_slot, Position, Slot_limit, Accumulated,
+    Chunk_min, Chunk_arg,
+    stride_pb, stride_ph,
+    n_splits, num_slots, kv_heads, n_chunks, sink_tokens, recent_window,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    SHARED: tl.constexpr, SCORE_KIND: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    sel = tl.program_id(1)
+    row = tl.program_id(2).to(tl.int64)
+    n_sel = tl.num_programs(1)
+
+    offs_s = chunk * BLOCK + tl.arange(0, BLOCK)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_p = tl.arange(0, BLOCK_SPLITS)
+    g_mask = offs_g < G
+    part_mask = (offs_p < n_splits)[:, None] & g_mask[None, :]
+
+    # Head 0 stands for the layer when eviction is shared: all heads hold the same positions.
+    pos = tl.load(Slot_pos + row * stride_pb + sel * stride_ph + offs_s, mask=offs_s < num_slots, other=-1)
+    limit = tl.load(Slot_limit + row * kv_heads + sel)
+    usable = offs_s < limit
+
+    score = tl.zeros([BLOCK], tl.float32)
+    if SCORE_KIND != 2:
+        h_lo = 0 if SHARED else sel
+        h_hi = kv_heads if SHARED else sel + 1
+        for h in range(h_lo, h_hi):
+            parts = (row * kv_heads + h) * n_splits
+            m_p = tl.load(M_part + (parts + offs_p[:, None]) * G + offs_g[None, :], mask=part_mask,
+                          other=float("-inf"))
+            l_p = tl.load(L_part + (parts + offs_p[:, None]) * G + offs_g[None, :], mask=part_mask, other=0.0)
+            m_g = tl.max(m_p, axis=0)
+            m_g = tl.where(m_g == float("-inf"), 0.0, m_g)
+            l_g = tl.sum(l_p * tl.exp2(m_p - m_g[None, :]), axis=0)
+            l_g = tl.where(g_mask, l_g, 1.0)
+            logits = tl.load(Logits + ((row * kv_heads + h) * G + offs_g[:, None]) * num_slots + offs_s[None, :],
+                             mask=g_mask[:, None] & usable[None, :], other=float("-inf"))
+            weight = tl.sum(tl.exp2(logits - m_g[:, None]) / l_g[:, None], axis=0)
+            if SCORE_KIND == 0:
+                vnorm = tl.load(Vnorm + (row * kv_heads + h) * num_slots + offs_s, mask=usable, other=0.0)
+                weight = weight * vnorm
+            score += weight
+        if ACCUMULATE:
+            write_slot = tl.load(Write_slot + row * kv_heads + sel)
+            acc_ptr = Accumulated + (row * n_sel + sel) * num_slots + offs_s
+            previous = tl.load(acc_ptr, mask=offs_s < num_slots, other=0.0)
+            score += tl.where(offs_s == write_slot, 0.0, previous)
+            tl.store(acc_ptr, score, mask=offs_s < num_slots)
+    else:
+        score = pos.to(tl.float32)
+
+    position = tl.load(Position + row)
+    protected = (pos < sink_tokens) | (pos > position - recent_window)
+    rank = tl.where(protected, float("inf"), score)
+    rank = tl.where(pos < 0, float("-inf"), rank)
+    rank = tl.where(usable, rank, float("inf"))
+    best = tl.argmin(rank, axis=0)
+    out = (row * n_sel + sel) * n_chunks + chunk
+    tl.store(Chunk_min + out, tl.min(rank, axis=0))
+    tl.store(Chunk_arg + out, chunk * BLOCK + best)
+
+
+@triton.jit
+def _combine_kernel(
+    Out, Out_part, M_part, L_part, Chunk_min, Chunk_arg, Write_slot,
+    stride_ob, stride_oh,
+    n_splits, n_chunks,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
+    SHARED: tl.constexpr,
+):
+    head = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    kv_heads = tl.num_programs(0)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < G
+
+    parts = (row * kv_heads + head) * n_splits
+    m_run = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_run = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for split in range(0, n_splits):
+        m_s = tl.load(M_part + (parts + split) * G + offs_g, mask=g_mask, other=float("-inf"))
+        l_s = tl.load(L_part + (parts + split) * G + offs_g, mask=g_mask, other=0.0)
+        o_s = tl.load(Out_part + ((parts + split) * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=g_mask[:, None], other=0.0)
+        m_new = tl.maximum(m_run, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_run - m_safe)
+        beta = tl.exp2(m_s - m_safe)
+        l_run = l_run * alpha + l_s * beta
+        acc = acc * alpha[:, None] + o_s * beta[:, None]
+        m_run = m_new
+    l_run = tl.where(g_mask, l_run, 1.0)
+    out = acc / l_run[:, None]
+    tl.store(Out + row * stride_ob + (head * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=g_mask[:, None])
+
+    sel = 0 if SHARED else head
+    n_sel = 1 if SHARED else kv_heads
+    offs_c = tl.arange(0, BLOCK_CHUNKS)
+    base = (row * n_sel + sel) * n_chunks
+    minima = tl.load(Chunk_min + base + offs_c, mask=offs_c < n_chunks, other=float("inf"))
+    best = tl.argmin(minima, axis=0)
+    slot = tl.load(Chunk_arg + base + best)
+    tl.store(Write_slot + row * kv_heads + head, slot.to(Write_slot.dtype.element_ty))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def plan_splits(batch: int, kv_heads: int, slots: int, block_s: int, num_sms: int) -> tuple[int, int]:
+    """Choose (n_splits, split_size) so that about two waves of programs cover the GPU.
+
+    Each split holds at least ``4 * block_s`` slots so per-program setup stays amortised.
+    """
+    wanted = max(1, math.ceil(2 * num_sms / (batch * kv_heads)))
+    most = max(1, math.ceil(slots / (4 * block_s)))
+    n_splits = min(wanted, most)
+    split_size = math.ceil(math.ceil(slots / n_splits) / block_s) * block_s
+    return math.ceil(slots / split_size), split_size
+
+
+def decode_attention_triton(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    write_slot: torch.Tensor,
+    position: torch.Tensor,
+    slot_limit: torch.Tensor,
+    accumulated: torch.Tensor | None,
+    scale: float,
+    sink_tokens: int,
+    recent_window: int,
+    shared: bool,
+    score_kind: int,
+    n_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton implementation of `decode_attention_reference` (same arguments and result).
+
+    ``n_splits`` overrides the split-K heuristic (tests use it to exercise many splits).
+    Requires ``q`` / caches in float16 or bfloat16, ``D`` a power of two >= 16, last dims
+    contiguous, and contiguous ``slot_pos`` / ``write_slot`` / ``slot_limit`` / ``position``.
+    """
+    batch, kv_heads, slots, head_dim = k_cache.shape
+    group = q.shape[1] // kv_heads
+    block_g = max(16, triton.next_power_of_2(group))
+    block_s = 64 if head_dim <= 64 else 32 if group > 16 else 64
+    if n_splits is None:
+        n_splits, split_size = plan_splits(batch, kv_heads, slots, block_s, _num_sms(q.device))
+    else:
+        split_size = math.ceil(math.ceil(slots / n_splits) / block_s) * block_s
+        n_splits = math.ceil(slots / split_size)
+
+    f32 = dict(dtype=torch.float32, device=q.device)
+    out_part = torch.empty((batch, kv_heads, n_splits, group, head_dim), **f32)
+    m_part = torch.empty((batch, kv_heads, n_splits, group), **f32)
+    l_part = torch.empty((batch, kv_heads, n_splits, group), **f32)
+    logits = torch.empty((batch, kv_heads, group, slots), **f32)
+    with_vnorm = score_kind == ScoreKind.CONTRIBUTION
+    vnorm = torch.empty((batch, kv_heads, slots) if with_vnorm else (1,), **f32)
+
+    _attend_split_kernel[(n_splits, kv_heads, batch)](
+        q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit,
+        out_part, m_part, l_part, logits, vnorm,
+        q.stride(0), q.stride(1),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        slot_pos.stride(0), slot_pos.stride(1),
+        n_splits, split_size, slots, scale * LOG2E,
+        G=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_S=block_s, WITH_VNORM=with_vnorm,
+        num_warps=4, num_stages=3,
+    )
+
+    n_sel = 1 if shared else kv_heads
+    n_chunks = math.ceil(slots / SCORE_BLOCK)
+    chunk_min = torch.empty((batch, n_sel, n_chunks), **f32)
+    chunk_arg = torch.empty((batch, n_sel, n_chunks), dtype=torch.int32, device=q.device)
+    _score_chunk_kernel[(n_chunks, n_sel, batch)](
+        m_part, l_part, logits, vnorm, slot_pos, write_slot, position, slot_limit,
+        accumulated if accumulated is not None else m_part,
+        chunk_min, chunk_arg,
+        slot_pos.stride(0), slot_pos.stride(1),
+        n_splits, slots, kv_heads, n_chunks, sink_tokens, recent_window,
+        G=group, BLOCK_G=block_g, BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)), BLOCK=SCORE_BLOCK,
+        SHARED=shared, SCORE_KIND=int(score_kind), ACCUMULATE=accumulated is not None,
+        num_warps=4,
+    )
+
+    out = torch.empty_like(q)
+    _combine_kernel[(kv_heads, batch)](
+        out, out_part, m_part, l_part, chunk_min, chunk_arg, write_slot,
+        out.stride(0), out.stride(1),
+        n_splits, n_chunks,
+        G=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_CHUNKS=max(2, triton.next_power_of_2(n_chunks)),
+        SHARED=shared,
+        num_warps=4,
+    )
+    return out

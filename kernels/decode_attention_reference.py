@@ -1,0 +1,120 @@
+"""Plain PyTorch reference for the fused decode step (`kernels/decode_attention.py`).
+
+One decode step of one attention layer over a fixed-size KV cache:
+
+1. write the new token's key/value (and its position) into the slot chosen at the previous step;
+2. attend with the current query over the valid slots (softmax in float32);
+3. score every slot from this pass's own intermediates and pick the slot to overwrite next.
+
+Shapes (B batch, Hq query heads, Hkv key/value heads, G = Hq // Hkv, S slots, D head dim):
+
+- ``q``: ``[B, Hq, D]``; ``k_new``, ``v_new``: ``[B, Hkv, D]`` (already rotated by RoPE)
+- ``k_cache``, ``v_cache``: ``[B, Hkv, S, D]``, mutated in place
+- ``slot_pos``: ``[B, Hkv, S]`` int32, the sequence position held by each slot, ``-1`` when empty;
+  mutated in place
+- ``write_slot``: ``[B, Hkv]`` int32, slot that receives this step's token; overwritten in place
+  with the slot the next step will write
+- ``position``: ``[B]`` int32, sequence position of this step's token
+- ``slot_limit``: ``[B, Hkv]`` int32, number of usable slots per head (ragged budgets); slots at
+  or past the limit are never attended, written or chosen
+- ``accumulated``: optional ``[B, Hsel, S]`` float32 running score (``Hsel`` is 1 when eviction is
+  shared by the layer's heads, else ``Hkv``); mutated in place
+
+The returned attention output is ``[B, Hq, D]`` in ``q``'s dtype.
+
+Scores (``score_kind``):
+
+- ``CONTRIBUTION`` (LongFlow): ``sum_g p[g, s] * ||v_s||_1``, the size of slot ``s``'s
+  contribution to this step's output, summed over the query heads of the group;
+- ``ATTENTION`` (H2O-style): ``sum_g p[g, s]``;
+- ``POSITION`` (StreamingLLM-style): the slot's sequence position, so the oldest goes first.
+
+With shared eviction the per-head scores are summed over the layer's KV heads and every head
+gets the same slot. When ``accumulated`` is given (attention scores only), the step score is added to it (the slot just
+written starts from zero) and eviction ranks the running total. Empty slots are chosen before
+any token is evicted; sink tokens (``position < sink_tokens``) and the ``recent_window`` newest
+tokens are never chosen. Ties go to the lowest slot index.
+"""
+
+from enum import IntEnum
+
+import torch
+
+
+class ScoreKind(IntEnum):
+    """How the fused step ranks cached slots for eviction."""
+
+    CONTRIBUTION = 0
+    ATTENTION = 1
+    POSITION = 2
+
+
+def rank_slots(
+    score: torch.Tensor,
+    slot_pos: torch.Tensor,
+    usable: torch.Tensor,
+    position: torch.Tensor,
+    sink_tokens: int,
+    recent_window: int,
+) -> torch.Tensor:
+    """Turn scores into eviction ranks: empty slots ``-inf``, protected or unusable ``+inf``.
+
+    ``score``, ``slot_pos`` and ``usable`` are ``[B, H, S]``; ``position`` is ``[B]``.
+    """
+    recent_floor = position.view(-1, 1, 1) - recent_window
+    protected = (slot_pos < sink_tokens) | (slot_pos > recent_floor)
+    rank = torch.where(protected, torch.inf, score.float())
+    rank = torch.where(slot_pos < 0, -torch.inf, rank)
+    return torch.where(usable, rank, torch.inf)
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    write_slot: torch.Tensor,
+    position: torch.Tensor,
+    slot_limit: torch.Tensor,
+    accumulated: torch.Tensor | None,
+    scale: float,
+    sink_tokens: int,
+    recent_window: int,
+    shared: bool,
+    score_kind: int,
+) -> torch.Tensor:
+    """Reference decode step; see the module docstring for shapes and semantics."""
+    batch, kv_heads, slots, head_dim = k_cache.shape
+    group = q.shape[1] // kv_heads
+    rows = torch.arange(batch, device=q.device)[:, None]
+    heads = torch.arange(kv_heads, device=q.device)[None, :]
+    current = write_slot.long()
+
+    k_cache[rows, heads, current] = k_new
+    v_cache[rows, heads, current] = v_new
+    slot_pos[rows, heads, current] = position.to(slot_pos.dtype)[:, None]
+
+    usable = torch.arange(slots, device=q.device) < slot_limit[..., None]
+    valid = usable & (slot_pos >= 0)
+    values = v_cache.float()
+    logits = torch.einsum("bhgd,bhsd->bhgs", q.float().view(batch, kv_heads, group, head_dim), k_cache.float())
+    logits = (logits * scale).masked_fill(~valid[:, :, None, :], -torch.inf)
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.einsum("bhgs,bhsd->bhgd", probs, values).reshape(batch, kv_heads * group, head_dim)
+
+    weight = probs.sum(dim=2)
+    if score_kind == ScoreKind.CONTRIBUTION:
+        weight = weight * values.abs().sum(dim=-1)
+    select = slice(0, 1) if shared else slice(None)
+    if shared:
+        weight = weight.sum(dim=1, keepdim=True)
+    if accumulated is not None and score_kind != ScoreKind.POSITION:
+        previous = accumulated.scatter(-1, current[:, select, None], 0.0)
+        weight = weight + previous
+        accumulated.copy_(weight)
+    score = slot_pos[:, select].float() if score_kind == ScoreKind.POSITION else weight
+    rank = rank_slots(score, slot_pos[:, select], usable[:, select], position, sink_tokens, recent_window)
+    write_slot.copy_(rank.argmin(dim=-1).to(write_slot.dtype).expand(batch, kv_heads))
+    return out.to(q.dtype)

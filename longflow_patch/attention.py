@@ -1,0 +1,70 @@
+"""The attention forward that `apply` installs on Llama / Qwen2 / Qwen3 attention modules.
+
+It is the model's own forward (projections, Qwen3's q/k norms, RoPE, output projection) with
+the KV-cache step replaced: given a `LongFlowCache`, the prompt goes through the model's own
+attention implementation and is then compressed into the cache; each decode step is one call of
+``torch.ops.longflow.decode_attention``. Any other cache (or none) runs the original forward.
+"""
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from longflow_patch.cache import LongFlowCache
+from longflow_patch.prefill import key_padding_from_mask
+
+
+def _modeling_function(module: nn.Module, name: str) -> Callable:
+    """A function (``apply_rotary_pos_emb``, ``eager_attention_forward``) from the module's modeling file."""
+    return getattr(sys.modules[type(module).__module__], name)
+
+
+def longflow_attention_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+    past_key_values=None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Drop-in forward for ``LlamaAttention`` / ``Qwen2Attention`` / ``Qwen3Attention``.
+
+    ``hidden_states`` ``[B, n, hidden]`` -> ``([B, n, hidden], None)``.
+    """
+    if not isinstance(past_key_values, LongFlowCache):
+        return self._longflow_original_forward(
+            hidden_states, position_embeddings, attention_mask, past_key_values=past_key_values, **kwargs
+        )
+    batch, length = hidden_states.shape[:2]
+    hidden_shape = (batch, length, -1, self.head_dim)
+    query = self.q_proj(hidden_states).view(hidden_shape)
+    key = self.k_proj(hidden_states).view(hidden_shape)
+    if hasattr(self, "q_norm"):  # Qwen3
+        query, key = self.q_norm(query), self.k_norm(key)
+    query, key = query.transpose(1, 2), key.transpose(1, 2)
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query, key = _modeling_function(self, "apply_rotary_pos_emb")(query, key, cos, sin)
+
+    layer = past_key_values.layers[self.layer_idx]
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        positions = torch.arange(layer.seen_tokens, layer.seen_tokens + length, device=hidden_states.device)
+    positions = positions.expand(batch, length)
+    if layer.is_initialized and layer.seen_tokens > 0:
+        attn_output = layer.decode(query, key, value, positions, self.scaling)
+    else:
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, _modeling_function(self, "eager_attention_forward")
+        )
+        attn_output, _ = attention(
+            self, query, key, value, attention_mask,
+            dropout=0.0, scaling=self.scaling, sliding_window=getattr(self, "sliding_window", None), **kwargs,
+        )
+        is_token = key_padding_from_mask(attention_mask, batch, length).to(key.device)
+        layer.prefill(query, key, value, is_token, positions, self.scaling)
+    attn_output = attn_output.reshape(batch, length, -1).contiguous()
+    return self.o_proj(attn_output), None

@@ -1,0 +1,68 @@
+"""The decode step as a custom torch op: ``torch.ops.longflow.decode_attention``.
+
+Registered through ``torch.library`` with its in-place mutations declared and a fake (meta)
+implementation, so ``torch.compile(fullgraph=True)`` traces it as one node and CUDA graphs can
+capture it. The CPU implementation is the PyTorch reference; CUDA tensors run the fused Triton
+kernel (``kernels/decode_attention.py``). Shapes and semantics: ``kernels/decode_attention_reference.py``.
+"""
+
+import torch
+
+from longflow_patch.kernels.decode_attention_reference import decode_attention_reference
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+@torch.library.custom_op(
+    "longflow::decode_attention",
+    mutates_args=("k_cache", "v_cache", "slot_pos", "write_slot", "accumulated"),
+)
+def decode_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_pos: torch.Tensor,
+    write_slot: torch.Tensor,
+    position: torch.Tensor,
+    slot_limit: torch.Tensor,
+    accumulated: torch.Tensor | None,
+    scale: float,
+    sink_tokens: int,
+    recent_window: int,
+    shared: bool,
+    score_kind: int,
+) -> torch.Tensor:
+    """One fused decode step: write the new token, attend, score slots, choose the next slot."""
+    return decode_attention_reference(
+        q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit, accumulated,
+        scale, sink_tokens, recent_window, shared, score_kind,
+    )
+
+
+@decode_attention.register_kernel("cuda")
+def _decode_attention_cuda(
+    q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit, accumulated,
+    scale, sink_tokens, recent_window, shared, score_kind,
+):
+    if q.dtype not in KERNEL_DTYPES or q.shape[-1] not in KERNEL_HEAD_DIMS:
+        return decode_attention_reference(
+            q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit, accumulated,
+            scale, sink_tokens, recent_window, shared, score_kind,
+        )
+    from longflow_patch.kernels.decode_attention import decode_attention_triton
+
+    return decode_attention_triton(
+        q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit, accumulated,
+        scale, sink_tokens, recent_window, shared, score_kind,
+    )
+
+
+@decode_attention.register_fake
+def _decode_attention_fake(
+    q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit, accumulated,
+    scale, sink_tokens, recent_window, shared, score_kind,
+):
+    return torch.empty_like(q)

@@ -1,0 +1,107 @@
+"""`apply` / `unapply`: patch a Hugging Face causal LM in place, without forking transformers.
+
+`apply` replaces the ``forward`` of every attention module (an instance attribute, so the class
+and other models are untouched) and wraps the model's ``generate`` so each call gets a fresh
+`LongFlowCache` unless the caller passes a cache. `unapply` removes both.
+"""
+
+import types
+import warnings
+
+import torch
+from torch import nn
+
+from longflow_patch.attention import longflow_attention_forward
+from longflow_patch.cache import LongFlowCache
+from longflow_patch.ops import KERNEL_DTYPES, KERNEL_HEAD_DIMS
+from longflow_patch.policies import Policy, make_policy
+
+SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ATTENTION = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention")
+SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ in SUPPORTED_ATTENTION]
+
+
+def _check_model(model: nn.Module) -> None:
+    model_type = type(model).__name__
+    if model_type not in SUPPORTED_MODELS:
+        raise TypeError(f"longflow_patch does not support {model_type}; supported models: {', '.join(SUPPORTED_MODELS)}")
+    config = model.config
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        raise ValueError(
+            f"{model_type} is configured with sliding-window layers (layer_types={set(config.layer_types)}); "
+            "longflow_patch supports full-attention layers only"
+        )
+    implementation = config._attn_implementation
+    if implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {implementation!r} is not supported for the prompt pass; "
+            f"use one of {SUPPORTED_ATTN_IMPLEMENTATIONS}"
+        )
+    parameter = next(model.parameters())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if parameter.is_cuda and (parameter.dtype not in KERNEL_DTYPES or head_dim not in KERNEL_HEAD_DIMS):
+        warnings.warn(
+            f"the fused Triton kernel needs float16/bfloat16 and head_dim in {KERNEL_HEAD_DIMS} (model: "
+            f"{parameter.dtype}, head_dim={head_dim}); decoding falls back to the PyTorch reference, "
+            "which is correct but slower",
+            stacklevel=3,
+        )
+
+
+def apply(
+    model: nn.Module,
+    policy: str | Policy = "longflow",
+    budget: int = 2048,
+    **settings: object,
+) -> nn.Module:
+    """Patch ``model`` in place so decoding keeps at most ``budget`` KV slots per layer; returns it.
+
+    ``policy`` is a registered name (see `longflow_patch.POLICIES`) or a ready `Policy`;
+    ``settings`` are that policy's options (``sink_tokens``, ``recent_window``, ``per_head``,
+    ``observation_window``, ``pooling_kernel``). Applying again replaces the previous settings.
+    """
+    _check_model(model)
+    if not isinstance(policy, Policy):
+        policy = make_policy(policy, budget=budget, **settings)
+    elif settings:
+        raise TypeError("pass settings either inside a Policy object or as keyword arguments, not both")
+    for module in _attention_modules(model):
+        if not hasattr(module, "_longflow_original_forward"):
+            module._longflow_original_forward = module.forward
+            module.forward = types.MethodType(longflow_attention_forward, module)
+    if not hasattr(model, "_longflow_original_generate"):
+        model._longflow_original_generate = model.generate
+        model.generate = types.MethodType(_generate_with_compressed_cache, model)
+    model._longflow_policy = policy
+    return model
+
+
+def unapply(model: nn.Module) -> nn.Module:
+    """Undo `apply`: the model behaves exactly as before it was patched; returns it."""
+    for module in _attention_modules(model):
+        if hasattr(module, "_longflow_original_forward"):
+            del module.forward
+            del module._longflow_original_forward
+    if hasattr(model, "_longflow_original_generate"):
+        del model.generate
+        del model._longflow_original_generate
+    model.__dict__.pop("_longflow_policy", None)
+    return model
+
+
+def new_cache(model: nn.Module) -> LongFlowCache:
+    """A fresh, empty compressed cache for a patched model (what `generate` builds per call)."""
+    if not hasattr(model, "_longflow_policy"):
+        raise ValueError("the model is not patched: call longflow_patch.apply(model, ...) first")
+    return LongFlowCache(model._longflow_policy, model.config.num_hidden_layers)
+
+
+def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.Tensor:
+    """``generate`` of a patched model: a fresh compressed cache per call unless one is passed."""
+    if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+        kwargs["past_key_values"] = new_cache(self)
+    return self._longflow_original_generate(*args, **kwargs)
