@@ -25,6 +25,7 @@ Extra traffic over plain attention: ``(G + 1) * 4`` bytes per slot written and r
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -38,17 +39,55 @@ LOG2E = 1.4426950408889634
 SCORE_BLOCK = 256
 
 
+@dataclass(frozen=True)
+class AttendLaunch:
+    """Launch shape of the attention pass: slots per tile, warps, pipeline depth, and the
+    fewest tiles a split may hold (bounds split-K so per-program setup stays amortised)."""
+
+    block_s: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    min_tiles_per_split: int = 4
+
+
 @triton.jit
 def _attend_split_kernel(
-    Q, K_new, V_new, K_cache, V_cache, Slot_pos, Write_slot, Position, Slot_limit,
-    Out_part, M_part, L_part, Logits, Vnorm,
-    stride_qb, stride_qh,
-    stride_nkb, stride_nkh, stride_nvb, stride_nvh,
-    stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
-    stride_pb, stride_ph,
-    n_splits, split_size, num_slots, qk_scale,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    Q,
+    K_new,
+    V_new,
+    K_cache,
+    V_cache,
+    Slot_pos,
+    Write_slot,
+    Position,
+    Slot_limit,
+    Out_part,
+    M_part,
+    L_part,
+    Logits,
+    Vnorm,
+    stride_qb,
+    stride_qh,
+    stride_nkb,
+    stride_nkh,
+    stride_nvb,
+    stride_nvh,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_pb,
+    stride_ph,
+    n_splits,
+    split_size,
+    num_slots,
+    qk_scale,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     WITH_VNORM: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -61,8 +100,11 @@ def _attend_split_kernel(
     g_mask = offs_g < G
 
     # The group's query heads, loaded once for every slot of this split.
-    q = tl.load(Q + row * stride_qb + (head * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None], other=0.0)
+    q = tl.load(
+        Q + row * stride_qb + (head * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+        mask=g_mask[:, None],
+        other=0.0,
+    )
     k_new = tl.load(K_new + row * stride_nkb + head * stride_nkh + offs_d)
     v_new = tl.load(V_new + row * stride_nvb + head * stride_nvh + offs_d)
     write_slot = tl.load(Write_slot + row * kv_heads + head)
@@ -99,8 +141,9 @@ def _attend_split_kernel(
 
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_S], base-2 logits
         qk = tl.where(valid[None, :], qk, float("-inf"))
-        tl.store(logit_base + offs_g[:, None] * num_slots + offs_s[None, :], qk,
-                 mask=g_mask[:, None] & in_range[None, :])
+        tl.store(
+            logit_base + offs_g[:, None] * num_slots + offs_s[None, :], qk, mask=g_mask[:, None] & in_range[None, :]
+        )
         if WITH_VNORM:
             vnorm = tl.sum(tl.abs(v.to(tl.float32)), axis=1)
             tl.store(Vnorm + (row * kv_heads + head) * num_slots + offs_s, vnorm, mask=in_range)
@@ -121,12 +164,32 @@ def _attend_split_kernel(
 
 @triton.jit
 def _score_chunk_kernel(
-    M_part, L_part, Logits, Vnorm, Slot_pos, Write_slot, Position, Slot_limit, Accumulated,
-    Chunk_min, Chunk_arg,
-    stride_pb, stride_ph,
-    n_splits, num_slots, kv_heads, n_chunks, sink_tokens, recent_window,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
-    SHARED: tl.constexpr, SCORE_KIND: tl.constexpr, ACCUMULATE: tl.constexpr,
+    M_part,
+    L_part,
+    Logits,
+    Vnorm,
+    Slot_pos,
+    Write_slot,
+    Position,
+    Slot_limit,
+    Accumulated,
+    Chunk_min,
+    Chunk_arg,
+    stride_pb,
+    stride_ph,
+    n_splits,
+    num_slots,
+    kv_heads,
+    n_chunks,
+    sink_tokens,
+    recent_window,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SHARED: tl.constexpr,
+    SCORE_KIND: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     sel = tl.program_id(1)
@@ -150,15 +213,17 @@ def _score_chunk_kernel(
         h_hi = kv_heads if SHARED else sel + 1
         for h in range(h_lo, h_hi):
             parts = (row * kv_heads + h) * n_splits
-            m_p = tl.load(M_part + (parts + offs_p[:, None]) * G + offs_g[None, :], mask=part_mask,
-                          other=float("-inf"))
+            m_p = tl.load(M_part + (parts + offs_p[:, None]) * G + offs_g[None, :], mask=part_mask, other=float("-inf"))
             l_p = tl.load(L_part + (parts + offs_p[:, None]) * G + offs_g[None, :], mask=part_mask, other=0.0)
             m_g = tl.max(m_p, axis=0)
             m_g = tl.where(m_g == float("-inf"), 0.0, m_g)
             l_g = tl.sum(l_p * tl.exp2(m_p - m_g[None, :]), axis=0)
             l_g = tl.where(g_mask, l_g, 1.0)
-            logits = tl.load(Logits + ((row * kv_heads + h) * G + offs_g[:, None]) * num_slots + offs_s[None, :],
-                             mask=g_mask[:, None] & usable[None, :], other=float("-inf"))
+            logits = tl.load(
+                Logits + ((row * kv_heads + h) * G + offs_g[:, None]) * num_slots + offs_s[None, :],
+                mask=g_mask[:, None] & usable[None, :],
+                other=float("-inf"),
+            )
             weight = tl.sum(tl.exp2(logits - m_g[:, None]) / l_g[:, None], axis=0)
             if SCORE_KIND == 0:
                 vnorm = tl.load(Vnorm + (row * kv_heads + h) * num_slots + offs_s, mask=usable, other=0.0)
@@ -186,10 +251,21 @@ def _score_chunk_kernel(
 
 @triton.jit
 def _combine_kernel(
-    Out, Out_part, M_part, L_part, Chunk_min, Chunk_arg, Write_slot,
-    stride_ob, stride_oh,
-    n_splits, n_chunks,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
+    Out,
+    Out_part,
+    M_part,
+    L_part,
+    Chunk_min,
+    Chunk_arg,
+    Write_slot,
+    stride_ob,
+    stride_oh,
+    n_splits,
+    n_chunks,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_CHUNKS: tl.constexpr,
     SHARED: tl.constexpr,
 ):
     head = tl.program_id(0)
@@ -206,8 +282,11 @@ def _combine_kernel(
     for split in range(0, n_splits):
         m_s = tl.load(M_part + (parts + split) * G + offs_g, mask=g_mask, other=float("-inf"))
         l_s = tl.load(L_part + (parts + split) * G + offs_g, mask=g_mask, other=0.0)
-        o_s = tl.load(Out_part + ((parts + split) * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :],
-                      mask=g_mask[:, None], other=0.0)
+        o_s = tl.load(
+            Out_part + ((parts + split) * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=g_mask[:, None],
+            other=0.0,
+        )
         m_new = tl.maximum(m_run, m_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_run - m_safe)
@@ -217,8 +296,11 @@ def _combine_kernel(
         m_run = m_new
     l_run = tl.where(g_mask, l_run, 1.0)
     out = acc / l_run[:, None]
-    tl.store(Out + row * stride_ob + (head * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=g_mask[:, None])
+    tl.store(
+        Out + row * stride_ob + (head * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=g_mask[:, None],
+    )
 
     sel = 0 if SHARED else head
     n_sel = 1 if SHARED else kv_heads
@@ -236,13 +318,13 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def plan_splits(batch: int, kv_heads: int, slots: int, block_s: int, num_sms: int) -> tuple[int, int]:
-    """Choose (n_splits, split_size) so that about two waves of programs cover the GPU.
-
-    Each split holds at least ``4 * block_s`` slots so per-program setup stays amortised.
-    """
+def plan_splits(
+    batch: int, kv_heads: int, slots: int, block_s: int, num_sms: int, min_tiles_per_split: int = 4
+) -> tuple[int, int]:
+    """Choose (n_splits, split_size) so that about two waves of programs cover the GPU,
+    with at least ``min_tiles_per_split * block_s`` slots per split."""
     wanted = max(1, math.ceil(2 * num_sms / (batch * kv_heads)))
-    most = max(1, math.ceil(slots / (4 * block_s)))
+    most = max(1, math.ceil(slots / (min_tiles_per_split * block_s)))
     n_splits = min(wanted, most)
     split_size = math.ceil(math.ceil(slots / n_splits) / block_s) * block_s
     return math.ceil(slots / split_size), split_size
@@ -265,19 +347,24 @@ def decode_attention_triton(
     shared: bool,
     score_kind: int,
     n_splits: int | None = None,
+    launch: AttendLaunch | None = None,
 ) -> torch.Tensor:
     """Triton implementation of `decode_attention_reference` (same arguments and result).
 
-    ``n_splits`` overrides the split-K heuristic (tests use it to exercise many splits).
+    ``n_splits`` overrides the split-K heuristic (tests use it to exercise many splits);
+    ``launch`` overrides the attention pass's launch shape (the benchmark sweeps it).
     Requires ``q`` / caches in float16 or bfloat16, ``D`` a power of two >= 16, last dims
     contiguous, and contiguous ``slot_pos`` / ``write_slot`` / ``slot_limit`` / ``position``.
     """
     batch, kv_heads, slots, head_dim = k_cache.shape
     group = q.shape[1] // kv_heads
     block_g = max(16, triton.next_power_of_2(group))
-    block_s = 64 if head_dim <= 64 else 32 if group > 16 else 64
+    launch = launch or AttendLaunch()
+    block_s = launch.block_s
     if n_splits is None:
-        n_splits, split_size = plan_splits(batch, kv_heads, slots, block_s, _num_sms(q.device))
+        n_splits, split_size = plan_splits(
+            batch, kv_heads, slots, block_s, _num_sms(q.device), launch.min_tiles_per_split
+        )
     else:
         split_size = math.ceil(math.ceil(slots / n_splits) / block_s) * block_s
         n_splits = math.ceil(slots / split_size)
@@ -291,16 +378,45 @@ def decode_attention_triton(
     vnorm = torch.empty((batch, kv_heads, slots) if with_vnorm else (1,), **f32)
 
     _attend_split_kernel[(n_splits, kv_heads, batch)](
-        q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit,
-        out_part, m_part, l_part, logits, vnorm,
-        q.stride(0), q.stride(1),
-        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        slot_pos.stride(0), slot_pos.stride(1),
-        n_splits, split_size, slots, scale * LOG2E,
-        G=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_S=block_s, WITH_VNORM=with_vnorm,
-        num_warps=4, num_stages=3,
+        q,
+        k_new,
+        v_new,
+        k_cache,
+        v_cache,
+        slot_pos,
+        write_slot,
+        position,
+        slot_limit,
+        out_part,
+        m_part,
+        l_part,
+        logits,
+        vnorm,
+        q.stride(0),
+        q.stride(1),
+        k_new.stride(0),
+        k_new.stride(1),
+        v_new.stride(0),
+        v_new.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        slot_pos.stride(0),
+        slot_pos.stride(1),
+        n_splits,
+        split_size,
+        slots,
+        scale * LOG2E,
+        G=group,
+        BLOCK_G=block_g,
+        HEAD_DIM=head_dim,
+        BLOCK_S=block_s,
+        WITH_VNORM=with_vnorm,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
 
     n_sel = 1 if shared else kv_heads
@@ -308,22 +424,52 @@ def decode_attention_triton(
     chunk_min = torch.empty((batch, n_sel, n_chunks), **f32)
     chunk_arg = torch.empty((batch, n_sel, n_chunks), dtype=torch.int32, device=q.device)
     _score_chunk_kernel[(n_chunks, n_sel, batch)](
-        m_part, l_part, logits, vnorm, slot_pos, write_slot, position, slot_limit,
+        m_part,
+        l_part,
+        logits,
+        vnorm,
+        slot_pos,
+        write_slot,
+        position,
+        slot_limit,
         accumulated if accumulated is not None else m_part,
-        chunk_min, chunk_arg,
-        slot_pos.stride(0), slot_pos.stride(1),
-        n_splits, slots, kv_heads, n_chunks, sink_tokens, recent_window,
-        G=group, BLOCK_G=block_g, BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)), BLOCK=SCORE_BLOCK,
-        SHARED=shared, SCORE_KIND=int(score_kind), ACCUMULATE=accumulated is not None,
+        chunk_min,
+        chunk_arg,
+        slot_pos.stride(0),
+        slot_pos.stride(1),
+        n_splits,
+        slots,
+        kv_heads,
+        n_chunks,
+        sink_tokens,
+        recent_window,
+        G=group,
+        BLOCK_G=block_g,
+        BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)),
+        BLOCK=SCORE_BLOCK,
+        SHARED=shared,
+        SCORE_KIND=int(score_kind),
+        ACCUMULATE=accumulated is not None,
         num_warps=4,
     )
 
     out = torch.empty_like(q)
     _combine_kernel[(kv_heads, batch)](
-        out, out_part, m_part, l_part, chunk_min, chunk_arg, write_slot,
-        out.stride(0), out.stride(1),
-        n_splits, n_chunks,
-        G=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_CHUNKS=max(2, triton.next_power_of_2(n_chunks)),
+        out,
+        out_part,
+        m_part,
+        l_part,
+        chunk_min,
+        chunk_arg,
+        write_slot,
+        out.stride(0),
+        out.stride(1),
+        n_splits,
+        n_chunks,
+        G=group,
+        BLOCK_G=block_g,
+        HEAD_DIM=head_dim,
+        BLOCK_CHUNKS=max(2, triton.next_power_of_2(n_chunks)),
         SHARED=shared,
         num_warps=4,
     )

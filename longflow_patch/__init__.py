@@ -1,8 +1,8 @@
 """longflow-patch: memory-bounded long-output generation for Hugging Face transformers.
 
-    import longflow_patch
-    longflow_patch.apply(model, policy="longflow", budget=2048)
-    out = model.generate(**inputs, max_new_tokens=32768)
+import longflow_patch
+longflow_patch.apply(model, policy="longflow", budget=2048)
+out = model.generate(**inputs, max_new_tokens=32768)
 """
 
 from longflow_patch.cache import LongFlowCache, LongFlowLayer

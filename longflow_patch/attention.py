@@ -61,8 +61,15 @@ def longflow_attention_forward(
             self.config._attn_implementation, _modeling_function(self, "eager_attention_forward")
         )
         attn_output, _ = attention(
-            self, query, key, value, attention_mask,
-            dropout=0.0, scaling=self.scaling, sliding_window=getattr(self, "sliding_window", None), **kwargs,
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0,
+            scaling=self.scaling,
+            sliding_window=getattr(self, "sliding_window", None),
+            **kwargs,
         )
         is_token = key_padding_from_mask(attention_mask, batch, length).to(key.device)
         layer.prefill(query, key, value, is_token, positions, self.scaling)

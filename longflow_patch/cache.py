@@ -43,8 +43,8 @@ class LongFlowLayer(CacheLayerMixin):
         batch, kv_heads, _, head_dim = key_states.shape
         slots = self.policy.budget
         device = key_states.device
-        self.keys = torch.zeros(batch, kv_heads, slots, head_dim, dtype=key_states.dtype, device=device)
-        self.values = torch.zeros(batch, kv_heads, slots, value_states.shape[-1], dtype=value_states.dtype, device=device)
+        self.keys = key_states.new_zeros(batch, kv_heads, slots, head_dim)
+        self.values = value_states.new_zeros(batch, kv_heads, slots, value_states.shape[-1])
         self.slot_pos = torch.full((batch, kv_heads, slots), -1, dtype=torch.int32, device=device)
         self.write_slot = torch.zeros(batch, kv_heads, dtype=torch.int32, device=device)
         self.slot_limit = torch.full((batch, kv_heads), slots, dtype=torch.int32, device=device)
@@ -127,8 +127,14 @@ class LongFlowLayer(CacheLayerMixin):
         else:
             score = self._prompt_scores(query, keys, values, is_token, positions, scale)
             selectors = score.shape[1]
-            rank = rank_slots(score, token_pos[:, :selectors], torch.ones_like(score, dtype=torch.bool),
-                              last_position, policy.sink_tokens, policy.recent_window)
+            rank = rank_slots(
+                score,
+                token_pos[:, :selectors],
+                torch.ones_like(score, dtype=torch.bool),
+                last_position,
+                policy.sink_tokens,
+                policy.recent_window,
+            )
             # Keep the `slots` highest-ranked tokens: protected first, empty (padding) last.
             keep = rank.topk(slots, dim=-1).indices.sort(dim=-1).values
             keep = keep.expand(batch, kv_heads, slots)
@@ -145,8 +151,9 @@ class LongFlowLayer(CacheLayerMixin):
         score = torch.zeros(batch, selectors, slots, device=keys.device)
         score[:, :, :kept] = kept_score[:, :selectors]
         usable = torch.ones_like(score, dtype=torch.bool)
-        rank = rank_slots(score, self.slot_pos[:, :selectors], usable, last_position,
-                          policy.sink_tokens, policy.recent_window)
+        rank = rank_slots(
+            score, self.slot_pos[:, :selectors], usable, last_position, policy.sink_tokens, policy.recent_window
+        )
         self.write_slot.copy_(rank.argmin(dim=-1).to(torch.int32).expand(batch, kv_heads))
         self.seen_tokens = length
 
@@ -156,12 +163,21 @@ class LongFlowLayer(CacheLayerMixin):
         if policy.score_kind == ScoreKind.POSITION:
             score = positions.float()[:, None, :].expand(-1, keys.shape[1], -1)
         else:
-            score = score_prompt(query, keys, values, is_token, scale, policy.observation_window,
-                                 policy.pooling_kernel, policy.score_kind)
+            score = score_prompt(
+                query,
+                keys,
+                values,
+                is_token,
+                scale,
+                policy.observation_window,
+                policy.pooling_kernel,
+                policy.score_kind,
+            )
         return score if policy.per_head else score.sum(dim=1, keepdim=True)
 
-    def decode(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               positions: torch.Tensor, scale: float) -> torch.Tensor:
+    def decode(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         """Run the fused op for each new token in order; returns ``[B, n, Hq, D]``.
 
         ``query`` ``[B, Hq, n, D]``; ``keys``/``values`` ``[B, Hkv, n, D]``; ``positions`` ``[B, n]``.
@@ -170,12 +186,25 @@ class LongFlowLayer(CacheLayerMixin):
         positions = positions.to(torch.int32)
         outputs = []
         for step in range(query.shape[2]):
-            outputs.append(decode_attention(
-                query[:, :, step].contiguous(), keys[:, :, step].contiguous(), values[:, :, step].contiguous(),
-                self.keys, self.values, self.slot_pos, self.write_slot, positions[:, step].contiguous(),
-                self.slot_limit, self.accumulated, scale, policy.sink_tokens, policy.recent_window,
-                not policy.per_head, int(policy.score_kind),
-            ))
+            outputs.append(
+                decode_attention(
+                    query[:, :, step].contiguous(),
+                    keys[:, :, step].contiguous(),
+                    values[:, :, step].contiguous(),
+                    self.keys,
+                    self.values,
+                    self.slot_pos,
+                    self.write_slot,
+                    positions[:, step].contiguous(),
+                    self.slot_limit,
+                    self.accumulated,
+                    scale,
+                    policy.sink_tokens,
+                    policy.recent_window,
+                    not policy.per_head,
+                    int(policy.score_kind),
+                )
+            )
         self.seen_tokens += query.shape[2]
         return torch.stack(outputs, dim=1)
 

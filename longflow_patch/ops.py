@@ -37,32 +37,97 @@ def decode_attention(
 ) -> torch.Tensor:
     """One fused decode step: write the new token, attend, score slots, choose the next slot."""
     return decode_attention_reference(
-        q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit, accumulated,
-        scale, sink_tokens, recent_window, shared, score_kind,
+        q,
+        k_new,
+        v_new,
+        k_cache,
+        v_cache,
+        slot_pos,
+        write_slot,
+        position,
+        slot_limit,
+        accumulated,
+        scale,
+        sink_tokens,
+        recent_window,
+        shared,
+        score_kind,
     )
 
 
 @decode_attention.register_kernel("cuda")
 def _decode_attention_cuda(
-    q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit, accumulated,
-    scale, sink_tokens, recent_window, shared, score_kind,
+    q,
+    k_new,
+    v_new,
+    k_cache,
+    v_cache,
+    slot_pos,
+    write_slot,
+    position,
+    slot_limit,
+    accumulated,
+    scale,
+    sink_tokens,
+    recent_window,
+    shared,
+    score_kind,
 ):
     if q.dtype not in KERNEL_DTYPES or q.shape[-1] not in KERNEL_HEAD_DIMS:
         return decode_attention_reference(
-            q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit, accumulated,
-            scale, sink_tokens, recent_window, shared, score_kind,
+            q,
+            k_new,
+            v_new,
+            k_cache,
+            v_cache,
+            slot_pos,
+            write_slot,
+            position,
+            slot_limit,
+            accumulated,
+            scale,
+            sink_tokens,
+            recent_window,
+            shared,
+            score_kind,
         )
     from longflow_patch.kernels.decode_attention import decode_attention_triton
 
     return decode_attention_triton(
-        q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit, accumulated,
-        scale, sink_tokens, recent_window, shared, score_kind,
+        q,
+        k_new,
+        v_new,
+        k_cache,
+        v_cache,
+        slot_pos,
+        write_slot,
+        position,
+        slot_limit,
+        accumulated,
+        scale,
+        sink_tokens,
+        recent_window,
+        shared,
+        score_kind,
     )
 
 
 @decode_attention.register_fake
 def _decode_attention_fake(
-    q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit, accumulated,
-    scale, sink_tokens, recent_window, shared, score_kind,
+    q,
+    k_new,
+    v_new,
+    k_cache,
+    v_cache,
+    slot_pos,
+    write_slot,
+    position,
+    slot_limit,
+    accumulated,
+    scale,
+    sink_tokens,
+    recent_window,
+    shared,
+    score_kind,
 ):
     return torch.empty_like(q)

@@ -28,7 +28,8 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 def _check_model(model: nn.Module) -> None:
     model_type = type(model).__name__
     if model_type not in SUPPORTED_MODELS:
-        raise TypeError(f"longflow_patch does not support {model_type}; supported models: {', '.join(SUPPORTED_MODELS)}")
+        supported = ", ".join(SUPPORTED_MODELS)
+        raise TypeError(f"longflow_patch does not support {model_type}; supported models: {supported}")
     config = model.config
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
         raise ValueError(

@@ -1,0 +1,149 @@
+"""The fused Triton decode step against its PyTorch reference, on fresh random inputs.
+
+On a CPU machine the kernel runs in Triton's interpreter; on a GPU, natively (larger shapes too).
+"""
+
+import pytest
+import torch
+
+from longflow_patch.kernels.decode_attention import decode_attention_triton, plan_splits
+from longflow_patch.kernels.decode_attention_reference import ScoreKind, decode_attention_reference
+
+from triton_interpreter import INTERPRETED
+
+DEVICE = "cpu" if INTERPRETED else "cuda"
+
+
+def random_step(batch, kv_heads, group, slots, head_dim, dtype, filled, ragged=False, shared=True, accumulate=False):
+    """Arguments of one decode step over a cache whose first ``filled`` slots hold tokens."""
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+    positions = torch.stack([torch.randperm(4 * slots, device=DEVICE)[:slots] for _ in range(batch)])
+    slot_pos = positions[:, None, :].repeat(1, kv_heads, 1).to(torch.int32)
+    if not shared:  # per-head eviction: every head holds different tokens
+        slot_pos = torch.stack([torch.randperm(4 * slots, device=DEVICE)[:slots] for _ in range(batch * kv_heads)])
+        slot_pos = slot_pos.view(batch, kv_heads, slots).to(torch.int32)
+    slot_pos[..., filled:] = -1
+    slot_pos[0, :, : min(2, filled)] = -1  # padding in the middle of row 0
+    limit = torch.full((batch, kv_heads), slots, dtype=torch.int32, device=DEVICE)
+    if ragged:
+        limit = torch.randint(slots // 2, slots + 1, (batch, kv_heads), dtype=torch.int32, device=DEVICE)
+    write = torch.minimum(torch.full_like(limit, filled), limit - 1)
+    if shared:
+        write = write[:, :1].expand(batch, kv_heads).contiguous()
+    accumulated = torch.rand(batch, 1 if shared else kv_heads, slots, device=DEVICE) if accumulate else None
+    return dict(
+        q=rand(batch, kv_heads * group, head_dim),
+        k_new=rand(batch, kv_heads, head_dim),
+        v_new=rand(batch, kv_heads, head_dim),
+        k_cache=rand(batch, kv_heads, slots, head_dim),
+        v_cache=rand(batch, kv_heads, slots, head_dim),
+        slot_pos=slot_pos,
+        write_slot=write,
+        position=torch.full((batch,), 4 * slots, dtype=torch.int32, device=DEVICE),
+        slot_limit=limit,
+        accumulated=accumulated,
+    )
+
+
+def run_both(step, score_kind, shared, n_splits=None, sink=4, recent=8):
+    theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
+    settings = dict(
+        scale=step["q"].shape[-1] ** -0.5,
+        sink_tokens=sink,
+        recent_window=recent,
+        shared=shared,
+        score_kind=int(score_kind),
+    )
+    expected = decode_attention_reference(**step, **settings)
+    got = decode_attention_triton(**theirs, **settings, n_splits=n_splits)
+    return step, expected, theirs, got
+
+
+def assert_same_step(step, expected, theirs, got):
+    assert not torch.isnan(got).any(), "kernel left unwritten or NaN outputs"
+    error = (got.float() - expected.float()).norm() / expected.float().norm()
+    assert error < 1.5e-2, f"relative output error {error:.2e}"
+    for name in ("k_cache", "v_cache", "slot_pos"):
+        assert torch.equal(step[name], theirs[name]), f"{name} differs after the write"
+    assert torch.equal(step["write_slot"], theirs["write_slot"]), (step["write_slot"], theirs["write_slot"])
+    if step["accumulated"] is not None:
+        torch.testing.assert_close(theirs["accumulated"], step["accumulated"], rtol=1e-4, atol=1e-6)
+
+
+CASES = [
+    # batch, kv_heads, group, slots, head_dim, dtype, filled, shared, score, n_splits, ragged, accumulate
+    (2, 2, 4, 300, 64, torch.bfloat16, 300, True, ScoreKind.CONTRIBUTION, 3, False, False),
+    (1, 2, 4, 130, 128, torch.float16, 100, True, ScoreKind.CONTRIBUTION, 2, False, False),
+    (3, 2, 2, 96, 64, torch.bfloat16, 96, False, ScoreKind.CONTRIBUTION, 1, False, False),
+    (2, 1, 8, 200, 64, torch.float16, 200, False, ScoreKind.ATTENTION, 2, False, True),
+    (2, 4, 1, 64, 64, torch.bfloat16, 64, True, ScoreKind.ATTENTION, 1, False, True),
+    (1, 2, 1, 100, 64, torch.float16, 100, True, ScoreKind.POSITION, 1, False, False),
+    (2, 2, 4, 160, 64, torch.bfloat16, 160, False, ScoreKind.CONTRIBUTION, 2, True, False),
+    (1, 1, 4, 16, 64, torch.bfloat16, 16, True, ScoreKind.CONTRIBUTION, 1, False, False),
+    (2, 2, 16, 70, 32, torch.float16, 40, True, ScoreKind.CONTRIBUTION, 1, False, False),
+]
+if not INTERPRETED:
+    CASES += [
+        (8, 8, 4, 4096, 128, torch.bfloat16, 4096, True, ScoreKind.CONTRIBUTION, None, False, False),
+        (1, 8, 4, 16384, 128, torch.bfloat16, 16384, False, ScoreKind.CONTRIBUTION, None, False, False),
+        (32, 8, 4, 1024, 128, torch.float16, 1000, True, ScoreKind.ATTENTION, None, True, True),
+        (4, 4, 8, 2048, 64, torch.bfloat16, 2048, False, ScoreKind.CONTRIBUTION, None, True, False),
+    ]
+
+
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: "b{}-hkv{}-g{}-s{}-d{}-{}-fill{}-{}-{}-split{}-{}-{}".format(
+        *c[:5], str(c[5]).split(".")[-1], c[6], "shared" if c[7] else "perhead", c[8].name, *c[9:]
+    ),
+)
+def test_kernel_matches_reference(case):
+    batch, kv_heads, group, slots, head_dim, dtype, filled, shared, score, n_splits, ragged, accumulate = case
+    step = random_step(batch, kv_heads, group, slots, head_dim, dtype, filled, ragged, shared, accumulate)
+    assert_same_step(*run_both(step, score, shared, n_splits))
+
+
+def test_kernel_over_many_steps_keeps_choosing_like_reference():
+    """Chain 40 steps on one cache: both implementations must evict the same slots every step."""
+    step = random_step(2, 2, 4, 48, 64, torch.bfloat16, 20, shared=False)
+    theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
+    for index in range(40):
+        new = dict(
+            q=torch.randn_like(step["q"]),
+            k_new=torch.randn_like(step["k_new"]),
+            v_new=torch.randn_like(step["v_new"]),
+            position=step["position"] + index + 1,
+        )
+        step.update(new)
+        theirs.update({k: v.clone() for k, v in new.items()})
+        settings = dict(scale=0.125, sink_tokens=2, recent_window=4, shared=False, score_kind=0)
+        decode_attention_reference(**step, **settings)
+        decode_attention_triton(**theirs, **settings)
+        assert torch.equal(step["write_slot"], theirs["write_slot"]), f"step {index}"
+        assert torch.equal(step["slot_pos"], theirs["slot_pos"]), f"step {index}"
+
+
+def test_empty_slots_fill_before_any_eviction_and_protection_holds():
+    step = random_step(1, 1, 4, 64, 64, torch.float16, 64)
+    step["slot_pos"][0, 0] = torch.randperm(256, device=DEVICE)[:64].to(torch.int32) + 16
+    step["slot_pos"][..., 10:20] = -1
+    step["write_slot"].fill_(10)
+    _, _, theirs, _ = run_both(step, ScoreKind.CONTRIBUTION, True)
+    assert theirs["write_slot"].item() == 11  # lowest empty slot after the one just written
+    step = random_step(1, 1, 4, 64, 64, torch.float16, 64)
+    step["slot_pos"][0, 0] = torch.arange(64, dtype=torch.int32, device=DEVICE)  # positions 0..63
+    step["position"].fill_(64)
+    step["write_slot"].fill_(5)  # position 5 is overwritten by position 64
+    _, _, theirs, _ = run_both(step, ScoreKind.POSITION, True, sink=4, recent=8)
+    assert theirs["write_slot"].item() == 4  # oldest non-sink token: position 4
+
+
+@pytest.mark.parametrize("batch,kv_heads,slots", [(1, 8, 16384), (128, 8, 1024), (8, 2, 100)])
+def test_split_plan_covers_cache(batch, kv_heads, slots):
+    n_splits, split_size = plan_splits(batch, kv_heads, slots, 64, 132)
+    assert split_size % 64 == 0
+    assert (n_splits - 1) * split_size < slots <= n_splits * split_size

@@ -1,0 +1,32 @@
+"""The registered custom op: schema, fake implementation and declared mutations (opcheck)."""
+
+import torch
+
+import longflow_patch  # noqa: F401  (registers torch.ops.longflow)
+
+from test_decode_kernel import random_step
+
+
+def test_op_is_registered_in_longflow_namespace():
+    assert hasattr(torch.ops.longflow, "decode_attention")
+
+
+def test_opcheck_passes_for_shared_and_per_head_and_accumulating_calls():
+    for shared, accumulate, score in ((True, False, 0), (False, False, 0), (True, True, 1)):
+        step = random_step(2, 2, 4, 40, 32, torch.float32, 30, shared=shared, accumulate=accumulate)
+        step = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
+        args = (*step.values(), 32**-0.5, 4, 8, shared, score)
+        torch.library.opcheck(torch.ops.longflow.decode_attention.default, args)
+
+
+def test_op_traces_into_one_graph_without_breaks():
+    step = random_step(1, 2, 4, 24, 32, torch.float32, 24)
+    step = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
+
+    def one_step(q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit):
+        return torch.ops.longflow.decode_attention(
+            q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit, None, 0.2, 4, 8, True, 0
+        )
+
+    explanation = torch._dynamo.explain(one_step)(*[v for v in step.values() if v is not None])
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
