@@ -82,7 +82,7 @@ def main() -> None:
         row["eager fused/sdpa"] = row["fused_eager_ms"] / row["sdpa_eager_ms"]
         rows.append(row)
         if args.sweep and (batch, slots) in {(128, 1024), (32, 4096), (1, 16384), (8, 16384)}:
-            for block_s, warps, stages, tiles in itertools.product((32, 64, 128), (4, 8), (2, 3), (2, 8)):
+            for block_s, warps, stages, tiles in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (2, 8)):
                 launch = AttendLaunch(block_s, warps, stages, tiles)
                 try:
                     ms = graph_median_ms(fused_call(inputs, launch))

@@ -9,16 +9,18 @@ and the tensor shapes; this module computes the same thing in three Triton launc
    slots in ``[BLOCK_S, D]`` tiles of K and V: every K/V byte of the cache is read exactly once,
    for all query heads of the group. It keeps a running max / running sum (online softmax, float32)
    and writes the unnormalised partial output, the partial max and sum, and two small per-slot
-   side outputs that eviction needs: the base-2 logits ``[G, S]`` and ``||v_s||_1``. The program
-   whose range holds ``write_slot`` also stores this step's key/value/position into the cache; all
-   programs read the new token from registers, not from the cache, so there is no ordering hazard.
+   side outputs that eviction needs: the base-2 logits ``[G, S]`` and ``||v_s||_1``. The write
+   slot is skipped in the tiles; the program whose range holds it folds this step's token in from
+   registers and stores its key/value/position into the cache, so no program reads what another
+   writes and the K/V tiles reach the MMA unmodified.
 2. ``_score_chunk_kernel`` (grid ``chunks x Hsel x B``). Once all splits are done the softmax
    normalisers are known: each program rebuilds them from the split partials (a few floats per
-   head), turns its chunk of logits into probabilities, forms the slot scores (summed over the
-   group, and over the KV heads when eviction is shared), masks empty / protected / unusable slots
-   and writes the chunk's minimum and its index.
-3. ``_combine_kernel`` (grid ``Hkv x B``). Merges the split partials into the final output and
-   reduces the chunk minima to the slot the next step overwrites.
+   query head) for every query head of its selection scope at once (all ``Hq`` heads when eviction
+   is shared, else the ``G`` heads of one KV head), turns its chunk of logits into probabilities,
+   sums the slot scores over those heads, masks empty / protected / unusable slots and writes the
+   chunk's minimum and its index.
+3. ``_combine_kernel`` (grid ``Hkv x B``). Merges the split partials into the final output, a
+   chunk of splits at a time, and reduces the chunk minima to the slot the next step overwrites.
 
 Extra traffic over plain attention: ``(G + 1) * 4`` bytes per slot written and read back, against
 ``4 * D`` bytes of bf16 K/V per slot (about 6% for G=4, D=128).
@@ -35,7 +37,7 @@ from .decode_attention_reference import ScoreKind
 
 LOG2E = 1.4426950408889634
 
-# Slots scored by one program of the scoring pass.
+# Most slots scored by one program of the scoring pass (fewer when many query heads share a tile).
 SCORE_BLOCK = 256
 
 
@@ -52,44 +54,17 @@ class AttendLaunch:
 
 @triton.jit
 def _attend_split_kernel(
-    Q,
-    K_new,
-    V_new,
-    K_cache,
-    V_cache,
-    Slot_pos,
-    Write_slot,
-    Position,
-    Slot_limit,
-    Out_part,
-    M_part,
-    L_part,
-    Logits,
-    Vnorm,
-    stride_qb,
-    stride_qh,
-    stride_nkb,
-    stride_nkh,
-    stride_nvb,
-    stride_nvh,
-    stride_kb,
-    stride_kh,
-    stride_ks,
-    stride_vb,
-    stride_vh,
-    stride_vs,
-    stride_pb,
-    stride_ph,
-    n_splits,
-    split_size,
-    num_slots,
-    qk_scale,
-    G: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    Q, K_new, V_new, K_cache, V_cache, Slot_pos, Write_slot, Position, Slot_limit,
+    Out_part, M_part, L_part, Logits, Vnorm,
+    stride_qb, stride_qh,
+    stride_nkb, stride_nkh, stride_nvb, stride_nvh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_pb, stride_ph,
+    n_splits, split_size, num_slots, qk_scale,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
     WITH_VNORM: tl.constexpr,
-):
+):  # fmt: skip
     split = tl.program_id(0)
     head = tl.program_id(1)
     row = tl.program_id(2).to(tl.int64)
@@ -100,11 +75,8 @@ def _attend_split_kernel(
     g_mask = offs_g < G
 
     # The group's query heads, loaded once for every slot of this split.
-    q = tl.load(
-        Q + row * stride_qb + (head * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
-        mask=g_mask[:, None],
-        other=0.0,
-    )
+    q = tl.load(Q + row * stride_qb + (head * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)  # fmt: skip
     k_new = tl.load(K_new + row * stride_nkb + head * stride_nkh + offs_d)
     v_new = tl.load(V_new + row * stride_nvb + head * stride_nvh + offs_d)
     write_slot = tl.load(Write_slot + row * kv_heads + head)
@@ -114,47 +86,58 @@ def _attend_split_kernel(
     k_base = K_cache + row * stride_kb + head * stride_kh
     v_base = V_cache + row * stride_vb + head * stride_vh
     pos_base = Slot_pos + row * stride_pb + head * stride_ph
+    logit_base = Logits + ((row * kv_heads + head) * G) * num_slots
+    vnorm_base = Vnorm + (row * kv_heads + head) * num_slots
     start = split * split_size
     end = tl.minimum(start + split_size, limit)
 
-    # The program that owns the write slot commits this step's token to the cache.
-    owns = (write_slot >= start) & (write_slot < end)
-    tl.store(k_base + write_slot * stride_ks + offs_d, k_new, mask=owns & (offs_d < HEAD_DIM))
-    tl.store(v_base + write_slot * stride_vs + offs_d, v_new, mask=owns & (offs_d < HEAD_DIM))
-    tl.store(pos_base + write_slot, position, mask=owns)
-
+    # Cached slots. The write slot is skipped here: its old token is being replaced, and the new
+    # token is folded in from registers below, so K/V tiles go from memory to the MMA untouched.
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    logit_base = Logits + ((row * kv_heads + head) * G) * num_slots
-    # Loop over the whole split (static trip count); tiles past the head's limit are masked out.
+    # Static trip count over the whole split; tiles past the head's limit are masked out.
     for s0 in range(start, start + split_size, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
-        in_range = offs_s < end
-        is_new = offs_s == write_slot
+        in_range = (offs_s < end) & (offs_s != write_slot)
         pos = tl.load(pos_base + offs_s, mask=in_range, other=-1)
-        valid = in_range & ((pos >= 0) | is_new)
+        valid = in_range & (pos >= 0)
         k = tl.load(k_base + offs_s[:, None] * stride_ks + offs_d[None, :], mask=in_range[:, None], other=0.0)
         v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_d[None, :], mask=in_range[:, None], other=0.0)
-        k = tl.where(is_new[:, None], k_new[None, :], k)
-        v = tl.where(is_new[:, None], v_new[None, :], v)
 
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_S], base-2 logits
         qk = tl.where(valid[None, :], qk, float("-inf"))
-        tl.store(
-            logit_base + offs_g[:, None] * num_slots + offs_s[None, :], qk, mask=g_mask[:, None] & in_range[None, :]
-        )
+        tl.store(logit_base + offs_g[:, None] * num_slots + offs_s[None, :], qk,
+                 mask=g_mask[:, None] & in_range[None, :])  # fmt: skip
         if WITH_VNORM:
-            vnorm = tl.sum(tl.abs(v.to(tl.float32)), axis=1)
-            tl.store(Vnorm + (row * kv_heads + head) * num_slots + offs_s, vnorm, mask=in_range)
+            tl.store(vnorm_base + offs_s, tl.sum(tl.abs(v.to(tl.float32)), axis=1), mask=in_range)
 
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a fully masked tile so far
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid seen yet
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+
+    # This step's token: the program whose range holds the write slot attends to it, records its
+    # logit and value norm, and commits its key, value and position to the cache.
+    owns = (write_slot >= start) & (write_slot < end)
+    qk_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * qk_scale
+    qk_new = tl.where(owns, qk_new, float("-inf"))
+    m_new = tl.maximum(m_i, qk_new)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p_new = tl.exp2(qk_new - m_safe)
+    l_i = l_i * alpha + p_new
+    acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+    m_i = m_new
+    tl.store(logit_base + offs_g * num_slots + write_slot, qk_new, mask=g_mask & owns)
+    if WITH_VNORM:
+        tl.store(vnorm_base + write_slot, tl.sum(tl.abs(v_new.to(tl.float32)), axis=0), mask=owns)
+    tl.store(k_base + write_slot * stride_ks + offs_d, k_new, mask=owns & (offs_d < HEAD_DIM))
+    tl.store(v_base + write_slot * stride_vs + offs_d, v_new, mask=owns & (offs_d < HEAD_DIM))
+    tl.store(pos_base + write_slot, position, mask=owns)
 
     part = (row * kv_heads + head) * n_splits + split
     tl.store(Out_part + (part * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
@@ -164,151 +147,115 @@ def _attend_split_kernel(
 
 @triton.jit
 def _score_chunk_kernel(
-    M_part,
-    L_part,
-    Logits,
-    Vnorm,
-    Slot_pos,
-    Write_slot,
-    Position,
-    Slot_limit,
-    Accumulated,
-    Chunk_min,
-    Chunk_arg,
-    stride_pb,
-    stride_ph,
-    n_splits,
-    num_slots,
-    kv_heads,
-    n_chunks,
-    sink_tokens,
-    recent_window,
-    G: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr,
-    BLOCK: tl.constexpr,
-    SHARED: tl.constexpr,
-    SCORE_KIND: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
-):
+    M_part, L_part, Logits, Vnorm, Slot_pos, Write_slot, Position, Slot_limit, Accumulated,
+    Chunk_min, Chunk_arg,
+    stride_pb, stride_ph,
+    n_splits, num_slots, kv_heads, n_chunks, sink_tokens, recent_window,
+    G: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    SHARED: tl.constexpr, SCORE_KIND: tl.constexpr, ACCUMULATE: tl.constexpr,
+):  # fmt: skip
     chunk = tl.program_id(0)
     sel = tl.program_id(1)
     row = tl.program_id(2).to(tl.int64)
     n_sel = tl.num_programs(1)
 
     offs_s = chunk * BLOCK + tl.arange(0, BLOCK)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_p = tl.arange(0, BLOCK_SPLITS)
-    g_mask = offs_g < G
-    part_mask = (offs_p < n_splits)[:, None] & g_mask[None, :]
-
     # Head 0 stands for the layer when eviction is shared: all heads hold the same positions.
     pos = tl.load(Slot_pos + row * stride_pb + sel * stride_ph + offs_s, mask=offs_s < num_slots, other=-1)
     limit = tl.load(Slot_limit + row * kv_heads + sel)
     usable = offs_s < limit
 
-    score = tl.zeros([BLOCK], tl.float32)
-    if SCORE_KIND != 2:
-        h_lo = 0 if SHARED else sel
-        h_hi = kv_heads if SHARED else sel + 1
-        for h in range(h_lo, h_hi):
-            parts = (row * kv_heads + h) * n_splits
-            m_p = tl.load(M_part + (parts + offs_p[:, None]) * G + offs_g[None, :], mask=part_mask, other=float("-inf"))
-            l_p = tl.load(L_part + (parts + offs_p[:, None]) * G + offs_g[None, :], mask=part_mask, other=0.0)
-            m_g = tl.max(m_p, axis=0)
-            m_g = tl.where(m_g == float("-inf"), 0.0, m_g)
-            l_g = tl.sum(l_p * tl.exp2(m_p - m_g[None, :]), axis=0)
-            l_g = tl.where(g_mask, l_g, 1.0)
-            logits = tl.load(
-                Logits + ((row * kv_heads + h) * G + offs_g[:, None]) * num_slots + offs_s[None, :],
-                mask=g_mask[:, None] & usable[None, :],
-                other=float("-inf"),
-            )
-            weight = tl.sum(tl.exp2(logits - m_g[:, None]) / l_g[:, None], axis=0)
-            if SCORE_KIND == 0:
-                vnorm = tl.load(Vnorm + (row * kv_heads + h) * num_slots + offs_s, mask=usable, other=0.0)
-                weight = weight * vnorm
-            score += weight
+    if SCORE_KIND == 2:
+        score = pos.to(tl.float32)
+    else:
+        # Every query head of the selection scope at once (all Hq heads when shared, else the G
+        # heads of one KV head); rows index query heads, whose logits are contiguous [Hq, S].
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < ROWS
+        q_head = sel * ROWS + offs_r
+        kv_head = q_head // G
+        offs_p = tl.arange(0, BLOCK_SPLITS)
+        part = ((row * kv_heads + kv_head[:, None]) * n_splits + offs_p[None, :]) * G + (q_head % G)[:, None]
+        part_mask = r_mask[:, None] & (offs_p < n_splits)[None, :]
+        m_p = tl.load(M_part + part, mask=part_mask, other=float("-inf"))
+        l_p = tl.load(L_part + part, mask=part_mask, other=0.0)
+        m_r = tl.max(m_p, axis=1)
+        m_r = tl.where(m_r == float("-inf"), 0.0, m_r)
+        l_r = tl.sum(l_p * tl.exp2(m_p - m_r[:, None]), axis=1)
+        l_r = tl.where(r_mask, l_r, 1.0)
+        tile_mask = r_mask[:, None] & usable[None, :]
+        logits = tl.load(Logits + (row * kv_heads * G + q_head[:, None]) * num_slots + offs_s[None, :],
+                         mask=tile_mask, other=float("-inf"))  # fmt: skip
+        weight = tl.exp2(logits - m_r[:, None]) / l_r[:, None]
+        if SCORE_KIND == 0:
+            vnorm = tl.load(Vnorm + (row * kv_heads + kv_head[:, None]) * num_slots + offs_s[None, :],
+                            mask=tile_mask, other=0.0)  # fmt: skip
+            weight = weight * vnorm
+        score = tl.sum(weight, axis=0)
         if ACCUMULATE:
             write_slot = tl.load(Write_slot + row * kv_heads + sel)
             acc_ptr = Accumulated + (row * n_sel + sel) * num_slots + offs_s
             previous = tl.load(acc_ptr, mask=offs_s < num_slots, other=0.0)
             score += tl.where(offs_s == write_slot, 0.0, previous)
             tl.store(acc_ptr, score, mask=offs_s < num_slots)
-    else:
-        score = pos.to(tl.float32)
 
     position = tl.load(Position + row)
     protected = (pos < sink_tokens) | (pos > position - recent_window)
     rank = tl.where(protected, float("inf"), score)
     rank = tl.where(pos < 0, float("-inf"), rank)
     rank = tl.where(usable, rank, float("inf"))
-    best = tl.argmin(rank, axis=0)
     out = (row * n_sel + sel) * n_chunks + chunk
     tl.store(Chunk_min + out, tl.min(rank, axis=0))
-    tl.store(Chunk_arg + out, chunk * BLOCK + best)
+    tl.store(Chunk_arg + out, chunk * BLOCK + tl.argmin(rank, axis=0))
 
 
 @triton.jit
 def _combine_kernel(
-    Out,
-    Out_part,
-    M_part,
-    L_part,
-    Chunk_min,
-    Chunk_arg,
-    Write_slot,
-    stride_ob,
-    stride_oh,
-    n_splits,
-    n_chunks,
-    G: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_CHUNKS: tl.constexpr,
-    SHARED: tl.constexpr,
-):
+    Out, Out_part, M_part, L_part, Chunk_min, Chunk_arg, Write_slot,
+    stride_ob, stride_oh,
+    n_splits, n_chunks,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    BLOCK_CHUNKS: tl.constexpr, SHARED: tl.constexpr,
+):  # fmt: skip
     head = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     kv_heads = tl.num_programs(0)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
+    offs_c = tl.arange(0, SPLIT_CHUNK)
     g_mask = offs_g < G
 
+    # Merge the split partials SPLIT_CHUNK at a time ([SPLIT_CHUNK, G, D] loads in flight together).
     parts = (row * kv_heads + head) * n_splits
     m_run = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_run = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for split in range(0, n_splits):
-        m_s = tl.load(M_part + (parts + split) * G + offs_g, mask=g_mask, other=float("-inf"))
-        l_s = tl.load(L_part + (parts + split) * G + offs_g, mask=g_mask, other=0.0)
-        o_s = tl.load(
-            Out_part + ((parts + split) * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :],
-            mask=g_mask[:, None],
-            other=0.0,
-        )
-        m_new = tl.maximum(m_run, m_s)
+    for s0 in range(0, n_splits, SPLIT_CHUNK):
+        split = s0 + offs_c
+        mask = (split < n_splits)[:, None] & g_mask[None, :]
+        index = (parts + split[:, None]) * G + offs_g[None, :]
+        m_s = tl.load(M_part + index, mask=mask, other=float("-inf"))
+        l_s = tl.load(L_part + index, mask=mask, other=0.0)
+        o_s = tl.load(Out_part + index[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=mask[:, :, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_run - m_safe)
-        beta = tl.exp2(m_s - m_safe)
-        l_run = l_run * alpha + l_s * beta
-        acc = acc * alpha[:, None] + o_s * beta[:, None]
+        beta = tl.exp2(m_s - m_safe[None, :])
+        l_run = l_run * alpha + tl.sum(l_s * beta, axis=0)
+        acc = acc * alpha[:, None] + tl.sum(o_s * beta[:, :, None], axis=0)
         m_run = m_new
     l_run = tl.where(g_mask, l_run, 1.0)
     out = acc / l_run[:, None]
-    tl.store(
-        Out + row * stride_ob + (head * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
-        out.to(Out.dtype.element_ty),
-        mask=g_mask[:, None],
-    )
+    tl.store(Out + row * stride_ob + (head * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=g_mask[:, None])  # fmt: skip
 
+    # The next write slot: the minimum over the chunk minima of this head's selection scope.
     sel = 0 if SHARED else head
     n_sel = 1 if SHARED else kv_heads
-    offs_c = tl.arange(0, BLOCK_CHUNKS)
+    offs_k = tl.arange(0, BLOCK_CHUNKS)
     base = (row * n_sel + sel) * n_chunks
-    minima = tl.load(Chunk_min + base + offs_c, mask=offs_c < n_chunks, other=float("inf"))
-    best = tl.argmin(minima, axis=0)
-    slot = tl.load(Chunk_arg + base + best)
+    minima = tl.load(Chunk_min + base + offs_k, mask=offs_k < n_chunks, other=float("inf"))
+    slot = tl.load(Chunk_arg + base + tl.argmin(minima, axis=0))
     tl.store(Write_slot + row * kv_heads + head, slot.to(Write_slot.dtype.element_ty))
 
 
@@ -420,7 +367,10 @@ def decode_attention_triton(
     )
 
     n_sel = 1 if shared else kv_heads
-    n_chunks = math.ceil(slots / SCORE_BLOCK)
+    rows = kv_heads * group if shared else group
+    block_r = max(2, triton.next_power_of_2(rows))
+    score_block = min(SCORE_BLOCK, max(16, 8192 // block_r))
+    n_chunks = math.ceil(slots / score_block)
     chunk_min = torch.empty((batch, n_sel, n_chunks), **f32)
     chunk_arg = torch.empty((batch, n_sel, n_chunks), dtype=torch.int32, device=q.device)
     _score_chunk_kernel[(n_chunks, n_sel, batch)](
@@ -444,9 +394,10 @@ def decode_attention_triton(
         sink_tokens,
         recent_window,
         G=group,
-        BLOCK_G=block_g,
+        ROWS=rows,
+        BLOCK_R=block_r,
         BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)),
-        BLOCK=SCORE_BLOCK,
+        BLOCK=score_block,
         SHARED=shared,
         SCORE_KIND=int(score_kind),
         ACCUMULATE=accumulated is not None,
@@ -454,6 +405,7 @@ def decode_attention_triton(
     )
 
     out = torch.empty_like(q)
+    combine_g = max(2, triton.next_power_of_2(group))  # no tl.dot here: no padding to 16 rows
     _combine_kernel[(kv_heads, batch)](
         out,
         out_part,
@@ -467,8 +419,9 @@ def decode_attention_triton(
         n_splits,
         n_chunks,
         G=group,
-        BLOCK_G=block_g,
+        BLOCK_G=combine_g,
         HEAD_DIM=head_dim,
+        SPLIT_CHUNK=min(triton.next_power_of_2(n_splits), max(1, 4096 // (combine_g * head_dim))),
         BLOCK_CHUNKS=max(2, triton.next_power_of_2(n_chunks)),
         SHARED=shared,
         num_warps=4,

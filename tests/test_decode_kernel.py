@@ -28,8 +28,12 @@ def random_step(batch, kv_heads, group, slots, head_dim, dtype, filled, ragged=F
     slot_pos[..., filled:] = -1
     slot_pos[0, :, : min(2, filled)] = -1  # padding in the middle of row 0
     limit = torch.full((batch, kv_heads), slots, dtype=torch.int32, device=DEVICE)
-    if ragged:
-        limit = torch.randint(slots // 2, slots + 1, (batch, kv_heads), dtype=torch.int32, device=DEVICE)
+    if ragged:  # shared eviction needs one limit for all heads of a row
+        limit = (
+            torch.randint(slots // 2, slots + 1, (batch, 1 if shared else kv_heads), dtype=torch.int32, device=DEVICE)
+            .expand(batch, kv_heads)
+            .contiguous()
+        )
     write = torch.minimum(torch.full_like(limit, filled), limit - 1)
     if shared:
         write = write[:, :1].expand(batch, kv_heads).contiguous()
