@@ -56,11 +56,28 @@ def sdpa_call(inputs: dict):
     return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 
+def kernel_times_us(fn, calls: int = 20) -> dict[str, float]:
+    """Mean GPU time per call of each kernel ``fn`` launches, in microseconds (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {
+        event.key[:40]: event.device_time_total / calls for event in prof.key_averages() if event.device_time_total > 0
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--slots", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--sweep", action="store_true", help="time launch-shape variants of the attention pass")
+    parser.add_argument("--profile", action="store_true", help="print GPU time per kernel (torch.profiler)")
     parser.add_argument("--out", default="bench/results/decode_op.json")
     args = parser.parse_args()
     import longflow_patch  # noqa: F401  (registers the op)
@@ -81,6 +98,11 @@ def main() -> None:
         row["sdpa/floor"] = row["sdpa_graph_ms"] / row["floor_ms"]
         row["eager fused/sdpa"] = row["fused_eager_ms"] / row["sdpa_eager_ms"]
         rows.append(row)
+        if args.profile:
+            for name, call in (("fused", fused_call(inputs)), ("sdpa", sdpa_call(inputs))):
+                times = kernel_times_us(call)
+                row[f"{name}_kernels_us"] = times
+                print(f"b={batch} s={slots} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
         if args.sweep and (batch, slots) in {(128, 1024), (32, 4096), (1, 16384), (8, 16384)}:
             for block_s, warps, stages, tiles in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (2, 8)):
                 launch = AttendLaunch(block_s, warps, stages, tiles)

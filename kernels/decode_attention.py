@@ -369,7 +369,7 @@ def decode_attention_triton(
     n_sel = 1 if shared else kv_heads
     rows = kv_heads * group if shared else group
     block_r = max(2, triton.next_power_of_2(rows))
-    score_block = min(SCORE_BLOCK, max(16, 8192 // block_r))
+    score_block = min(SCORE_BLOCK, max(16, 4096 // block_r))
     n_chunks = math.ceil(slots / score_block)
     chunk_min = torch.empty((batch, n_sel, n_chunks), **f32)
     chunk_arg = torch.empty((batch, n_sel, n_chunks), dtype=torch.int32, device=q.device)
@@ -401,7 +401,7 @@ def decode_attention_triton(
         SHARED=shared,
         SCORE_KIND=int(score_kind),
         ACCUMULATE=accumulated is not None,
-        num_warps=4,
+        num_warps=8,
     )
 
     out = torch.empty_like(q)
