@@ -8,22 +8,23 @@ and the tensor shapes; this module computes the same thing in three Triton launc
    its group once (one ``[BLOCK_G, D]`` tile, padded to 16 rows for ``tl.dot``), then streams its
    slots in ``[BLOCK_S, D]`` tiles of K and V: every K/V byte of the cache is read exactly once,
    for all query heads of the group. It keeps a running max / running sum (online softmax, float32)
-   and writes the unnormalised partial output, the partial max and sum, and two small per-slot
-   side outputs that eviction needs: the base-2 logits ``[G, S]`` and ``||v_s||_1``. The write
+   and writes the unnormalised partial output, the partial max and sum, and one float per query
+   head and slot for eviction: the base-2 logit, plus ``log2 ||v_s||_1`` for contribution scores
+   (so ``exp2(value - max) / sum`` is ``p * ||v||_1`` and the scoring pass never reads V). The write
    slot is skipped in the tiles; the program whose range holds it folds this step's token in from
    registers and stores its key/value/position into the cache, so no program reads what another
    writes and the K/V tiles reach the MMA unmodified.
 2. ``_score_chunk_kernel`` (grid ``chunks x Hsel x B``). Once all splits are done the softmax
    normalisers are known: each program rebuilds them from the split partials (a few floats per
    query head) for every query head of its selection scope at once (all ``Hq`` heads when eviction
-   is shared, else the ``G`` heads of one KV head), turns its chunk of logits into probabilities,
-   sums the slot scores over those heads, masks empty / protected / unusable slots and writes the
+   is shared, else the ``G`` heads of one KV head), turns its chunk of per-slot values into
+   weights, sums them over those heads, masks empty / protected / unusable slots and writes the
    chunk's minimum and its index.
 3. ``_combine_kernel`` (grid ``Hkv x B``). Merges the split partials into the final output, a
    chunk of splits at a time, and reduces the chunk minima to the slot the next step overwrites.
 
-Extra traffic over plain attention: ``(G + 1) * 4`` bytes per slot written and read back, against
-``4 * D`` bytes of bf16 K/V per slot (about 6% for G=4, D=128).
+Extra traffic over plain attention: ``G * 4`` bytes per slot and KV head written and read back,
+against ``4 * D`` bytes of bf16 K/V (about 3% each way for G=4, D=128).
 """
 
 import math
@@ -55,7 +56,7 @@ class AttendLaunch:
 @triton.jit
 def _attend_split_kernel(
     Q, K_new, V_new, K_cache, V_cache, Slot_pos, Write_slot, Position, Slot_limit,
-    Out_part, M_part, L_part, Logits, Vnorm,
+    Out_part, M_part, L_part, Scores,
     stride_qb, stride_qh,
     stride_nkb, stride_nkh, stride_nvb, stride_nvh,
     stride_kb, stride_kh, stride_ks,
@@ -63,7 +64,7 @@ def _attend_split_kernel(
     stride_pb, stride_ph,
     n_splits, split_size, num_slots, qk_scale,
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-    WITH_VNORM: tl.constexpr,
+    WEIGHT_BY_VALUE: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     head = tl.program_id(1)
@@ -86,8 +87,7 @@ def _attend_split_kernel(
     k_base = K_cache + row * stride_kb + head * stride_kh
     v_base = V_cache + row * stride_vb + head * stride_vh
     pos_base = Slot_pos + row * stride_pb + head * stride_ph
-    logit_base = Logits + ((row * kv_heads + head) * G) * num_slots
-    vnorm_base = Vnorm + (row * kv_heads + head) * num_slots
+    score_base = Scores + ((row * kv_heads + head) * G) * num_slots
     start = split * split_size
     end = tl.minimum(start + split_size, limit)
 
@@ -107,10 +107,11 @@ def _attend_split_kernel(
 
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_S], base-2 logits
         qk = tl.where(valid[None, :], qk, float("-inf"))
-        tl.store(logit_base + offs_g[:, None] * num_slots + offs_s[None, :], qk,
+        score = qk
+        if WEIGHT_BY_VALUE:  # p * ||v||_1 == exp2(logit + log2 ||v||_1 - max) / sum
+            score += tl.log2(tl.sum(tl.abs(v.to(tl.float32)), axis=1))[None, :]
+        tl.store(score_base + offs_g[:, None] * num_slots + offs_s[None, :], score,
                  mask=g_mask[:, None] & in_range[None, :])  # fmt: skip
-        if WITH_VNORM:
-            tl.store(vnorm_base + offs_s, tl.sum(tl.abs(v.to(tl.float32)), axis=1), mask=in_range)
 
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid seen yet
@@ -132,9 +133,10 @@ def _attend_split_kernel(
     l_i = l_i * alpha + p_new
     acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
     m_i = m_new
-    tl.store(logit_base + offs_g * num_slots + write_slot, qk_new, mask=g_mask & owns)
-    if WITH_VNORM:
-        tl.store(vnorm_base + write_slot, tl.sum(tl.abs(v_new.to(tl.float32)), axis=0), mask=owns)
+    score_new = qk_new
+    if WEIGHT_BY_VALUE:
+        score_new += tl.log2(tl.sum(tl.abs(v_new.to(tl.float32)), axis=0))
+    tl.store(score_base + offs_g * num_slots + write_slot, score_new, mask=g_mask & owns)
     tl.store(k_base + write_slot * stride_ks + offs_d, k_new, mask=owns & (offs_d < HEAD_DIM))
     tl.store(v_base + write_slot * stride_vs + offs_d, v_new, mask=owns & (offs_d < HEAD_DIM))
     tl.store(pos_base + write_slot, position, mask=owns)
@@ -147,10 +149,10 @@ def _attend_split_kernel(
 
 @triton.jit
 def _score_chunk_kernel(
-    M_part, L_part, Logits, Vnorm, Slot_pos, Write_slot, Position, Slot_limit, Accumulated,
+    M_part, L_part, Scores, Slot_pos, Write_slot, Position, Slot_limit, Accumulated,
     Chunk_min, Chunk_arg,
     stride_pb, stride_ph,
-    n_splits, num_slots, kv_heads, n_chunks, sink_tokens, recent_window,
+    n_splits, num_slots, kv_heads, n_chunks, chunk_size, sink_tokens, recent_window,
     G: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
     SHARED: tl.constexpr, SCORE_KIND: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
@@ -159,54 +161,55 @@ def _score_chunk_kernel(
     row = tl.program_id(2).to(tl.int64)
     n_sel = tl.num_programs(1)
 
-    offs_s = chunk * BLOCK + tl.arange(0, BLOCK)
+    # Every query head of the selection scope at once (all Hq heads when shared, else the G heads
+    # of one KV head); rows index query heads, whose per-slot values are contiguous [Hq, S].
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < ROWS
+    q_head = sel * ROWS + offs_r
+    offs_p = tl.arange(0, BLOCK_SPLITS)
+    part = ((row * kv_heads + q_head[:, None] // G) * n_splits + offs_p[None, :]) * G + (q_head % G)[:, None]
+    part_mask = r_mask[:, None] & (offs_p < n_splits)[None, :]
+    m_p = tl.load(M_part + part, mask=part_mask, other=float("-inf"))
+    l_p = tl.load(L_part + part, mask=part_mask, other=0.0)
+    m_r = tl.max(m_p, axis=1)
+    m_r = tl.where(m_r == float("-inf"), 0.0, m_r)
+    inv_l = 1.0 / tl.where(r_mask, tl.sum(l_p * tl.exp2(m_p - m_r[:, None]), axis=1), 1.0)
+
     # Head 0 stands for the layer when eviction is shared: all heads hold the same positions.
-    pos = tl.load(Slot_pos + row * stride_pb + sel * stride_ph + offs_s, mask=offs_s < num_slots, other=-1)
+    pos_base = Slot_pos + row * stride_pb + sel * stride_ph
     limit = tl.load(Slot_limit + row * kv_heads + sel)
-    usable = offs_s < limit
-
-    if SCORE_KIND == 2:
-        score = pos.to(tl.float32)
-    else:
-        # Every query head of the selection scope at once (all Hq heads when shared, else the G
-        # heads of one KV head); rows index query heads, whose logits are contiguous [Hq, S].
-        offs_r = tl.arange(0, BLOCK_R)
-        r_mask = offs_r < ROWS
-        q_head = sel * ROWS + offs_r
-        kv_head = q_head // G
-        offs_p = tl.arange(0, BLOCK_SPLITS)
-        part = ((row * kv_heads + kv_head[:, None]) * n_splits + offs_p[None, :]) * G + (q_head % G)[:, None]
-        part_mask = r_mask[:, None] & (offs_p < n_splits)[None, :]
-        m_p = tl.load(M_part + part, mask=part_mask, other=float("-inf"))
-        l_p = tl.load(L_part + part, mask=part_mask, other=0.0)
-        m_r = tl.max(m_p, axis=1)
-        m_r = tl.where(m_r == float("-inf"), 0.0, m_r)
-        l_r = tl.sum(l_p * tl.exp2(m_p - m_r[:, None]), axis=1)
-        l_r = tl.where(r_mask, l_r, 1.0)
-        tile_mask = r_mask[:, None] & usable[None, :]
-        logits = tl.load(Logits + (row * kv_heads * G + q_head[:, None]) * num_slots + offs_s[None, :],
-                         mask=tile_mask, other=float("-inf"))  # fmt: skip
-        weight = tl.exp2(logits - m_r[:, None]) / l_r[:, None]
-        if SCORE_KIND == 0:
-            vnorm = tl.load(Vnorm + (row * kv_heads + kv_head[:, None]) * num_slots + offs_s[None, :],
-                            mask=tile_mask, other=0.0)  # fmt: skip
-            weight = weight * vnorm
-        score = tl.sum(weight, axis=0)
-        if ACCUMULATE:
-            write_slot = tl.load(Write_slot + row * kv_heads + sel)
-            acc_ptr = Accumulated + (row * n_sel + sel) * num_slots + offs_s
-            previous = tl.load(acc_ptr, mask=offs_s < num_slots, other=0.0)
-            score += tl.where(offs_s == write_slot, 0.0, previous)
-            tl.store(acc_ptr, score, mask=offs_s < num_slots)
-
     position = tl.load(Position + row)
-    protected = (pos < sink_tokens) | (pos > position - recent_window)
-    rank = tl.where(protected, float("inf"), score)
-    rank = tl.where(pos < 0, float("-inf"), rank)
-    rank = tl.where(usable, rank, float("inf"))
+    write_slot = tl.load(Write_slot + row * kv_heads + sel)
+    best_rank = tl.full([BLOCK], float("inf"), tl.float32)
+    best_slot = tl.zeros([BLOCK], tl.int32)
+    for s0 in range(chunk * chunk_size, (chunk + 1) * chunk_size, BLOCK):
+        offs_s = s0 + tl.arange(0, BLOCK)
+        pos = tl.load(pos_base + offs_s, mask=offs_s < num_slots, other=-1)
+        usable = offs_s < limit
+        if SCORE_KIND == 2:
+            score = pos.to(tl.float32)
+        else:
+            values = tl.load(Scores + (row * kv_heads * G + q_head[:, None]) * num_slots + offs_s[None, :],
+                             mask=r_mask[:, None] & usable[None, :], other=float("-inf"))  # fmt: skip
+            score = tl.sum(tl.exp2(values - m_r[:, None]) * inv_l[:, None], axis=0)
+            if ACCUMULATE:
+                acc_ptr = Accumulated + (row * n_sel + sel) * num_slots + offs_s
+                previous = tl.load(acc_ptr, mask=offs_s < num_slots, other=0.0)
+                score += tl.where(offs_s == write_slot, 0.0, previous)
+                tl.store(acc_ptr, score, mask=offs_s < num_slots)
+        protected = (pos < sink_tokens) | (pos > position - recent_window)
+        rank = tl.where(protected, float("inf"), score)
+        rank = tl.where(pos < 0, float("-inf"), rank)
+        rank = tl.where(usable, rank, float("inf"))
+        better = rank < best_rank  # strict: the earliest slot wins ties, lanes scan slots in order
+        best_slot = tl.where(better, offs_s, best_slot)
+        best_rank = tl.where(better, rank, best_rank)
+    chunk_min = tl.min(best_rank, axis=0)
+    # Among lanes holding the minimum, the lowest slot: ties go to the earliest slot overall.
+    slot = tl.min(tl.where(best_rank == chunk_min, best_slot, num_slots), axis=0)
     out = (row * n_sel + sel) * n_chunks + chunk
-    tl.store(Chunk_min + out, tl.min(rank, axis=0))
-    tl.store(Chunk_arg + out, chunk * BLOCK + tl.argmin(rank, axis=0))
+    tl.store(Chunk_min + out, chunk_min)
+    tl.store(Chunk_arg + out, slot)
 
 
 @triton.jit
@@ -277,6 +280,14 @@ def plan_splits(
     return math.ceil(slots / split_size), split_size
 
 
+def _plan_chunks(selectors: int, slots: int, block: int, num_sms: int) -> tuple[int, int]:
+    """(chunk_size, n_chunks) for the scoring pass: about two programs per SM, whole tiles each."""
+    tiles = math.ceil(slots / block)
+    n_chunks = min(tiles, max(1, math.ceil(2 * num_sms / selectors)))
+    chunk_size = math.ceil(tiles / n_chunks) * block
+    return chunk_size, math.ceil(slots / chunk_size)
+
+
 def decode_attention_triton(
     q: torch.Tensor,
     k_new: torch.Tensor,
@@ -320,89 +331,38 @@ def decode_attention_triton(
     out_part = torch.empty((batch, kv_heads, n_splits, group, head_dim), **f32)
     m_part = torch.empty((batch, kv_heads, n_splits, group), **f32)
     l_part = torch.empty((batch, kv_heads, n_splits, group), **f32)
-    logits = torch.empty((batch, kv_heads, group, slots), **f32)
-    with_vnorm = score_kind == ScoreKind.CONTRIBUTION
-    vnorm = torch.empty((batch, kv_heads, slots) if with_vnorm else (1,), **f32)
-
+    scores = torch.empty((batch, kv_heads, group, slots), **f32)
     _attend_split_kernel[(n_splits, kv_heads, batch)](
-        q,
-        k_new,
-        v_new,
-        k_cache,
-        v_cache,
-        slot_pos,
-        write_slot,
-        position,
-        slot_limit,
-        out_part,
-        m_part,
-        l_part,
-        logits,
-        vnorm,
-        q.stride(0),
-        q.stride(1),
-        k_new.stride(0),
-        k_new.stride(1),
-        v_new.stride(0),
-        v_new.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        slot_pos.stride(0),
-        slot_pos.stride(1),
-        n_splits,
-        split_size,
-        slots,
-        scale * LOG2E,
-        G=group,
-        BLOCK_G=block_g,
-        HEAD_DIM=head_dim,
-        BLOCK_S=block_s,
-        WITH_VNORM=with_vnorm,
-        num_warps=launch.num_warps,
-        num_stages=launch.num_stages,
-    )
+        q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit,
+        out_part, m_part, l_part, scores,
+        q.stride(0), q.stride(1),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        slot_pos.stride(0), slot_pos.stride(1),
+        n_splits, split_size, slots, scale * LOG2E,
+        G=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_S=block_s,
+        WEIGHT_BY_VALUE=score_kind == ScoreKind.CONTRIBUTION,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
+    )  # fmt: skip
 
     n_sel = 1 if shared else kv_heads
     rows = kv_heads * group if shared else group
     block_r = max(2, triton.next_power_of_2(rows))
     score_block = min(SCORE_BLOCK, max(16, 4096 // block_r))
-    n_chunks = math.ceil(slots / score_block)
+    chunk_size, n_chunks = _plan_chunks(batch * n_sel, slots, score_block, _num_sms(q.device))
     chunk_min = torch.empty((batch, n_sel, n_chunks), **f32)
     chunk_arg = torch.empty((batch, n_sel, n_chunks), dtype=torch.int32, device=q.device)
     _score_chunk_kernel[(n_chunks, n_sel, batch)](
-        m_part,
-        l_part,
-        logits,
-        vnorm,
-        slot_pos,
-        write_slot,
-        position,
-        slot_limit,
+        m_part, l_part, scores, slot_pos, write_slot, position, slot_limit,
         accumulated if accumulated is not None else m_part,
-        chunk_min,
-        chunk_arg,
-        slot_pos.stride(0),
-        slot_pos.stride(1),
-        n_splits,
-        slots,
-        kv_heads,
-        n_chunks,
-        sink_tokens,
-        recent_window,
-        G=group,
-        ROWS=rows,
-        BLOCK_R=block_r,
-        BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)),
-        BLOCK=score_block,
-        SHARED=shared,
-        SCORE_KIND=int(score_kind),
-        ACCUMULATE=accumulated is not None,
+        chunk_min, chunk_arg,
+        slot_pos.stride(0), slot_pos.stride(1),
+        n_splits, slots, kv_heads, n_chunks, chunk_size, sink_tokens, recent_window,
+        G=group, ROWS=rows, BLOCK_R=block_r, BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)),
+        BLOCK=score_block, SHARED=shared, SCORE_KIND=int(score_kind), ACCUMULATE=accumulated is not None,
         num_warps=8,
-    )
+    )  # fmt: skip
 
     out = torch.empty_like(q)
     combine_g = max(2, triton.next_power_of_2(group))  # no tl.dot here: no padding to 16 rows
