@@ -35,6 +35,7 @@ def make_inputs(batch: int, slots: int, dtype: torch.dtype = torch.bfloat16) -> 
         v_new=torch.randn(batch, KV_HEADS, HEAD_DIM, dtype=dtype, device=device),
         k_cache=torch.randn(batch, KV_HEADS, slots, HEAD_DIM, dtype=dtype, device=device),
         v_cache=torch.randn(batch, KV_HEADS, slots, HEAD_DIM, dtype=dtype, device=device),
+        value_norm=torch.rand(batch, KV_HEADS, slots, device=device) * HEAD_DIM,
         slot_pos=torch.arange(slots, dtype=torch.int32, device=device).repeat(batch, KV_HEADS, 1),
         write_slot=torch.full((batch, KV_HEADS), slots // 2, dtype=torch.int32, device=device),
         position=torch.full((batch,), slots, dtype=torch.int32, device=device),

@@ -9,22 +9,24 @@ and the tensor shapes; this module computes the same thing in three Triton launc
    slots in ``[BLOCK_S, D]`` tiles of K and V: every K/V byte of the cache is read exactly once,
    for all query heads of the group. It keeps a running max / running sum (online softmax, float32)
    and writes the unnormalised partial output, the partial max and sum, and one float per query
-   head and slot for eviction: the base-2 logit, plus ``log2 ||v_s||_1`` for contribution scores
-   (so ``exp2(value - max) / sum`` is ``p * ||v||_1`` and the scoring pass never reads V). The write
+   head and slot for eviction: the base-2 logit. (``||v_s||_1`` is not recomputed from V every
+   step: it lives in the cache beside V, written once with the token. Recomputing it per tile
+   measured 15-30% slower on an H100, from the second register layout V needs.) The write
    slot is skipped in the tiles; the program whose range holds it folds this step's token in from
-   registers and stores its key/value/position into the cache, so no program reads what another
+   registers and stores its key/value/value norm/position into the cache, so no program reads what another
    writes and the K/V tiles reach the MMA unmodified.
 2. ``_score_chunk_kernel`` (grid ``chunks x Hsel x B``). Once all splits are done the softmax
    normalisers are known: each program rebuilds them from the split partials (a few floats per
    query head) for every query head of its selection scope at once (all ``Hq`` heads when eviction
-   is shared, else the ``G`` heads of one KV head), turns its chunk of per-slot values into
-   weights, sums them over those heads, masks empty / protected / unusable slots and writes the
-   chunk's minimum and its index.
+   is shared, else the ``G`` heads of one KV head), turns its chunk of logits into softmax
+   weights (times ``||v_s||_1`` for contribution scores), sums them over those heads, masks
+   empty / protected / unusable slots and writes the chunk's minimum and its index.
 3. ``_combine_kernel`` (grid ``Hkv x B``). Merges the split partials into the final output, a
    chunk of splits at a time, and reduces the chunk minima to the slot the next step overwrites.
 
-Extra traffic over plain attention: ``G * 4`` bytes per slot and KV head written and read back,
-against ``4 * D`` bytes of bf16 K/V (about 3% each way for G=4, D=128).
+Extra traffic over plain attention: ``G * 4`` bytes of logits per slot and KV head written and
+read back, and ``4`` bytes of value norm read, against ``4 * D`` bytes of bf16 K/V (about 3% each
+way for G=4, D=128).
 """
 
 import math
@@ -33,8 +35,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-from .decode_attention_reference import ScoreKind
 
 LOG2E = 1.4426950408889634
 
@@ -45,18 +45,19 @@ SCORE_BLOCK = 256
 @dataclass(frozen=True)
 class AttendLaunch:
     """Launch shape of the attention pass: slots per tile, warps, pipeline depth, and the
-    fewest tiles a split may hold (bounds split-K so per-program setup stays amortised)."""
+    fewest tiles a split may hold. Defaults from the H100 sweep in ``bench/decode_op.py``
+    (``block_s`` is halved for head_dim 256 to fit shared memory)."""
 
-    block_s: int = 64
+    block_s: int = 128
     num_warps: int = 4
-    num_stages: int = 3
-    min_tiles_per_split: int = 4
+    num_stages: int = 2
+    min_tiles_per_split: int = 1
 
 
 @triton.jit
 def _attend_split_kernel(
-    Q, K_new, V_new, K_cache, V_cache, Slot_pos, Write_slot, Position, Slot_limit,
-    Out_part, M_part, L_part, Scores,
+    Q, K_new, V_new, K_cache, V_cache, Value_norm, Slot_pos, Write_slot, Position, Slot_limit,
+    Out_part, M_part, L_part, Logits,
     stride_qb, stride_qh,
     stride_nkb, stride_nkh, stride_nvb, stride_nvh,
     stride_kb, stride_kh, stride_ks,
@@ -64,7 +65,6 @@ def _attend_split_kernel(
     stride_pb, stride_ph,
     n_splits, split_size, num_slots, qk_scale,
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-    WEIGHT_BY_VALUE: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     head = tl.program_id(1)
@@ -87,7 +87,7 @@ def _attend_split_kernel(
     k_base = K_cache + row * stride_kb + head * stride_kh
     v_base = V_cache + row * stride_vb + head * stride_vh
     pos_base = Slot_pos + row * stride_pb + head * stride_ph
-    score_base = Scores + ((row * kv_heads + head) * G) * num_slots
+    logit_base = Logits + ((row * kv_heads + head) * G) * num_slots
     start = split * split_size
     end = tl.minimum(start + split_size, limit)
 
@@ -107,10 +107,7 @@ def _attend_split_kernel(
 
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_S], base-2 logits
         qk = tl.where(valid[None, :], qk, float("-inf"))
-        score = qk
-        if WEIGHT_BY_VALUE:  # p * ||v||_1 == exp2(logit + log2 ||v||_1 - max) / sum
-            score += tl.log2(tl.sum(tl.abs(v.to(tl.float32)), axis=1))[None, :]
-        tl.store(score_base + offs_g[:, None] * num_slots + offs_s[None, :], score,
+        tl.store(logit_base + offs_g[:, None] * num_slots + offs_s[None, :], qk,
                  mask=g_mask[:, None] & in_range[None, :])  # fmt: skip
 
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -122,7 +119,7 @@ def _attend_split_kernel(
         m_i = m_new
 
     # This step's token: the program whose range holds the write slot attends to it, records its
-    # logit and value norm, and commits its key, value and position to the cache.
+    # logit, and commits its key, value, value norm and position to the cache.
     owns = (write_slot >= start) & (write_slot < end)
     qk_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * qk_scale
     qk_new = tl.where(owns, qk_new, float("-inf"))
@@ -133,10 +130,9 @@ def _attend_split_kernel(
     l_i = l_i * alpha + p_new
     acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
     m_i = m_new
-    score_new = qk_new
-    if WEIGHT_BY_VALUE:
-        score_new += tl.log2(tl.sum(tl.abs(v_new.to(tl.float32)), axis=0))
-    tl.store(score_base + offs_g * num_slots + write_slot, score_new, mask=g_mask & owns)
+    tl.store(logit_base + offs_g * num_slots + write_slot, qk_new, mask=g_mask & owns)
+    norm_new = tl.sum(tl.abs(v_new.to(tl.float32)), axis=0)
+    tl.store(Value_norm + (row * kv_heads + head) * num_slots + write_slot, norm_new, mask=owns)
     tl.store(k_base + write_slot * stride_ks + offs_d, k_new, mask=owns & (offs_d < HEAD_DIM))
     tl.store(v_base + write_slot * stride_vs + offs_d, v_new, mask=owns & (offs_d < HEAD_DIM))
     tl.store(pos_base + write_slot, position, mask=owns)
@@ -149,7 +145,7 @@ def _attend_split_kernel(
 
 @triton.jit
 def _score_chunk_kernel(
-    M_part, L_part, Scores, Slot_pos, Write_slot, Position, Slot_limit, Accumulated,
+    M_part, L_part, Logits, Value_norm, Slot_pos, Write_slot, Position, Slot_limit, Accumulated,
     Chunk_min, Chunk_arg,
     stride_pb, stride_ph,
     n_splits, num_slots, kv_heads, n_chunks, chunk_size, sink_tokens, recent_window,
@@ -189,9 +185,15 @@ def _score_chunk_kernel(
         if SCORE_KIND == 2:
             score = pos.to(tl.float32)
         else:
-            values = tl.load(Scores + (row * kv_heads * G + q_head[:, None]) * num_slots + offs_s[None, :],
-                             mask=r_mask[:, None] & usable[None, :], other=float("-inf"))  # fmt: skip
-            score = tl.sum(tl.exp2(values - m_r[:, None]) * inv_l[:, None], axis=0)
+            tile_mask = r_mask[:, None] & usable[None, :]
+            logits = tl.load(Logits + (row * kv_heads * G + q_head[:, None]) * num_slots + offs_s[None, :],
+                             mask=tile_mask, other=float("-inf"))  # fmt: skip
+            weight = tl.exp2(logits - m_r[:, None]) * inv_l[:, None]
+            if SCORE_KIND == 0:
+                norm = tl.load(Value_norm + (row * kv_heads + q_head[:, None] // G) * num_slots + offs_s[None, :],
+                               mask=tile_mask, other=0.0)  # fmt: skip
+                weight *= norm
+            score = tl.sum(weight, axis=0)
             if ACCUMULATE:
                 acc_ptr = Accumulated + (row * n_sel + sel) * num_slots + offs_s
                 previous = tl.load(acc_ptr, mask=offs_s < num_slots, other=0.0)
@@ -294,6 +296,7 @@ def decode_attention_triton(
     v_new: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    value_norm: torch.Tensor,
     slot_pos: torch.Tensor,
     write_slot: torch.Tensor,
     position: torch.Tensor,
@@ -318,7 +321,7 @@ def decode_attention_triton(
     group = q.shape[1] // kv_heads
     block_g = max(16, triton.next_power_of_2(group))
     launch = launch or AttendLaunch()
-    block_s = launch.block_s
+    block_s = launch.block_s if head_dim <= 128 else launch.block_s // 2
     if n_splits is None:
         n_splits, split_size = plan_splits(
             batch, kv_heads, slots, block_s, _num_sms(q.device), launch.min_tiles_per_split
@@ -331,10 +334,10 @@ def decode_attention_triton(
     out_part = torch.empty((batch, kv_heads, n_splits, group, head_dim), **f32)
     m_part = torch.empty((batch, kv_heads, n_splits, group), **f32)
     l_part = torch.empty((batch, kv_heads, n_splits, group), **f32)
-    scores = torch.empty((batch, kv_heads, group, slots), **f32)
+    logits = torch.empty((batch, kv_heads, group, slots), **f32)
     _attend_split_kernel[(n_splits, kv_heads, batch)](
-        q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit,
-        out_part, m_part, l_part, scores,
+        q, k_new, v_new, k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit,
+        out_part, m_part, l_part, logits,
         q.stride(0), q.stride(1),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -342,7 +345,6 @@ def decode_attention_triton(
         slot_pos.stride(0), slot_pos.stride(1),
         n_splits, split_size, slots, scale * LOG2E,
         G=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_S=block_s,
-        WEIGHT_BY_VALUE=score_kind == ScoreKind.CONTRIBUTION,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )  # fmt: skip
 
@@ -354,7 +356,7 @@ def decode_attention_triton(
     chunk_min = torch.empty((batch, n_sel, n_chunks), **f32)
     chunk_arg = torch.empty((batch, n_sel, n_chunks), dtype=torch.int32, device=q.device)
     _score_chunk_kernel[(n_chunks, n_sel, batch)](
-        m_part, l_part, scores, slot_pos, write_slot, position, slot_limit,
+        m_part, l_part, logits, value_norm, slot_pos, write_slot, position, slot_limit,
         accumulated if accumulated is not None else m_part,
         chunk_min, chunk_arg,
         slot_pos.stride(0), slot_pos.stride(1),

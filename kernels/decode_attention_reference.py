@@ -10,6 +10,8 @@ Shapes (B batch, Hq query heads, Hkv key/value heads, G = Hq // Hkv, S slots, D 
 
 - ``q``: ``[B, Hq, D]``; ``k_new``, ``v_new``: ``[B, Hkv, D]`` (already rotated by RoPE)
 - ``k_cache``, ``v_cache``: ``[B, Hkv, S, D]``, mutated in place
+- ``value_norm``: ``[B, Hkv, S]`` float32, ``||v_s||_1`` of each slot's value, kept beside the values
+  (computed once when a token is written, not re-read from V every step); mutated in place
 - ``slot_pos``: ``[B, Hkv, S]`` int32, the sequence position held by each slot, ``-1`` when empty;
   mutated in place
 - ``write_slot``: ``[B, Hkv]`` int32, slot that receives this step's token; overwritten in place
@@ -74,6 +76,7 @@ def decode_attention_reference(
     v_new: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    value_norm: torch.Tensor,
     slot_pos: torch.Tensor,
     write_slot: torch.Tensor,
     position: torch.Tensor,
@@ -94,19 +97,19 @@ def decode_attention_reference(
 
     k_cache[rows, heads, current] = k_new
     v_cache[rows, heads, current] = v_new
+    value_norm[rows, heads, current] = v_new.float().abs().sum(dim=-1)
     slot_pos[rows, heads, current] = position.to(slot_pos.dtype)[:, None]
 
     usable = torch.arange(slots, device=q.device) < slot_limit[..., None]
     valid = usable & (slot_pos >= 0)
-    values = v_cache.float()
     logits = torch.einsum("bhgd,bhsd->bhgs", q.float().view(batch, kv_heads, group, head_dim), k_cache.float())
     logits = (logits * scale).masked_fill(~valid[:, :, None, :], -torch.inf)
     probs = torch.softmax(logits, dim=-1)
-    out = torch.einsum("bhgs,bhsd->bhgd", probs, values).reshape(batch, kv_heads * group, head_dim)
+    out = torch.einsum("bhgs,bhsd->bhgd", probs, v_cache.float()).reshape(batch, kv_heads * group, head_dim)
 
     weight = probs.sum(dim=2)
     if score_kind == ScoreKind.CONTRIBUTION:
-        weight = weight * values.abs().sum(dim=-1)
+        weight = weight * value_norm
     select = slice(0, 1) if shared else slice(None)
     if shared:
         weight = weight.sum(dim=1, keepdim=True)

@@ -20,6 +20,7 @@ class LongFlowLayer(CacheLayerMixin):
 
     Buffers (allocated at prefill; B batch, Hkv KV heads, S = budget slots, D head dim):
         keys, values: ``[B, Hkv, S, D]`` in the model's dtype
+        value_norm: ``[B, Hkv, S]`` float32, ``||v||_1`` of each slot's value (written with it)
         slot_pos: ``[B, Hkv, S]`` int32, sequence position held by each slot, -1 if empty
         write_slot: ``[B, Hkv]`` int32, slot the next token goes to
         slot_limit: ``[B, Hkv]`` int32, usable slots per head (all S unless budgets are ragged)
@@ -33,6 +34,7 @@ class LongFlowLayer(CacheLayerMixin):
         super().__init__()
         self.policy = policy
         self.seen_tokens = 0
+        self.value_norm: torch.Tensor | None = None
         self.slot_pos: torch.Tensor | None = None
         self.write_slot: torch.Tensor | None = None
         self.slot_limit: torch.Tensor | None = None
@@ -45,6 +47,7 @@ class LongFlowLayer(CacheLayerMixin):
         device = key_states.device
         self.keys = key_states.new_zeros(batch, kv_heads, slots, head_dim)
         self.values = value_states.new_zeros(batch, kv_heads, slots, value_states.shape[-1])
+        self.value_norm = torch.zeros(batch, kv_heads, slots, dtype=torch.float32, device=device)
         self.slot_pos = torch.full((batch, kv_heads, slots), -1, dtype=torch.int32, device=device)
         self.write_slot = torch.zeros(batch, kv_heads, dtype=torch.int32, device=device)
         self.slot_limit = torch.full((batch, kv_heads), slots, dtype=torch.int32, device=device)
@@ -90,7 +93,7 @@ class LongFlowLayer(CacheLayerMixin):
             self._index_batch(rows)
 
     def _index_batch(self, rows: torch.Tensor) -> None:
-        for name in ("keys", "values", "slot_pos", "write_slot", "slot_limit", "accumulated"):
+        for name in ("keys", "values", "value_norm", "slot_pos", "write_slot", "slot_limit", "accumulated"):
             buffer = getattr(self, name)
             if buffer is not None:
                 setattr(self, name, buffer.index_select(0, rows))
@@ -145,6 +148,7 @@ class LongFlowLayer(CacheLayerMixin):
             self.values.copy_(values.gather(2, gather.expand(-1, -1, -1, values.shape[-1])))
         kept = kept_pos.shape[-1]
         self.slot_pos[:, :, :kept] = kept_pos
+        self.value_norm[:, :, :kept] = self.values[:, :, :kept].float().abs().sum(dim=-1)
         if self.accumulated is not None:
             self.accumulated[:, :, :kept] = kept_score[:, : self.accumulated.shape[1]]
         selectors = kv_heads if policy.per_head else 1
@@ -193,6 +197,7 @@ class LongFlowLayer(CacheLayerMixin):
                     values[:, :, step].contiguous(),
                     self.keys,
                     self.values,
+                    self.value_norm,
                     self.slot_pos,
                     self.write_slot,
                     positions[:, step].contiguous(),

@@ -3,7 +3,9 @@
 Registered through ``torch.library`` with its in-place mutations declared and a fake (meta)
 implementation, so ``torch.compile(fullgraph=True)`` traces it as one node and CUDA graphs can
 capture it. The CPU implementation is the PyTorch reference; CUDA tensors run the fused Triton
-kernel (``kernels/decode_attention.py``). Shapes and semantics: ``kernels/decode_attention_reference.py``.
+kernel (``kernels/decode_attention.py``), except for dtypes or head sizes the kernel lacks, which
+fall back to the reference (documented; `apply` warns). Shapes and semantics:
+``kernels/decode_attention_reference.py``.
 """
 
 import torch
@@ -16,7 +18,7 @@ KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 @torch.library.custom_op(
     "longflow::decode_attention",
-    mutates_args=("k_cache", "v_cache", "slot_pos", "write_slot", "accumulated"),
+    mutates_args=("k_cache", "v_cache", "value_norm", "slot_pos", "write_slot", "accumulated"),
 )
 def decode_attention(
     q: torch.Tensor,
@@ -24,6 +26,7 @@ def decode_attention(
     v_new: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    value_norm: torch.Tensor,
     slot_pos: torch.Tensor,
     write_slot: torch.Tensor,
     position: torch.Tensor,
@@ -37,97 +40,20 @@ def decode_attention(
 ) -> torch.Tensor:
     """One fused decode step: write the new token, attend, score slots, choose the next slot."""
     return decode_attention_reference(
-        q,
-        k_new,
-        v_new,
-        k_cache,
-        v_cache,
-        slot_pos,
-        write_slot,
-        position,
-        slot_limit,
-        accumulated,
-        scale,
-        sink_tokens,
-        recent_window,
-        shared,
-        score_kind,
-    )
+        q, k_new, v_new, k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit, accumulated,
+        scale, sink_tokens, recent_window, shared, score_kind,
+    )  # fmt: skip
 
 
 @decode_attention.register_kernel("cuda")
-def _decode_attention_cuda(
-    q,
-    k_new,
-    v_new,
-    k_cache,
-    v_cache,
-    slot_pos,
-    write_slot,
-    position,
-    slot_limit,
-    accumulated,
-    scale,
-    sink_tokens,
-    recent_window,
-    shared,
-    score_kind,
-):
+def _decode_attention_cuda(q: torch.Tensor, *args: object) -> torch.Tensor:
     if q.dtype not in KERNEL_DTYPES or q.shape[-1] not in KERNEL_HEAD_DIMS:
-        return decode_attention_reference(
-            q,
-            k_new,
-            v_new,
-            k_cache,
-            v_cache,
-            slot_pos,
-            write_slot,
-            position,
-            slot_limit,
-            accumulated,
-            scale,
-            sink_tokens,
-            recent_window,
-            shared,
-            score_kind,
-        )
+        return decode_attention_reference(q, *args)
     from longflow_patch.kernels.decode_attention import decode_attention_triton
 
-    return decode_attention_triton(
-        q,
-        k_new,
-        v_new,
-        k_cache,
-        v_cache,
-        slot_pos,
-        write_slot,
-        position,
-        slot_limit,
-        accumulated,
-        scale,
-        sink_tokens,
-        recent_window,
-        shared,
-        score_kind,
-    )
+    return decode_attention_triton(q, *args)
 
 
 @decode_attention.register_fake
-def _decode_attention_fake(
-    q,
-    k_new,
-    v_new,
-    k_cache,
-    v_cache,
-    slot_pos,
-    write_slot,
-    position,
-    slot_limit,
-    accumulated,
-    scale,
-    sink_tokens,
-    recent_window,
-    shared,
-    score_kind,
-):
+def _decode_attention_fake(q: torch.Tensor, *args: object) -> torch.Tensor:
     return torch.empty_like(q)

@@ -38,12 +38,14 @@ def random_step(batch, kv_heads, group, slots, head_dim, dtype, filled, ragged=F
     if shared:
         write = write[:, :1].expand(batch, kv_heads).contiguous()
     accumulated = torch.rand(batch, 1 if shared else kv_heads, slots, device=DEVICE) if accumulate else None
+    v_cache = rand(batch, kv_heads, slots, head_dim)
     return dict(
         q=rand(batch, kv_heads * group, head_dim),
         k_new=rand(batch, kv_heads, head_dim),
         v_new=rand(batch, kv_heads, head_dim),
         k_cache=rand(batch, kv_heads, slots, head_dim),
-        v_cache=rand(batch, kv_heads, slots, head_dim),
+        v_cache=v_cache,
+        value_norm=v_cache.float().abs().sum(dim=-1),
         slot_pos=slot_pos,
         write_slot=write,
         position=torch.full((batch,), 4 * slots, dtype=torch.int32, device=DEVICE),
@@ -73,6 +75,7 @@ def assert_same_step(step, expected, theirs, got):
     for name in ("k_cache", "v_cache", "slot_pos"):
         assert torch.equal(step[name], theirs[name]), f"{name} differs after the write"
     assert torch.equal(step["write_slot"], theirs["write_slot"]), (step["write_slot"], theirs["write_slot"])
+    torch.testing.assert_close(theirs["value_norm"], step["value_norm"], rtol=1e-5, atol=1e-5)
     if step["accumulated"] is not None:
         torch.testing.assert_close(theirs["accumulated"], step["accumulated"], rtol=1e-4, atol=1e-6)
 
