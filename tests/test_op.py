@@ -21,12 +21,10 @@ def test_opcheck_passes_for_shared_and_per_head_and_accumulating_calls():
 
 def test_op_traces_into_one_graph_without_breaks():
     step = random_step(1, 2, 4, 24, 32, torch.float32, 24)
-    step = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
+    tensors = [v.cpu() for v in step.values() if v is not None]
 
-    def one_step(q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit):
-        return torch.ops.longflow.decode_attention(
-            q, k_new, v_new, k_cache, v_cache, slot_pos, write_slot, position, slot_limit, None, 0.2, 4, 8, True, 0
-        )
+    def one_step(*tensors):
+        return torch.ops.longflow.decode_attention(*tensors, None, 0.2, 4, 8, True, 0)
 
-    explanation = torch._dynamo.explain(one_step)(*[v for v in step.values() if v is not None])
+    explanation = torch._dynamo.explain(one_step)(*tensors)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
