@@ -105,7 +105,7 @@ def main() -> None:
                 row[f"{name}_kernels_us"] = times
                 print(f"b={batch} s={slots} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
         if args.sweep and (batch, slots) in {(128, 1024), (32, 4096), (1, 16384), (8, 16384), (1, 1024), (128, 16384)}:
-            for block_s, warps, stages, tiles in itertools.product((64, 128), (4, 8), (2, 3, 4), (1, 4)):
+            for block_s, warps, stages, tiles in itertools.product((64, 128), (4, 8), (2, 3), (1, 4)):
                 launch = AttendLaunch(block_s, warps, stages, tiles)
                 try:
                     ms = graph_median_ms(fused_call(inputs, launch))
