@@ -149,7 +149,8 @@ def _score_chunk_kernel(
     Chunk_min, Chunk_arg,
     stride_pb, stride_ph,
     n_splits, num_slots, kv_heads, n_chunks, chunk_size, sink_tokens, recent_window,
-    G: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    G: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
     SHARED: tl.constexpr, SCORE_KIND: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     chunk = tl.program_id(0)
@@ -157,19 +158,22 @@ def _score_chunk_kernel(
     row = tl.program_id(2).to(tl.int64)
     n_sel = tl.num_programs(1)
 
-    # Every query head of the selection scope at once (all Hq heads when shared, else the G heads
-    # of one KV head); rows index query heads, whose per-slot values are contiguous [Hq, S].
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < ROWS
-    q_head = sel * ROWS + offs_r
+    # Every query head of the selection scope at once, as [KV head, group head, slot] tiles: all
+    # heads of the layer when eviction is shared, else the G heads of KV head `sel`.
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_g = tl.arange(0, BLOCK_G)
+    head = sel * HEADS + offs_h
+    hg_mask = (offs_h < HEADS)[:, None] & (offs_g < G)[None, :]
     offs_p = tl.arange(0, BLOCK_SPLITS)
-    part = ((row * kv_heads + q_head[:, None] // G) * n_splits + offs_p[None, :]) * G + (q_head % G)[:, None]
-    part_mask = r_mask[:, None] & (offs_p < n_splits)[None, :]
+    part = ((row * kv_heads + head[:, None, None]) * n_splits + offs_p[None, None, :]) * G + offs_g[None, :, None]
+    part_mask = hg_mask[:, :, None] & (offs_p < n_splits)[None, None, :]
     m_p = tl.load(M_part + part, mask=part_mask, other=float("-inf"))
     l_p = tl.load(L_part + part, mask=part_mask, other=0.0)
-    m_r = tl.max(m_p, axis=1)
-    m_r = tl.where(m_r == float("-inf"), 0.0, m_r)
-    inv_l = 1.0 / tl.where(r_mask, tl.sum(l_p * tl.exp2(m_p - m_r[:, None]), axis=1), 1.0)
+    m_hg = tl.max(m_p, axis=2)
+    m_hg = tl.where(m_hg == float("-inf"), 0.0, m_hg)
+    inv_l = 1.0 / tl.where(hg_mask, tl.sum(l_p * tl.exp2(m_p - m_hg[:, :, None]), axis=2), 1.0)
+    logit_rows = Logits + ((row * kv_heads + head[:, None]) * G + offs_g[None, :]) * num_slots  # [BLOCK_H, BLOCK_G]
+    norm_rows = Value_norm + (row * kv_heads + head) * num_slots  # [BLOCK_H]
 
     # Head 0 stands for the layer when eviction is shared: all heads hold the same positions.
     pos_base = Slot_pos + row * stride_pb + sel * stride_ph
@@ -185,14 +189,12 @@ def _score_chunk_kernel(
         if SCORE_KIND == 2:
             score = pos.to(tl.float32)
         else:
-            tile_mask = r_mask[:, None] & usable[None, :]
-            logits = tl.load(Logits + (row * kv_heads * G + q_head[:, None]) * num_slots + offs_s[None, :],
-                             mask=tile_mask, other=float("-inf"))  # fmt: skip
-            weight = tl.exp2(logits - m_r[:, None]) * inv_l[:, None]
+            tile_mask = hg_mask[:, :, None] & usable[None, None, :]
+            logits = tl.load(logit_rows[:, :, None] + offs_s[None, None, :], mask=tile_mask, other=float("-inf"))
+            weight = tl.sum(tl.exp2(logits - m_hg[:, :, None]) * inv_l[:, :, None], axis=1)  # [BLOCK_H, BLOCK]
             if SCORE_KIND == 0:
-                norm = tl.load(Value_norm + (row * kv_heads + q_head[:, None] // G) * num_slots + offs_s[None, :],
-                               mask=tile_mask, other=0.0)  # fmt: skip
-                weight *= norm
+                norm_mask = (offs_h < HEADS)[:, None] & usable[None, :]
+                weight *= tl.load(norm_rows[:, None] + offs_s[None, :], mask=norm_mask, other=0.0)
             score = tl.sum(weight, axis=0)
             if ACCUMULATE:
                 acc_ptr = Accumulated + (row * n_sel + sel) * num_slots + offs_s
@@ -283,9 +285,9 @@ def plan_splits(
 
 
 def _plan_chunks(selectors: int, slots: int, block: int, num_sms: int) -> tuple[int, int]:
-    """(chunk_size, n_chunks) for the scoring pass: about two programs per SM, whole tiles each."""
+    """(chunk_size, n_chunks) for the scoring pass: about four programs per SM, whole tiles each."""
     tiles = math.ceil(slots / block)
-    n_chunks = min(tiles, max(1, math.ceil(2 * num_sms / selectors)))
+    n_chunks = min(tiles, max(1, math.ceil(4 * num_sms / selectors)))
     chunk_size = math.ceil(tiles / n_chunks) * block
     return chunk_size, math.ceil(slots / chunk_size)
 
@@ -349,9 +351,9 @@ def decode_attention_triton(
     )  # fmt: skip
 
     n_sel = 1 if shared else kv_heads
-    rows = kv_heads * group if shared else group
-    block_r = max(2, triton.next_power_of_2(rows))
-    score_block = min(SCORE_BLOCK, max(16, 4096 // block_r))
+    heads = kv_heads if shared else 1
+    block_h, score_g = triton.next_power_of_2(heads), max(2, triton.next_power_of_2(group))
+    score_block = min(SCORE_BLOCK, max(16, 4096 // (block_h * score_g)))
     chunk_size, n_chunks = _plan_chunks(batch * n_sel, slots, score_block, _num_sms(q.device))
     chunk_min = torch.empty((batch, n_sel, n_chunks), **f32)
     chunk_arg = torch.empty((batch, n_sel, n_chunks), dtype=torch.int32, device=q.device)
@@ -361,7 +363,7 @@ def decode_attention_triton(
         chunk_min, chunk_arg,
         slot_pos.stride(0), slot_pos.stride(1),
         n_splits, slots, kv_heads, n_chunks, chunk_size, sink_tokens, recent_window,
-        G=group, ROWS=rows, BLOCK_R=block_r, BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)),
+        G=group, HEADS=heads, BLOCK_H=block_h, BLOCK_G=score_g, BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)),
         BLOCK=score_block, SHARED=shared, SCORE_KIND=int(score_kind), ACCUMULATE=accumulated is not None,
         num_warps=8,
     )  # fmt: skip
@@ -383,9 +385,9 @@ def decode_attention_triton(
         G=group,
         BLOCK_G=combine_g,
         HEAD_DIM=head_dim,
-        SPLIT_CHUNK=min(triton.next_power_of_2(n_splits), max(1, 4096 // (combine_g * head_dim))),
+        SPLIT_CHUNK=min(triton.next_power_of_2(n_splits), max(1, 16384 // (combine_g * head_dim))),
         BLOCK_CHUNKS=max(2, triton.next_power_of_2(n_chunks)),
         SHARED=shared,
-        num_warps=4,
+        num_warps=8,
     )
     return out
