@@ -1,18 +1,17 @@
 """The fixed-budget KV cache: per layer, ``budget`` slots per sequence, allocated once.
 
-A slot holds one token's key and value (after RoPE) and that token's sequence position
-(``-1`` marks an empty slot: unfilled, or padding). Each decode step the fused op writes the new
-token into the slot chosen at the previous step and chooses the next one, so the cache never
-grows: memory is flat in output length and every decode step has the same shapes.
+A slot holds one token's key and value (after RoPE), ``||v||_1`` and that token's sequence
+position (``-1`` marks an empty slot: unfilled, or padding). Each decode step the fused op writes
+the new token into the slot chosen at the previous step and chooses the next one, so the cache
+never grows: memory is flat in output length and every decode step has the same shapes.
 """
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from longflow_patch.kernels.decode_attention_reference import ScoreKind, rank_slots
+from longflow_patch.kernels.decode_attention_reference import rank_slots
 from longflow_patch.ops import decode_attention
-from longflow_patch.policies import Policy
-from longflow_patch.prefill import score_prompt
+from longflow_patch.policies import CompactingPolicy, Policy
 
 
 class LongFlowLayer(CacheLayerMixin):
@@ -25,6 +24,7 @@ class LongFlowLayer(CacheLayerMixin):
         write_slot: ``[B, Hkv]`` int32, slot the next token goes to
         slot_limit: ``[B, Hkv]`` int32, usable slots per head (all S unless budgets are ragged)
         accumulated: ``[B, Hsel, S]`` float32 running scores, only for accumulating policies
+        recent_queries: ``[B, Hq, W, D]`` ring of the last decode queries, only for compacting policies
     """
 
     is_compileable = False
@@ -34,26 +34,27 @@ class LongFlowLayer(CacheLayerMixin):
         super().__init__()
         self.policy = policy
         self.seen_tokens = 0
+        self.free_slots = 0  # compacting policies: free slots left before the next re-selection
         self.value_norm: torch.Tensor | None = None
         self.slot_pos: torch.Tensor | None = None
         self.write_slot: torch.Tensor | None = None
         self.slot_limit: torch.Tensor | None = None
         self.accumulated: torch.Tensor | None = None
+        self.recent_queries: torch.Tensor | None = None
 
     # -- transformers' cache-layer interface ---------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, kv_heads, _, head_dim = key_states.shape
+        batch, kv_heads = key_states.shape[:2]
         slots = self.policy.budget
         device = key_states.device
-        self.keys = key_states.new_zeros(batch, kv_heads, slots, head_dim)
+        self.keys = key_states.new_zeros(batch, kv_heads, slots, key_states.shape[-1])
         self.values = value_states.new_zeros(batch, kv_heads, slots, value_states.shape[-1])
         self.value_norm = torch.zeros(batch, kv_heads, slots, dtype=torch.float32, device=device)
         self.slot_pos = torch.full((batch, kv_heads, slots), -1, dtype=torch.int32, device=device)
         self.write_slot = torch.zeros(batch, kv_heads, dtype=torch.int32, device=device)
         self.slot_limit = torch.full((batch, kv_heads), slots, dtype=torch.int32, device=device)
         if self.policy.accumulate:
-            selectors = kv_heads if self.policy.per_head else 1
-            self.accumulated = torch.zeros(batch, selectors, slots, dtype=torch.float32, device=device)
+            self.accumulated = torch.zeros(batch, self.selectors, slots, dtype=torch.float32, device=device)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -93,12 +94,27 @@ class LongFlowLayer(CacheLayerMixin):
             self._index_batch(rows)
 
     def _index_batch(self, rows: torch.Tensor) -> None:
-        for name in ("keys", "values", "value_norm", "slot_pos", "write_slot", "slot_limit", "accumulated"):
+        names = (
+            "keys",
+            "values",
+            "value_norm",
+            "slot_pos",
+            "write_slot",
+            "slot_limit",
+            "accumulated",
+            "recent_queries",
+        )
+        for name in names:
             buffer = getattr(self, name)
             if buffer is not None:
                 setattr(self, name, buffer.index_select(0, rows))
 
     # -- LongFlow ------------------------------------------------------------------------------
+    @property
+    def selectors(self) -> int:
+        """Eviction scopes per row: 1 when a layer's heads share eviction, else the KV heads."""
+        return self.keys.shape[1] if self.policy.per_head else 1
+
     def prefill(
         self,
         query: torch.Tensor,
@@ -112,72 +128,60 @@ class LongFlowLayer(CacheLayerMixin):
 
         ``query`` ``[B, Hq, T, D]``; ``keys``/``values`` ``[B, Hkv, T, D]``; ``is_token`` ``[B, T]``
         bool (False for padding); ``positions`` ``[B, T]`` sequence positions. When the prompt
-        is longer than the budget, the policy's prompt scores pick which tokens stay; sinks and
-        the recent window always do.
+        is longer than ``policy.keep_on_select``, the policy's prompt scores pick which tokens
+        stay; sinks and the recent window always do.
         """
         self.lazy_initialization(keys, values)
-        policy = self.policy
-        batch, kv_heads, length, head_dim = keys.shape
-        slots = policy.budget
+        batch, kv_heads, length, _ = keys.shape
         positions = positions.to(torch.int32)
         token_pos = torch.where(is_token, positions, -1)[:, None, :].expand(batch, kv_heads, length)
-        last_position = positions[:, -1]
-
-        if length < slots:
-            kept_pos, kept_score = token_pos, torch.zeros(batch, kv_heads, length, device=keys.device)
-            self.keys[:, :, :length] = keys
-            self.values[:, :, :length] = values
+        keep = self.policy.keep_on_select
+        if length <= keep:
+            score = torch.zeros(batch, kv_heads, length, device=keys.device)
         else:
-            score = self._prompt_scores(query, keys, values, is_token, positions, scale)
-            selectors = score.shape[1]
-            rank = rank_slots(
-                score,
-                token_pos[:, :selectors],
-                torch.ones_like(score, dtype=torch.bool),
-                last_position,
-                policy.sink_tokens,
-                policy.recent_window,
-            )
-            # Keep the `slots` highest-ranked tokens: protected first, empty (padding) last.
-            keep = rank.topk(slots, dim=-1).indices.sort(dim=-1).values
-            keep = keep.expand(batch, kv_heads, slots)
-            kept_score = score.expand(batch, kv_heads, length).gather(-1, keep)
-            kept_pos = token_pos.gather(-1, keep)
-            gather = keep[..., None].expand(-1, -1, -1, head_dim)
-            self.keys.copy_(keys.gather(2, gather))
-            self.values.copy_(values.gather(2, gather.expand(-1, -1, -1, values.shape[-1])))
-        kept = kept_pos.shape[-1]
-        self.slot_pos[:, :, :kept] = kept_pos
-        self.value_norm[:, :, :kept] = self.values[:, :, :kept].float().abs().sum(dim=-1)
-        if self.accumulated is not None:
-            self.accumulated[:, :, :kept] = kept_score[:, : self.accumulated.shape[1]]
-        selectors = kv_heads if policy.per_head else 1
-        score = torch.zeros(batch, selectors, slots, device=keys.device)
-        score[:, :, :kept] = kept_score[:, :selectors]
-        usable = torch.ones_like(score, dtype=torch.bool)
-        rank = rank_slots(
-            score, self.slot_pos[:, :selectors], usable, last_position, policy.sink_tokens, policy.recent_window
-        )
-        self.write_slot.copy_(rank.argmin(dim=-1).to(torch.int32).expand(batch, kv_heads))
+            score = self.policy.prompt_scores(query, keys, values, is_token, positions, scale)
+        self._store_best(keys, values, token_pos, score, positions[:, -1], min(length, keep))
         self.seen_tokens = length
+        self.free_slots = self.policy.budget - min(length, keep)
+        if isinstance(self.policy, CompactingPolicy):
+            window = self.policy.observation_window
+            self.recent_queries = query.new_zeros(*query.shape[:2], window, query.shape[-1])
 
-    def _prompt_scores(self, query, keys, values, is_token, positions, scale) -> torch.Tensor:
-        """``[B, Hsel, T]`` prompt scores under this policy (Hsel = 1 when eviction is shared)."""
+    def _store_best(self, keys, values, token_pos, score, position, count: int) -> None:
+        """Write the ``count`` best-ranked tokens into slots ``[0, count)``, clear the rest, and
+        choose the first slot to write.
+
+        ``keys``/``values`` ``[B, Hkv, T, D]`` and ``token_pos``/``score`` ``[B, Hkv, T]`` describe
+        the candidates (prompt tokens, or the cache itself when compacting); ``position`` ``[B]``
+        is the newest token's position (for the recent window).
+        """
         policy = self.policy
-        if policy.score_kind == ScoreKind.POSITION:
-            score = positions.float()[:, None, :].expand(-1, keys.shape[1], -1)
-        else:
-            score = score_prompt(
-                query,
-                keys,
-                values,
-                is_token,
-                scale,
-                policy.observation_window,
-                policy.pooling_kernel,
-                policy.score_kind,
-            )
-        return score if policy.per_head else score.sum(dim=1, keepdim=True)
+        batch, kv_heads = keys.shape[:2]
+        if not policy.per_head:
+            score = score.sum(dim=1, keepdim=True)
+        usable = torch.ones_like(score, dtype=torch.bool)
+        rank = rank_slots(score, token_pos[:, : score.shape[1]], usable, position, policy.sink_tokens,
+                          policy.recent_window)  # fmt: skip
+        # Protected tokens first, empty (padding) last; kept in position order.
+        chosen = rank.topk(count, dim=-1).indices.sort(dim=-1).values.expand(batch, kv_heads, count)
+        kept_keys = keys.gather(2, chosen[..., None].expand(-1, -1, -1, keys.shape[-1]))
+        kept_values = values.gather(2, chosen[..., None].expand(-1, -1, -1, values.shape[-1]))
+        kept_pos = token_pos.gather(-1, chosen)
+        kept_score = score.expand(-1, kv_heads, -1).gather(-1, chosen)
+        self.keys[:, :, :count] = kept_keys
+        self.values[:, :, :count] = kept_values
+        self.value_norm[:, :, :count] = kept_values.float().abs().sum(dim=-1)
+        self.slot_pos[:, :, :count] = kept_pos
+        self.slot_pos[:, :, count:] = -1
+        selectors = self.selectors
+        slot_score = torch.zeros(batch, selectors, policy.budget, device=keys.device)
+        slot_score[:, :, :count] = kept_score[:, :selectors]
+        if self.accumulated is not None:
+            self.accumulated.copy_(slot_score)
+        usable = torch.ones_like(slot_score, dtype=torch.bool)
+        rank = rank_slots(slot_score, self.slot_pos[:, :selectors], usable, position, policy.sink_tokens,
+                          policy.recent_window)  # fmt: skip
+        self.write_slot.copy_(rank.argmin(dim=-1).to(torch.int32).expand(batch, kv_heads))
 
     def decode(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
@@ -190,6 +194,8 @@ class LongFlowLayer(CacheLayerMixin):
         positions = positions.to(torch.int32)
         outputs = []
         for step in range(query.shape[2]):
+            if isinstance(policy, CompactingPolicy):
+                self._before_compacting_step(query[:, :, step], positions[:, step], scale)
             outputs.append(
                 decode_attention(
                     query[:, :, step].contiguous(),
@@ -210,8 +216,20 @@ class LongFlowLayer(CacheLayerMixin):
                     int(policy.score_kind),
                 )
             )
-        self.seen_tokens += query.shape[2]
+            self.seen_tokens += 1
         return torch.stack(outputs, dim=1)
+
+    def _before_compacting_step(self, query: torch.Tensor, position: torch.Tensor, scale: float) -> None:
+        """Record the query; when no free slot is left, re-select the cache by the policy's scores."""
+        window = self.recent_queries.shape[2]
+        self.recent_queries[:, :, self.seen_tokens % window] = query
+        if self.free_slots == 0:
+            observed = self.recent_queries[:, :, : min(window, self.seen_tokens + 1)]
+            score = self.policy.compaction_scores(self.keys, self.slot_pos, observed, scale)
+            keep = self.policy.keep_on_select
+            self._store_best(self.keys.clone(), self.values.clone(), self.slot_pos.clone(), score, position - 1, keep)
+            self.free_slots = self.policy.budget - keep
+        self.free_slots -= 1
 
     def kv_bytes(self) -> int:
         """Bytes held by this layer's keys and values."""

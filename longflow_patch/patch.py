@@ -5,6 +5,7 @@ and other models are untouched) and wraps the model's ``generate`` so each call 
 `LongFlowCache` unless the caller passes a cache. `unapply` removes both.
 """
 
+import dataclasses
 import types
 import warnings
 
@@ -94,15 +95,35 @@ def unapply(model: nn.Module) -> nn.Module:
     return model
 
 
-def new_cache(model: nn.Module) -> LongFlowCache:
-    """A fresh, empty compressed cache for a patched model (what `generate` builds per call)."""
+def new_cache(model: nn.Module, budget: int | None = None) -> LongFlowCache:
+    """A fresh, empty compressed cache for a patched model (what `generate` builds per call).
+
+    ``budget`` overrides the policy's budget (the full-cache policy sizes it per call).
+    """
     if not hasattr(model, "_longflow_policy"):
         raise ValueError("the model is not patched: call longflow_patch.apply(model, ...) first")
-    return LongFlowCache(model._longflow_policy, model.config.num_hidden_layers)
+    policy = model._longflow_policy
+    if budget is not None:
+        policy = dataclasses.replace(policy, budget=budget)
+    return LongFlowCache(policy, model.config.num_hidden_layers)
+
+
+def _tokens_to_hold(model: nn.Module, args: tuple, kwargs: dict) -> int:
+    """Prompt length plus new tokens of a ``generate`` call: what a full cache must hold."""
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    if inputs is None:
+        inputs = kwargs["inputs_embeds"]
+    config = kwargs.get("generation_config") or model.generation_config
+    new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+    if new_tokens is None:
+        return max(kwargs.get("max_length", config.max_length), inputs.shape[1])
+    return inputs.shape[1] + new_tokens
 
 
 def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.Tensor:
     """``generate`` of a patched model: a fresh compressed cache per call unless one is passed."""
     if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
-        kwargs["past_key_values"] = new_cache(self)
+        policy = self._longflow_policy
+        budget = max(policy.minimum_budget, _tokens_to_hold(self, args, kwargs)) if policy.sized_by_generate else None
+        kwargs["past_key_values"] = new_cache(self, budget)
     return self._longflow_original_generate(*args, **kwargs)

@@ -1,14 +1,24 @@
 """Compression policies: each is a small class with one scoring rule.
 
-A policy says how the fused decode op ranks cached slots (``score_kind``), whether scores
-accumulate over steps, and how prompt tokens are scored when the prompt is longer than the
-budget. Everything else (the cache, the op, the patch) is shared by all policies.
+Two families share the cache and the fused op:
+
+- per-step policies (LongFlow, H2O, StreamingLLM, full cache): every decode step the fused op
+  scores the cached slots (``score_kind``, optionally accumulated over steps) and the lowest
+  unprotected slot receives the next token. Static shapes: these compile and capture.
+- compacting policies (SnapKV in its decode-time form, R-KV, random): new tokens fill a buffer of
+  free slots; when it is full, the cache is re-selected at once by the policy's
+  ``compaction_scores``, keeping ``budget - buffer`` tokens. These run eagerly.
+
+Every policy also scores the prompt when it is longer than the budget (``prompt_scores``).
 """
 
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+
 from longflow_patch.kernels.decode_attention_reference import ScoreKind
+from longflow_patch.prefill import score_prompt
 
 
 @dataclass(frozen=True)
@@ -20,13 +30,15 @@ class Policy:
         sink_tokens: the first positions of each sequence, never evicted.
         recent_window: the newest tokens (the current one included), never evicted.
         per_head: evict per KV head instead of one slot shared by all heads of a layer.
-        observation_window: prompt queries whose attention scores the prompt when it exceeds the budget.
+        observation_window: recent queries whose attention scores tokens when re-selecting
+            (the last prompt queries for a long prompt; the last decode queries when compacting).
         pooling_kernel: width of the average pooling over prompt scores (SnapKV's clustering).
     """
 
     name: ClassVar[str]
     score_kind: ClassVar[ScoreKind]
     accumulate: ClassVar[bool] = False
+    sized_by_generate: ClassVar[bool] = False
 
     budget: int
     sink_tokens: int = 4
@@ -36,21 +48,42 @@ class Policy:
     pooling_kernel: int = 7
 
     def __post_init__(self) -> None:
-        minimum = self.minimum_budget
-        if self.budget < minimum:
-            raise ValueError(
-                f"budget={self.budget} is too small for policy {self.name!r}: it must be at least "
-                f"sink_tokens + recent_window + 1 = {minimum} so that one slot can be evicted"
-            )
         for field in ("sink_tokens", "recent_window"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
         if self.observation_window < 1 or self.pooling_kernel < 1 or self.pooling_kernel % 2 == 0:
             raise ValueError("observation_window must be >= 1 and pooling_kernel a positive odd number")
+        if self.budget < self.minimum_budget:
+            raise ValueError(
+                f"budget={self.budget} is too small for policy {self.name!r}: it must be at least "
+                f"{self.minimum_budget_rule} = {self.minimum_budget}, so that a slot is always free to evict"
+            )
 
     @property
     def minimum_budget(self) -> int:
         return self.sink_tokens + self.recent_window + 1
+
+    @property
+    def minimum_budget_rule(self) -> str:
+        return "sink_tokens + recent_window + 1"
+
+    @property
+    def keep_on_select(self) -> int:
+        """Tokens kept when the prompt (or, for compacting policies, the cache) is re-selected."""
+        return self.budget
+
+    def prompt_scores(self, query, keys, values, is_token, positions, scale) -> torch.Tensor:
+        """Importance of each prompt token, ``[B, Hkv, T]`` float32 (higher is kept).
+
+        ``query`` ``[B, Hq, T, D]``, ``keys``/``values`` ``[B, Hkv, T, D]``, ``is_token`` and
+        ``positions`` ``[B, T]``. Default: SnapKV-style attention from the last prompt queries,
+        weighted the way this policy scores decode steps.
+        """
+        if self.score_kind == ScoreKind.POSITION:
+            return positions.float()[:, None, :].expand(-1, keys.shape[1], -1)
+        return score_prompt(
+            query, keys, values, is_token, scale, self.observation_window, self.pooling_kernel, self.score_kind
+        )
 
 
 class LongFlowPolicy(Policy):
@@ -61,7 +94,135 @@ class LongFlowPolicy(Policy):
     score_kind = ScoreKind.CONTRIBUTION
 
 
-POLICIES: dict[str, type[Policy]] = {cls.name: cls for cls in (LongFlowPolicy,)}
+class H2OPolicy(Policy):
+    """H2O (heavy hitters): attention weights accumulated over all steps since a token arrived."""
+
+    name = "h2o"
+    score_kind = ScoreKind.ATTENTION
+    accumulate = True
+
+
+class StreamingLLMPolicy(Policy):
+    """StreamingLLM: attention sinks plus the most recent tokens; the oldest other token goes first."""
+
+    name = "streamingllm"
+    score_kind = ScoreKind.POSITION
+
+
+class FullCachePolicy(Policy):
+    """No compression: each ``generate`` call sizes the cache to prompt + new tokens, so nothing
+    is evicted (the reference every other policy is measured against)."""
+
+    name = "full"
+    score_kind = ScoreKind.POSITION
+    sized_by_generate = True
+
+
+@dataclass(frozen=True)
+class CompactingPolicy(Policy):
+    """Base of the policies that re-select the whole cache when a buffer of new tokens is full.
+
+    Attributes:
+        buffer: free slots opened by each re-selection; new tokens fill them one per step.
+    """
+
+    score_kind = ScoreKind.POSITION  # per-step choice only picks free slots; eviction is by compaction
+    buffer: int = 64
+
+    @property
+    def minimum_budget(self) -> int:
+        return self.sink_tokens + self.recent_window + self.buffer + 1
+
+    @property
+    def minimum_budget_rule(self) -> str:
+        return "sink_tokens + recent_window + buffer + 1"
+
+    @property
+    def keep_on_select(self) -> int:
+        return self.budget - self.buffer
+
+    def compaction_scores(self, keys, slot_pos, queries, scale) -> torch.Tensor:
+        """Importance of each cached slot, ``[B, Hkv, S]`` float32 (higher is kept).
+
+        ``keys`` ``[B, Hkv, S, D]``; ``slot_pos`` ``[B, Hkv, S]`` (-1 empty); ``queries``
+        ``[B, Hq, W, D]``, the most recent decode queries.
+        """
+        raise NotImplementedError
+
+
+def window_attention(keys: torch.Tensor, slot_pos: torch.Tensor, queries: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention of ``queries`` ``[B, Hq, W, D]`` over the valid cached ``keys``, summed over
+    the window and each group's query heads: ``[B, Hkv, S]`` float32."""
+    batch, kv_heads, _, head_dim = keys.shape
+    grouped = queries.float().reshape(batch, kv_heads, -1, head_dim)
+    logits = torch.einsum("bhqd,bhsd->bhqs", grouped, keys.float()) * scale
+    logits = logits.masked_fill((slot_pos < 0)[:, :, None, :], -torch.inf)
+    return torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(dim=2)
+
+
+class SnapKVPolicy(CompactingPolicy):
+    """SnapKV in the decode-time form used by reasoning-compression papers: when the buffer is
+    full, keep the tokens the most recent window of queries attends to most."""
+
+    name = "snapkv"
+
+    def compaction_scores(self, keys, slot_pos, queries, scale) -> torch.Tensor:
+        return window_attention(keys, slot_pos, queries, scale)
+
+
+@dataclass(frozen=True)
+class RKVPolicy(CompactingPolicy):
+    """R-KV: importance (attention from recent queries) minus redundancy (how similar a key is to
+    the other cached keys), so near-duplicate reasoning steps are dropped first.
+
+    Choices where the paper leaves room: both terms are normalised to distributions over the
+    cached slots of a head (importance by its sum, redundancy by a softmax of each key's mean
+    cosine similarity to the other valid keys), and ``score = importance_weight * importance -
+    (1 - importance_weight) * redundancy`` with the paper's weight 0.1.
+    """
+
+    name = "rkv"
+    importance_weight: float = 0.1
+
+    def compaction_scores(self, keys, slot_pos, queries, scale) -> torch.Tensor:
+        valid = slot_pos >= 0
+        importance = window_attention(keys, slot_pos, queries, scale)
+        importance = importance / importance.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+        similarity = torch.einsum("bhsd,bhtd->bhst", unit, unit)
+        pair = valid[..., :, None] & valid[..., None, :]
+        pair &= ~torch.eye(keys.shape[2], dtype=torch.bool, device=keys.device)
+        mean_similarity = (similarity * pair).sum(-1) / pair.sum(-1).clamp_min(1)
+        redundancy = torch.softmax(mean_similarity.masked_fill(~valid, -torch.inf), dim=-1).nan_to_num_(0.0)
+        weight = self.importance_weight
+        return weight * importance - (1 - weight) * redundancy
+
+
+@dataclass(frozen=True)
+class RandomPolicy(CompactingPolicy):
+    """Random eviction, the floor: when the buffer is full, keep a uniformly random subset."""
+
+    name = "random"
+    seed: int = 0
+
+    def compaction_scores(self, keys, slot_pos, queries, scale) -> torch.Tensor:
+        # A fresh draw per re-selection (the newest position moves on), reproducible from the seed.
+        generator = torch.Generator(device=keys.device).manual_seed(self.seed + int(slot_pos.max()))
+        return torch.rand(slot_pos.shape, generator=generator, device=keys.device)
+
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls
+    for cls in (
+        LongFlowPolicy,
+        H2OPolicy,
+        StreamingLLMPolicy,
+        FullCachePolicy,
+        SnapKVPolicy,
+        RKVPolicy,
+        RandomPolicy,
+    )
+}
 
 
 def make_policy(name: str, **settings: object) -> Policy:

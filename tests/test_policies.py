@@ -1,0 +1,89 @@
+"""Every policy runs through `apply` on the same cache and op, and does what its rule says."""
+
+import pytest
+import torch
+
+import longflow_patch
+
+from models import left_padded_prompts, tiny_model
+
+COMPACTING = ["snapkv", "rkv", "random"]
+
+
+def generate(model, ids, mask, new_tokens, cache=None):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, pad_token_id=0, past_key_values=cache)  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", sorted(longflow_patch.POLICIES))
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per-head"])
+def test_every_policy_stays_within_budget_with_unique_tokens(policy, per_head):
+    model = tiny_model("qwen3", "gqa")
+    budget = 48
+    longflow_patch.apply(model, policy=policy, budget=budget, per_head=per_head, buffer=16) if policy in COMPACTING \
+        else longflow_patch.apply(model, policy=policy, budget=budget, per_head=per_head)  # fmt: skip
+    ids, mask = left_padded_prompts(batch=2, length=30)
+    cache = longflow_patch.new_cache(model)
+    out = generate(model, ids, mask, 120, cache)
+    assert out.shape == (2, 150)
+    for layer in cache.layers:
+        assert layer.keys.shape[2] == budget
+        for head in range(layer.slot_pos.shape[1]):
+            held = [p for p in layer.slot_pos[1, head].tolist() if p >= 0]
+            assert len(held) == len(set(held)), "a token is held twice"
+            assert max(held) == 29 + 119 - 1, "the newest token is always held"  # row 1: 29 real prompt tokens
+
+
+def test_full_policy_sizes_cache_per_call_and_matches_transformers():
+    model = tiny_model("llama", "gqa")
+    ids, mask = left_padded_prompts(batch=3, length=11)
+    expected = generate(model, ids, mask, 40)
+    longflow_patch.apply(model, policy="full", budget=16)  # budget is replaced by prompt + new tokens
+    assert torch.equal(generate(model, ids, mask, 40), expected)
+
+
+def test_streamingllm_keeps_sinks_and_the_newest_tokens():
+    model = tiny_model("qwen3", "gqa")
+    longflow_patch.apply(model, policy="streamingllm", budget=24, sink_tokens=4, recent_window=4)
+    ids = torch.randint(3, 128, (1, 10))
+    cache = longflow_patch.new_cache(model)
+    generate(model, ids, torch.ones_like(ids), 60, cache)
+    newest = 10 + 60 - 2  # the last generated token is not fed back
+    for layer in cache.layers:
+        assert sorted(layer.slot_pos[0, 0].tolist()) == [0, 1, 2, 3, *range(newest - 19, newest + 1)]
+
+
+def test_h2o_accumulates_attention_and_evicts_the_lightest():
+    model = tiny_model("qwen3", "gqa", layers=1)
+    longflow_patch.apply(model, policy="h2o", budget=24, sink_tokens=0, recent_window=1)
+    ids = torch.randint(3, 128, (1, 40))
+    cache = longflow_patch.new_cache(model)
+    generate(model, ids, torch.ones_like(ids), 10, cache)
+    layer = cache.layers[0]
+    scores = layer.accumulated[0, 0]
+    assert torch.isfinite(scores).all() and (scores > 0).all()
+    newest = layer.slot_pos[0, 0] == layer.slot_pos[0, 0].max()
+    lightest = scores.masked_fill(newest, torch.inf).argmin()
+    assert layer.write_slot[0, 0] == lightest
+
+
+@pytest.mark.parametrize("policy", COMPACTING)
+def test_compacting_policies_reselect_when_the_buffer_is_full(policy):
+    model = tiny_model("qwen3", "gqa", layers=1)
+    longflow_patch.apply(model, policy=policy, budget=40, buffer=8, sink_tokens=2, recent_window=4)
+    ids = torch.randint(3, 128, (1, 20))
+    cache = longflow_patch.new_cache(model)
+    generate(model, ids, torch.ones_like(ids), 25, cache)
+    layer = cache.layers[0]
+    held = sorted(p for p in layer.slot_pos[0, 0].tolist() if p >= 0)
+    # 20 prompt + 24 written tokens into 40 slots: the 21st write finds no free slot, so the cache
+    # is re-selected down to 32 (sinks and the 4 newest, 36..39, protected), then 40..43 arrive.
+    assert len(held) == 36 and layer.free_slots == 4
+    assert held[:2] == [0, 1] and held[-8:] == list(range(36, 44))
+    assert len(set(held)) == len(held)
+
+
+def test_compacting_budget_must_hold_buffer():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"sink_tokens \+ recent_window \+ buffer \+ 1 = 77"):
+        longflow_patch.apply(model, policy="snapkv", budget=70, buffer=64)
