@@ -52,9 +52,9 @@ def longflow_attention_forward(
     layer = past_key_values.layers[self.layer_idx]
     positions = kwargs.get("position_ids")
     if positions is None:
-        positions = torch.arange(layer.seen_tokens, layer.seen_tokens + length, device=hidden_states.device)
+        positions = torch.arange(length, device=hidden_states.device) + past_key_values.get_seq_length()
     positions = positions.expand(batch, length)
-    if layer.is_initialized and layer.seen_tokens > 0:
+    if layer.prefilled:
         attn_output = layer.decode(query, key, value, positions, self.scaling)
     else:
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(

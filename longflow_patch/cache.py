@@ -27,14 +27,15 @@ class LongFlowLayer(CacheLayerMixin):
         recent_queries: ``[B, Hq, W, D]`` ring of the last decode queries, only for compacting policies
     """
 
-    is_compileable = False
     is_sliding = False
 
     def __init__(self, policy: Policy):
         super().__init__()
         self.policy = policy
-        self.seen_tokens = 0
+        self.prefilled = False
+        self.token_count: torch.Tensor | None = None  # 0-d int64 on the cache's device: tokens seen so far
         self.free_slots = 0  # compacting policies: free slots left before the next re-selection
+        self.ring_index = 0  # compacting policies: where the next decode query is recorded
         self.value_norm: torch.Tensor | None = None
         self.slot_pos: torch.Tensor | None = None
         self.write_slot: torch.Tensor | None = None
@@ -47,6 +48,12 @@ class LongFlowLayer(CacheLayerMixin):
         batch, kv_heads = key_states.shape[:2]
         slots = self.policy.budget
         device = key_states.device
+        shape = (batch, kv_heads, slots, key_states.shape[-1])
+        if self.is_initialized and self.keys.shape == shape and self.keys.dtype == key_states.dtype:
+            # Same shapes: keep the buffers (and their addresses, so captured CUDA graphs stay valid).
+            self.slot_pos.fill_(-1)
+            self.slot_limit.fill_(slots)
+            return
         self.keys = key_states.new_zeros(batch, kv_heads, slots, key_states.shape[-1])
         self.values = value_states.new_zeros(batch, kv_heads, slots, value_states.shape[-1])
         self.value_norm = torch.zeros(batch, kv_heads, slots, dtype=torch.float32, device=device)
@@ -55,19 +62,37 @@ class LongFlowLayer(CacheLayerMixin):
         self.slot_limit = torch.full((batch, kv_heads), slots, dtype=torch.int32, device=device)
         if self.policy.accumulate:
             self.accumulated = torch.zeros(batch, self.selectors, slots, dtype=torch.float32, device=device)
+        self.token_count = torch.zeros((), dtype=torch.int64, device=device)
+        if not torch.compiler.is_compiling():
+            # Fixed addresses: compiled decode steps mutate these in place, so CUDA graphs can replay.
+            for buffer in self._buffers():
+                torch._dynamo.mark_static_address(buffer)
         self.is_initialized = True
+
+    @property
+    def is_compileable(self) -> bool:
+        """Per-step policies decode with static shapes; compacting ones re-select on the host."""
+        return self.policy.compileable
+
+    def _buffers(self) -> list[torch.Tensor]:
+        names = ("keys", "values", "value_norm", "slot_pos", "write_slot", "slot_limit", "accumulated", "token_count")
+        return [buffer for name in names if (buffer := getattr(self, name)) is not None]
 
     def update(self, key_states, value_states, *args, **kwargs):
         raise NotImplementedError(
             "LongFlowCache is filled by the patched attention (longflow_patch.apply), not by Cache.update"
         )
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen_tokens + query_length, 0
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int | torch.Tensor]:
+        """Mask over the new tokens only (``kv_length = query_length`` at offset ``tokens seen``):
+        the patched attention reads padding from the prompt mask and slot positions afterwards,
+        and a decode mask whose shape never changes keeps compiled steps static."""
+        return query_length, self.token_count if self.prefilled else 0
 
-    def get_seq_length(self) -> int:
-        """Tokens processed so far (prompt, padding included, plus generated), not slots held."""
-        return self.seen_tokens
+    def get_seq_length(self) -> int | torch.Tensor:
+        """Tokens processed so far (prompt, padding included, plus generated), not slots held.
+        A 0-d tensor once filled (as transformers' static cache), so compiled steps need no sync."""
+        return self.token_count if self.prefilled else 0
 
     def get_max_length(self) -> int:
         return -1
@@ -76,9 +101,10 @@ class LongFlowLayer(CacheLayerMixin):
         if self.is_initialized:
             self.slot_pos.fill_(-1)
             self.write_slot.zero_()
+            self.token_count.zero_()
             if self.accumulated is not None:
                 self.accumulated.zero_()
-        self.seen_tokens = 0
+        self.prefilled = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -141,9 +167,11 @@ class LongFlowLayer(CacheLayerMixin):
         else:
             score = self.policy.prompt_scores(query, keys, values, is_token, positions, scale)
         self._store_best(keys, values, token_pos, score, positions[:, -1], min(length, keep))
-        self.seen_tokens = length
+        self.token_count.fill_(length)
+        self.prefilled = True
         self.free_slots = self.policy.budget - min(length, keep)
         if isinstance(self.policy, CompactingPolicy):
+            self.ring_index = 0
             window = self.policy.observation_window
             self.recent_queries = query.new_zeros(*query.shape[:2], window, query.shape[-1])
 
@@ -216,15 +244,16 @@ class LongFlowLayer(CacheLayerMixin):
                     int(policy.score_kind),
                 )
             )
-            self.seen_tokens += 1
+        self.token_count.add_(query.shape[2])
         return torch.stack(outputs, dim=1)
 
     def _before_compacting_step(self, query: torch.Tensor, position: torch.Tensor, scale: float) -> None:
         """Record the query; when no free slot is left, re-select the cache by the policy's scores."""
         window = self.recent_queries.shape[2]
-        self.recent_queries[:, :, self.seen_tokens % window] = query
+        self.recent_queries[:, :, self.ring_index % window] = query
+        self.ring_index += 1
         if self.free_slots == 0:
-            observed = self.recent_queries[:, :, : min(window, self.seen_tokens + 1)]
+            observed = self.recent_queries[:, :, : min(window, self.ring_index)]
             score = self.policy.compaction_scores(self.keys, self.slot_pos, observed, scale)
             keep = self.policy.keep_on_select
             self._store_best(self.keys.clone(), self.values.clone(), self.slot_pos.clone(), score, position - 1, keep)

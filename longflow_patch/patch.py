@@ -11,6 +11,7 @@ import warnings
 
 import torch
 from torch import nn
+from transformers import CompileConfig
 
 from longflow_patch.attention import longflow_attention_forward
 from longflow_patch.cache import LongFlowCache
@@ -58,19 +59,29 @@ def apply(
     model: nn.Module,
     policy: str | Policy = "longflow",
     budget: int = 2048,
+    compile: bool = False,
     **settings: object,
 ) -> nn.Module:
     """Patch ``model`` in place so decoding keeps at most ``budget`` KV slots per layer; returns it.
 
     ``policy`` is a registered name (see `longflow_patch.POLICIES`) or a ready `Policy`;
     ``settings`` are that policy's options (``sink_tokens``, ``recent_window``, ``per_head``,
-    ``observation_window``, ``pooling_kernel``). Applying again replaces the previous settings.
+    ``observation_window``, ``pooling_kernel``; ``buffer`` for compacting policies). With
+    ``compile=True``, ``generate`` on a GPU compiles the decode step once (``fullgraph=True``)
+    and replays it under CUDA graphs (``mode="reduce-overhead"``) for any output length, through
+    transformers' own compile path. Applying again replaces the previous settings.
     """
     _check_model(model)
     if not isinstance(policy, Policy):
         policy = make_policy(policy, budget=budget, **settings)
     elif settings:
         raise TypeError("pass settings either inside a Policy object or as keyword arguments, not both")
+    if compile and not policy.compileable:
+        raise ValueError(f"policy {policy.name!r} re-selects its cache on the host and runs eagerly; compile=False")
+    if compile:
+        if not hasattr(model, "_longflow_original_compile_config"):
+            model._longflow_original_compile_config = model.generation_config.compile_config
+        model.generation_config.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
     for module in _attention_modules(model):
         if not hasattr(module, "_longflow_original_forward"):
             module._longflow_original_forward = module.forward
@@ -91,7 +102,11 @@ def unapply(model: nn.Module) -> nn.Module:
     if hasattr(model, "_longflow_original_generate"):
         del model.generate
         del model._longflow_original_generate
+    if hasattr(model, "_longflow_original_compile_config"):
+        model.generation_config.compile_config = model._longflow_original_compile_config
+        del model._longflow_original_compile_config
     model.__dict__.pop("_longflow_policy", None)
+    model.__dict__.pop("_longflow_reused_cache", None)
     return model
 
 
@@ -121,9 +136,20 @@ def _tokens_to_hold(model: nn.Module, args: tuple, kwargs: dict) -> int:
 
 
 def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.Tensor:
-    """``generate`` of a patched model: a fresh compressed cache per call unless one is passed."""
+    """``generate`` of a patched model: a compressed cache per call unless one is passed.
+
+    In compile mode one cache is kept and refilled by every call (like transformers' static
+    cache), so its buffers keep their addresses and the captured CUDA graph is replayed, not
+    re-recorded; a cache returned by one call is then overwritten by the next.
+    """
     if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
         policy = self._longflow_policy
         budget = max(policy.minimum_budget, _tokens_to_hold(self, args, kwargs)) if policy.sized_by_generate else None
-        kwargs["past_key_values"] = new_cache(self, budget)
+        cache = getattr(self, "_longflow_reused_cache", None)
+        if cache is None or cache.policy is not policy or budget is not None:
+            cache = new_cache(self, budget)
+        if hasattr(self, "_longflow_original_compile_config"):
+            self._longflow_reused_cache = cache
+        cache.reset()
+        kwargs["past_key_values"] = cache
     return self._longflow_original_generate(*args, **kwargs)

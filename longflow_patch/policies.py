@@ -72,6 +72,11 @@ class Policy:
         """Tokens kept when the prompt (or, for compacting policies, the cache) is re-selected."""
         return self.budget
 
+    @property
+    def compileable(self) -> bool:
+        """Whether decoding keeps static shapes and no host decisions (compile and CUDA graphs)."""
+        return not isinstance(self, CompactingPolicy)
+
     def prompt_scores(self, query, keys, values, is_token, positions, scale) -> torch.Tensor:
         """Importance of each prompt token, ``[B, Hkv, T]`` float32 (higher is kept).
 

@@ -64,3 +64,37 @@ def test_small_budget_generation_on_gpu_is_finite_and_fixed_size():
     assert out.sequences.shape == (4, 330)
     assert all(torch.isfinite(step).all() for step in out.logits)
     assert all(layer.keys.shape[2] == 16 for layer in cache.layers)
+
+
+def test_cuda_graph_replay_matches_eager_and_never_recaptures():
+    """compile=True: transformers' compiled decode under CUDA graphs gives the eager tokens, and a
+    longer second generation replays the captured graph without a new capture."""
+    model = tiny_model("qwen3", "gqa", layers=2, head_dim=64, dtype=torch.bfloat16).cuda()
+    ids, mask = left_padded_prompts(batch=4, length=20)
+    ids, mask = ids.cuda(), mask.cuda()
+
+    def generate(new_tokens):
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+
+    longflow_patch.apply(model, budget=32)
+    eager = generate(200)
+    longflow_patch.apply(model, budget=32, compile=True)
+    captures = []
+    original = torch.cuda.CUDAGraph.capture_begin
+
+    def counting_capture_begin(graph, *args, **kwargs):
+        captures.append(graph)
+        return original(graph, *args, **kwargs)
+
+    torch.cuda.CUDAGraph.capture_begin = counting_capture_begin
+    try:
+        generate(40)  # compile, warm up and capture
+        first = len(captures)
+        compiled = generate(200)
+    finally:
+        torch.cuda.CUDAGraph.capture_begin = original
+    assert first >= 1, "the decode step was not captured in a CUDA graph"
+    assert len(captures) == first, f"{len(captures) - first} re-captures while generating 200 tokens"
+    agreement = (compiled == eager).float().mean().item()
+    assert agreement == 1.0, f"compiled tokens differ from eager ({agreement:.3f} agree)"

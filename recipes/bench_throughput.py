@@ -1,0 +1,198 @@
+"""End-to-end decode throughput: transformers' full-cache paths against LongFlow, eager and compiled.
+
+Random-weight models of real shapes (weights do not change speed), bf16, a 512-token prompt and
+outputs of 4k-32k tokens. Configurations, each at the largest batch whose weights plus KV cache
+fit under ``--memory-cap-gb``:
+
+1. ``default``: transformers' default, DynamicCache + SDPA, eager ``generate``;
+2. ``static``: transformers' best full-cache path, static cache + ``torch.compile`` (CUDA graphs);
+3. ``longflow``: LongFlow at 80% compression (budget = 20% of prompt + output), eager;
+4. ``longflow-compiled``: the same, compiled + CUDA graphs (``apply(..., compile=True)``).
+
+Method. A full 32k-token run of every configuration would take hours of GPU time, so each
+configuration is timed on the real ``generate`` loop over ``--steps`` decode steps at the context
+lengths that matter, and tokens/s over the whole output is integrated from those step times:
+full caches are filled with random keys/values up to the context (their step time grows
+linearly with it: measured at the start and the end of the output), LongFlow's step time does
+not depend on the context (its cache is full-size from the first step). Step time is the
+difference of two timed ``generate`` calls of different lengths, so prefill and set-up cancel.
+The roofline of a step is (weight bytes + KV bytes read) over the measured copy bandwidth.
+
+    python recipes/bench_throughput.py --shape qwen3-8b
+    python recipes/plot_throughput.py bench/results/throughput_qwen3-8b.json
+"""
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM, StaticCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import longflow_patch
+
+from common import copy_bandwidth_gbs, environment, print_table, write_results
+
+SHAPES = {
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True),
+}  # fmt: skip
+CONFIGS = ("default", "static", "longflow", "longflow-compiled")
+
+
+def build_model(shape: str, device: str) -> Qwen3ForCausalLM:
+    config = Qwen3Config(**SHAPES[shape], max_position_embeddings=40960, rope_theta=1e6)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def kv_bytes_per_token(config) -> int:
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 2
+
+
+def largest_batch(model, slots_per_sequence: int, cap_bytes: float, most: int) -> int:
+    """Largest batch whose weights + KV cache + working memory (logits, activations) fit the cap."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    config = model.config
+    per_sequence = slots_per_sequence * kv_bytes_per_token(config)
+    per_sequence += 512 * (config.intermediate_size * 2 * 2 + config.hidden_size * 8) + config.vocab_size * 8
+    return max(1, min(most, int((cap_bytes - weights - 2 * 2**30) // per_sequence)))
+
+
+def filled_cache(model, kind: str, batch: int, context: int, max_len: int):
+    """A full cache holding ``context`` random tokens per sequence."""
+    config = model.config
+    cache = DynamicCache(config=config) if kind == "default" else StaticCache(config=config, max_cache_len=max_len)
+    shape = (batch, config.num_key_value_heads, context, config.head_dim)
+    for layer in range(config.num_hidden_layers):
+        keys = torch.randn(shape, dtype=model.dtype, device=model.device)
+        cache.update(keys, torch.randn_like(keys), layer)
+    return cache
+
+
+def timed_generate(model, batch: int, context: int, new_tokens: int, cache=None) -> float:
+    ids = torch.randint(3, model.config.vocab_size, (batch, context + 1), device=model.device)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)  # fmt: skip
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def step_seconds(model, kind: str, batch: int, context: int, max_len: int, steps: int) -> float:
+    """Seconds per decode step of the real ``generate`` loop at ``context`` tokens."""
+    if kind in ("default", "static"):
+        static = filled_cache(model, "static", batch, context, max_len) if kind == "static" else None
+
+        def run(new_tokens: int) -> float:
+            if static is None:
+                return timed_generate(
+                    model, batch, context, new_tokens, filled_cache(model, "default", batch, context, max_len)
+                )
+            for layer in static.layers:
+                layer.cumulative_length.fill_(context)
+            return timed_generate(model, batch, context, new_tokens, static)
+    else:
+
+        def run(new_tokens: int) -> float:
+            return timed_generate(model, batch, context, new_tokens)
+
+    run(steps)  # warm-up: compilation and CUDA-graph capture happen here
+    short, long = run(steps // 4), run(steps)
+    return (long - short) / (steps - steps // 4)
+
+
+def measure(model, kind: str, prompt: int, output: int, cap: float, steps: int, bandwidth: float) -> dict:
+    config = model.config
+    total = prompt + output
+    budget = (prompt + output) // 5
+    compressed = kind.startswith("longflow")
+    batch = largest_batch(model, budget if compressed else total, cap, most=256)
+    if compressed:
+        longflow_patch.apply(model, policy="longflow", budget=budget, compile=kind == "longflow-compiled")
+        context = prompt  # the cache is budget-sized from the first step: the context does not matter
+    else:
+        longflow_patch.unapply(model)
+        model.generation_config.compile_config = None
+        model.generation_config.cache_implementation = None
+    if kind == "static":
+        model.generation_config.compile_config = None  # transformers' default: reduce-overhead
+    torch.cuda.empty_cache() if model.device.type == "cuda" else None
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if compressed:
+        first = last = step_seconds(model, kind, batch, context, total, steps)
+    elif kind == "static":
+        first = last = step_seconds(model, kind, batch, prompt + output // 2, total, steps)  # reads all slots
+    else:
+        first = step_seconds(model, kind, batch, prompt, total, steps)
+        last = step_seconds(model, kind, batch, total - steps, total, steps)
+    mean_step = (first + last) / 2
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    slots = budget if compressed else (total if kind == "static" else prompt + output / 2)
+    roofline = (weight_bytes + batch * slots * kv_bytes_per_token(config)) / (bandwidth * 1e9)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if model.device.type == "cuda" else 0.0
+    longflow_patch.unapply(model)
+    gc.collect()
+    return {
+        "config": kind, "output": output, "batch": batch, "budget": budget if compressed else None,
+        "step_ms_first": first * 1e3, "step_ms_last": last * 1e3, "step_ms_mean": mean_step * 1e3,
+        "tokens_per_s": batch / mean_step, "peak_gib": peak, "roofline_ms": roofline * 1e3,
+        "vs_roofline": mean_step / roofline,
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--outputs", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--memory-cap-gb", type=float, default=70.0)
+    parser.add_argument("--steps", type=int, default=48, help="decode steps per timed generate call")
+    parser.add_argument("--out", default=None, help="results JSON (default bench/results/throughput_<shape>.json)")
+    args = parser.parse_args()
+
+    # Each configuration compiles at most twice over the output lengths (static, then dynamic shapes).
+    torch._dynamo.config.recompile_limit = 64
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bandwidth = copy_bandwidth_gbs() if device == "cuda" else 50.0
+    model = build_model(args.shape, device)
+    rows = []
+    for output in tqdm(args.outputs, desc="output lengths"):
+        for kind in args.configs:
+            row = measure(model, kind, args.prompt, output, args.memory_cap_gb * 1e9, args.steps, bandwidth)
+            rows.append(row)
+            tqdm.write(f"{kind:>18} out={output:>6} batch={row['batch']:>3} {row['tokens_per_s']:9.1f} tok/s")
+    for row in rows:
+        same = {r["config"]: r for r in rows if r["output"] == row["output"]}
+        for base in ("default", "static"):
+            if base in same:
+                row[f"x_{base}"] = row["tokens_per_s"] / same[base]["tokens_per_s"]
+    print()
+    print_table(rows, ["config", "output", "batch", "budget", "step_ms_first", "step_ms_last", "tokens_per_s",
+                       "x_default", "x_static", "peak_gib", "roofline_ms", "vs_roofline"])  # fmt: skip
+    write_results(args.out or f"bench/results/throughput_{args.shape}.json", {
+        "benchmark": "throughput", "environment": environment(), "shape": args.shape, "model": SHAPES[args.shape],
+        "prompt": args.prompt, "memory_cap_gb": args.memory_cap_gb, "steps": args.steps,
+        "copy_bandwidth_gbs": bandwidth, "rows": rows,
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

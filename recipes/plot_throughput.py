@@ -1,0 +1,46 @@
+"""Plot a throughput results file: tokens/s and peak memory against output length, per configuration.
+
+    python recipes/plot_throughput.py bench/results/throughput_qwen3-8b.json [--out FILE.png]
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="PNG path (default: beside the JSON)")
+    args = parser.parse_args()
+    data = json.loads(args.results.read_text())
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for config in dict.fromkeys(row["config"] for row in data["rows"]):
+        rows = sorted((r for r in data["rows"] if r["config"] == config), key=lambda r: r["output"])
+        outputs = [r["output"] for r in rows]
+        speed.plot(outputs, [r["tokens_per_s"] for r in rows], marker="o", label=config)
+        memory.plot(outputs, [r["peak_gib"] / r["batch"] for r in rows], marker="o", label=config)
+    for axis, title in ((speed, "decode throughput (largest batch under the cap)"),
+                        (memory, "peak GPU memory per sequence")):  # fmt: skip
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("output tokens")
+        axis.set_title(title, fontsize=10)
+        axis.grid(alpha=0.3)
+    speed.set_ylabel("tokens / s")
+    memory.set_ylabel("GiB per sequence")
+    speed.legend()
+    environment = data["environment"]
+    figure.suptitle(f"{data['shape']} shape, prompt {data['prompt']}, {environment['device']}", fontsize=11)
+    figure.tight_layout()
+    out = args.out or args.results.with_suffix(".png")
+    figure.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
