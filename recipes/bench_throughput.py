@@ -24,10 +24,12 @@ The roofline of a step is (weight bytes + KV bytes read) over the measured copy 
 
 import argparse
 import gc
+import os
 import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
 import torch
 from tqdm import tqdm
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM, StaticCache
@@ -117,22 +119,42 @@ def step_seconds(model, kind: str, batch: int, context: int, max_len: int, steps
     return (long - short) / (steps - steps // 4)
 
 
-def measure(model, kind: str, prompt: int, output: int, cap: float, steps: int, bandwidth: float) -> dict:
+def release(model) -> None:
+    """Drop compiled graphs, CUDA-graph pools and cached blocks between configurations."""
+    longflow_patch.unapply(model)
+    model.__dict__.pop("_compiled_call", None)
+    torch._dynamo.reset()
+    gc.collect()
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_largest(model, kind: str, prompt: int, output: int, cap: float, steps: int, bandwidth: float) -> dict:
+    """`measure` at the estimated largest batch, stepping the batch down by 20% on out-of-memory."""
+    slots = (prompt + output) // 5 if kind.startswith("longflow") else prompt + output
+    batch = largest_batch(model, slots, cap, most=256)
+    while True:
+        try:
+            return measure(model, kind, prompt, output, batch, steps, bandwidth)
+        except torch.OutOfMemoryError:
+            release(model)
+            if batch == 1:
+                raise
+            batch = max(1, int(batch * 0.8))
+            tqdm.write(f"{kind}: out of memory, retrying at batch {batch}")
+        finally:
+            release(model)
+
+
+def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, bandwidth: float) -> dict:
     config = model.config
     total = prompt + output
     budget = (prompt + output) // 5
     compressed = kind.startswith("longflow")
-    batch = largest_batch(model, budget if compressed else total, cap, most=256)
+    model.generation_config.compile_config = None  # transformers' default for the static cache: reduce-overhead
     if compressed:
         longflow_patch.apply(model, policy="longflow", budget=budget, compile=kind == "longflow-compiled")
         context = prompt  # the cache is budget-sized from the first step: the context does not matter
-    else:
-        longflow_patch.unapply(model)
-        model.generation_config.compile_config = None
-        model.generation_config.cache_implementation = None
-    if kind == "static":
-        model.generation_config.compile_config = None  # transformers' default: reduce-overhead
-    torch.cuda.empty_cache() if model.device.type == "cuda" else None
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if compressed:
@@ -147,8 +169,6 @@ def measure(model, kind: str, prompt: int, output: int, cap: float, steps: int, 
     slots = budget if compressed else (total if kind == "static" else prompt + output / 2)
     roofline = (weight_bytes + batch * slots * kv_bytes_per_token(config)) / (bandwidth * 1e9)
     peak = torch.cuda.max_memory_allocated() / 2**30 if model.device.type == "cuda" else 0.0
-    longflow_patch.unapply(model)
-    gc.collect()
     return {
         "config": kind, "output": output, "batch": batch, "budget": budget if compressed else None,
         "step_ms_first": first * 1e3, "step_ms_last": last * 1e3, "step_ms_mean": mean_step * 1e3,
@@ -176,7 +196,7 @@ def main() -> None:
     rows = []
     for output in tqdm(args.outputs, desc="output lengths"):
         for kind in args.configs:
-            row = measure(model, kind, args.prompt, output, args.memory_cap_gb * 1e9, args.steps, bandwidth)
+            row = measure_largest(model, kind, args.prompt, output, args.memory_cap_gb * 1e9, args.steps, bandwidth)
             rows.append(row)
             tqdm.write(f"{kind:>18} out={output:>6} batch={row['batch']:>3} {row['tokens_per_s']:9.1f} tok/s")
     for row in rows:
