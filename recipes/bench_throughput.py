@@ -32,7 +32,14 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
 import torch
 from tqdm import tqdm
-from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM, StaticCache
+from transformers import (
+    DynamicCache,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    StaticCache,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
@@ -177,6 +184,36 @@ def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, 
     }  # fmt: skip
 
 
+def memory_trace(model, batch: int, budget: int, prompt: int, output: int, every: int) -> list[dict]:
+    """GPU memory in use while one compiled LongFlow ``generate`` writes ``output`` tokens at a fixed
+    budget, sampled every ``every`` tokens, beside the memory of a full cache filled to the same
+    length (a DynamicCache holding the same tokens, measured the same way)."""
+    samples: list[dict] = []
+
+    class Sampler(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            generated = input_ids.shape[1] - prompt
+            if generated % every == 0:
+                samples.append({"tokens": prompt + generated, "longflow_gib": torch.cuda.memory_allocated() / 2**30})
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    release(model)
+    base = torch.cuda.memory_allocated()
+    longflow_patch.apply(model, policy="longflow", budget=budget, compile=True)
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=model.device)
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=output, min_new_tokens=output,
+                   do_sample=False, stopping_criteria=StoppingCriteriaList([Sampler()]))  # fmt: skip
+    release(model)
+    for sample in samples:
+        cache = filled_cache(model, "default", batch, sample["tokens"], sample["tokens"])
+        sample["full_cache_gib"] = torch.cuda.memory_allocated() / 2**30
+        sample["longflow_gib"] -= base / 2**30
+        sample["full_cache_gib"] -= base / 2**30
+        del cache
+        torch.cuda.empty_cache()
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
@@ -185,6 +222,14 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--memory-cap-gb", type=float, default=70.0)
     parser.add_argument("--steps", type=int, default=48, help="decode steps per timed generate call")
+    parser.add_argument(
+        "--memory-trace",
+        type=int,
+        nargs=2,
+        metavar=("BATCH", "BUDGET"),
+        default=None,
+        help="also trace memory during one long compiled LongFlow generation at a fixed budget",
+    )
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/throughput_<shape>.json)")
     args = parser.parse_args()
 
@@ -204,13 +249,19 @@ def main() -> None:
         for base in ("default", "static"):
             if base in same:
                 row[f"x_{base}"] = row["tokens_per_s"] / same[base]["tokens_per_s"]
+    trace = []
+    if args.memory_trace and device == "cuda":
+        batch, budget = args.memory_trace
+        trace = memory_trace(model, batch, budget, args.prompt, max(args.outputs), every=max(args.outputs) // 16)
+        print_table(trace, ["tokens", "longflow_gib", "full_cache_gib"])
     print()
     print_table(rows, ["config", "output", "batch", "budget", "step_ms_first", "step_ms_last", "tokens_per_s",
                        "x_default", "x_static", "peak_gib", "roofline_ms", "vs_roofline"])  # fmt: skip
     write_results(args.out or f"bench/results/throughput_{args.shape}.json", {
         "benchmark": "throughput", "environment": environment(), "shape": args.shape, "model": SHAPES[args.shape],
         "prompt": args.prompt, "memory_cap_gb": args.memory_cap_gb, "steps": args.steps,
-        "copy_bandwidth_gbs": bandwidth, "rows": rows,
+        "copy_bandwidth_gbs": bandwidth, "rows": rows, "memory_trace": trace,
+        "memory_trace_settings": args.memory_trace,
     })  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """Plot a throughput results file: tokens/s and peak memory against output length, per configuration.
 
-    python recipes/plot_throughput.py bench/results/throughput_qwen3-8b.json [--out FILE.png]
+python recipes/plot_throughput.py bench/results/throughput_qwen3-8b.json [--out FILE.png]
 """
 
 import argparse
@@ -19,7 +19,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="PNG path (default: beside the JSON)")
     args = parser.parse_args()
     data = json.loads(args.results.read_text())
-    figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
+    trace = data.get("memory_trace") or []
+    figure, axes = plt.subplots(1, 3 if trace else 2, figsize=(16 if trace else 11, 4.2))
+    speed, memory = axes[:2]
     for config in dict.fromkeys(row["config"] for row in data["rows"]):
         rows = sorted((r for r in data["rows"] if r["config"] == config), key=lambda r: r["output"])
         outputs = [r["output"] for r in rows]
@@ -31,6 +33,16 @@ def main() -> None:
         axis.set_xlabel("output tokens")
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
+    if trace:
+        batch, budget = data["memory_trace_settings"]
+        tokens = [t["tokens"] for t in trace]
+        axes[2].plot(tokens, [t["full_cache_gib"] for t in trace], marker="o", label="full cache (DynamicCache)")
+        axes[2].plot(tokens, [t["longflow_gib"] for t in trace], marker="o", label=f"LongFlow, budget {budget}")
+        axes[2].set_title(f"GPU memory during one generation (batch {batch})", fontsize=10)
+        axes[2].set_xlabel("sequence length (tokens)")
+        axes[2].set_ylabel("GiB above the weights")
+        axes[2].grid(alpha=0.3)
+        axes[2].legend()
     speed.set_ylabel("tokens / s")
     memory.set_ylabel("GiB per sequence")
     speed.legend()

@@ -1,0 +1,180 @@
+"""Accuracy and fidelity against KV budget for every policy, on the bundled toy reasoner.
+
+For each policy and budget: greedy accuracy on fresh problems (one batched ``generate``, Wilson
+95% interval), and the mean KL divergence of the policy's next-token distribution from the full
+cache's, teacher-forced on the full cache's own traces (one forward over the whole trace: the
+patched attention runs the fused decode step token by token inside it, so this is exactly
+sequential decoding with eviction). Budgets are given as slots (``256``) or as a percentage of the
+mean full-cache trace length (``10%``). Results: JSON rows plus a PNG plot beside it.
+
+    python recipes/eval_accuracy.py --problems 400 --out bench/results/accuracy_toy.json
+    python recipes/eval_accuracy.py --problems 4 --policies longflow --budgets 20% --blocks 1 1   # smoke
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import longflow_patch
+from longflow_patch import toy
+
+from common import environment
+
+DEFAULT_BUDGETS = ["5%", "10%", "20%", "40%", "128", "256", "512"]
+COMPARED = ["longflow", "streamingllm", "h2o", "snapkv", "rkv", "random"]
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    center = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def policy_settings(policy: str, budget: int) -> dict:
+    """Per-policy settings at a budget: compacting policies get a buffer of an eighth of it."""
+    settings = {"budget": budget}
+    if issubclass(longflow_patch.POLICIES[policy], longflow_patch.CompactingPolicy):
+        settings["buffer"] = max(8, budget // 8)
+    return settings
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    completions = []
+    for start in range(0, len(prompts), batch_size):
+        inputs = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+        completions += tokenizer.batch_decode(out[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+    return completions
+
+
+def trace_log_probs(model, tokenizer, prompts: list[str], traces: list[str], cache=None) -> tuple:
+    """Log-probabilities ``[N, T, V]`` of each next trace token, teacher-forced, and the mask of real
+    trace positions. With ``cache`` None the model sees the whole sequence (full attention)."""
+    encoded = tokenizer([p + t for p, t in zip(prompts, traces, strict=True)], return_tensors="pt", padding=True)
+    prompt_length = max(len(tokenizer(p).input_ids) for p in prompts)
+    ids, mask = encoded.input_ids.to(model.device), encoded.attention_mask.to(model.device)
+    if cache is None:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    else:  # prompt first (prompt selection), then the whole trace through the decode path in one call
+        model(input_ids=ids[:, :prompt_length], attention_mask=mask[:, :prompt_length], past_key_values=cache)
+        positions = (mask.cumsum(-1) - 1)[:, prompt_length:]
+        tail = model(input_ids=ids[:, prompt_length:], attention_mask=mask, position_ids=positions,
+                     past_key_values=cache).logits  # fmt: skip
+        logits = torch.cat([torch.zeros_like(tail[:, :prompt_length]), tail], dim=1)
+    return torch.log_softmax(logits[:, prompt_length - 1 : -1].float(), dim=-1), mask[:, prompt_length:].bool()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=20261122, help="problem seed (fresh: not the training seeds)")
+    parser.add_argument("--policies", nargs="+", default=COMPARED, choices=sorted(longflow_patch.POLICIES))
+    parser.add_argument("--budgets", nargs="+", default=DEFAULT_BUDGETS)
+    parser.add_argument("--kl-problems", type=int, default=32, help="traces used for the KL fidelity metric")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--blocks", type=int, nargs=2, default=[2, 6], help="problem length range (blocks)")
+    parser.add_argument("--no-compile", action="store_true", help="decode eagerly even on a GPU")
+    parser.add_argument("--out", default="bench/results/accuracy_toy.json")
+    args = parser.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(toy.model_path(), padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(toy.model_path(), dtype=torch.bfloat16 if device == "cuda"
+                                                 else torch.float32).to(device).eval()  # fmt: skip
+    problems = toy.make_problems(args.problems, args.seed, blocks=tuple(args.blocks), with_solution=True)
+    prompts = [p["prompt"] for p in problems]
+    longest = max(len(tokenizer(p["prompt"] + p["solution"]).input_ids) for p in problems) + 16
+
+    started = time.perf_counter()
+    reference = generate(model, tokenizer, prompts, longest, args.batch_size)
+    full_correct = sum(toy.is_correct(c, p["answer"]) for c, p in zip(reference, problems, strict=True))
+    trace_tokens = [len(tokenizer(c).input_ids) for c in reference]
+    mean_trace = sum(trace_tokens) / len(trace_tokens)
+    print(f"full cache: {full_correct}/{len(problems)} correct, mean trace {mean_trace:.0f} tokens "
+          f"({time.perf_counter() - started:.0f} s)")  # fmt: skip
+    kl_prompts, kl_traces = prompts[: args.kl_problems], reference[: args.kl_problems]
+    with torch.no_grad():
+        full_log_probs, kl_mask = trace_log_probs(model, tokenizer, kl_prompts, kl_traces)
+
+    rows = [{"policy": "full", "budget_label": "full", "budget": None, "accuracy": full_correct / len(problems),
+             "ci": wilson_interval(full_correct, len(problems)), "kl": 0.0}]  # fmt: skip
+    for policy in args.policies:
+        for label in args.budgets:
+            budget = round(float(label[:-1]) / 100 * mean_trace) if label.endswith("%") else int(label)
+            settings = policy_settings(policy, budget)
+            try:
+                longflow_patch.apply(model, policy=policy, **settings)
+            except ValueError as error:  # budget below the policy's minimum
+                print(f"skip {policy} at {label}: {error}")
+                continue
+            compiled = (
+                device == "cuda" and not args.no_compile and longflow_patch.POLICIES[policy](**settings).compileable
+            )
+            longflow_patch.apply(model, policy=policy, compile=compiled, **settings)
+            began = time.perf_counter()
+            completions = generate(model, tokenizer, prompts, longest, args.batch_size)
+            correct = sum(toy.is_correct(c, p["answer"]) for c, p in zip(completions, problems, strict=True))
+            with torch.no_grad():
+                log_probs, _ = trace_log_probs(model, tokenizer, kl_prompts, kl_traces, longflow_patch.new_cache(model))
+            kl = (full_log_probs.exp() * (full_log_probs - log_probs)).sum(-1)[kl_mask].mean().item()
+            longflow_patch.unapply(model)
+            model.__dict__.pop("_compiled_call", None)
+            rows.append({"policy": policy, "budget_label": label, "budget": budget, "accuracy": correct / len(problems),
+                         "ci": wilson_interval(correct, len(problems)), "kl": kl})  # fmt: skip
+            print(f"{policy:>12} {label:>5} ({budget:>4} slots): accuracy {correct / len(problems):.3f} "
+                  f"KL {kl:.4f} ({time.perf_counter() - began:.0f} s)")  # fmt: skip
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "accuracy_toy", "environment": environment(), "problems": args.problems, "seed": args.seed,
+        "mean_trace_tokens": mean_trace, "kl_problems": len(kl_prompts), "compiled": device == "cuda" and not
+        args.no_compile, "rows": rows,
+    }, indent=2) + "\n")  # fmt: skip
+    plot(rows, mean_trace, out.with_suffix(".png"))
+    print(f"wrote {out}")
+
+
+def plot(rows: list[dict], mean_trace: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (accuracy, fidelity) = plt.subplots(1, 2, figsize=(11, 4.2))
+    full = next(r for r in rows if r["policy"] == "full")
+    for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"):
+        points = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["budget"])
+        budgets = [r["budget"] for r in points]
+        below = [r["accuracy"] - r["ci"][0] for r in points]
+        above = [r["ci"][1] - r["accuracy"] for r in points]
+        accuracy.errorbar(budgets, [r["accuracy"] for r in points], yerr=[below, above], marker="o", capsize=2,
+                          label=policy)  # fmt: skip
+        fidelity.plot(budgets, [max(r["kl"], 1e-6) for r in points], marker="o", label=policy)
+    accuracy.axhline(full["accuracy"], color="black", linestyle="--", label="full cache")
+    for axis in (accuracy, fidelity):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel(f"KV budget (slots; mean trace {mean_trace:.0f} tokens)")
+        axis.grid(alpha=0.3)
+    accuracy.set_ylabel("accuracy (95% CI)")
+    fidelity.set_ylabel("mean KL(full || policy) per token")
+    fidelity.set_yscale("log")
+    accuracy.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
