@@ -11,7 +11,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from longflow_patch.kernels.decode_attention_reference import rank_slots
 from longflow_patch.ops import decode_attention
-from longflow_patch.policies import CompactingPolicy, Policy
+from longflow_patch.policies import CompactingPolicy, Policy, ReasonAllocPolicy
 
 
 class LongFlowLayer(CacheLayerMixin):
@@ -29,9 +29,10 @@ class LongFlowLayer(CacheLayerMixin):
 
     is_sliding = False
 
-    def __init__(self, policy: Policy):
+    def __init__(self, policy: Policy, layer: int = 0):
         super().__init__()
         self.policy = policy
+        self.layer = layer
         self.prefilled = False
         self.token_count: torch.Tensor | None = None  # 0-d int64 on the cache's device: tokens seen so far
         self.free_slots = 0  # compacting policies: free slots left before the next re-selection
@@ -46,20 +47,25 @@ class LongFlowLayer(CacheLayerMixin):
     # -- transformers' cache-layer interface ---------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, kv_heads = key_states.shape[:2]
-        slots = self.policy.budget
+        slots = self.policy.layer_slots(self.layer)
         device = key_states.device
+        limits = self.policy.head_limits(self.layer) or [slots] * kv_heads
+        if len(limits) != kv_heads or max(limits) > slots:
+            raise ValueError(
+                f"layer {self.layer}: head budgets {limits} do not fit {kv_heads} KV heads x {slots} slots"
+            )
         shape = (batch, kv_heads, slots, key_states.shape[-1])
         if self.is_initialized and self.keys.shape == shape and self.keys.dtype == key_states.dtype:
             # Same shapes: keep the buffers (and their addresses, so captured CUDA graphs stay valid).
             self.slot_pos.fill_(-1)
-            self.slot_limit.fill_(slots)
+            self.slot_limit.copy_(torch.tensor(limits, dtype=torch.int32).expand(batch, kv_heads))
             return
         self.keys = key_states.new_zeros(batch, kv_heads, slots, key_states.shape[-1])
         self.values = value_states.new_zeros(batch, kv_heads, slots, value_states.shape[-1])
         self.value_norm = torch.zeros(batch, kv_heads, slots, dtype=torch.float32, device=device)
         self.slot_pos = torch.full((batch, kv_heads, slots), -1, dtype=torch.int32, device=device)
         self.write_slot = torch.zeros(batch, kv_heads, dtype=torch.int32, device=device)
-        self.slot_limit = torch.full((batch, kv_heads), slots, dtype=torch.int32, device=device)
+        self.slot_limit = torch.tensor(limits, dtype=torch.int32, device=device).expand(batch, kv_heads).contiguous()
         if self.policy.accumulate:
             self.accumulated = torch.zeros(batch, self.selectors, slots, dtype=torch.float32, device=device)
         self.token_count = torch.zeros((), dtype=torch.int64, device=device)
@@ -161,7 +167,7 @@ class LongFlowLayer(CacheLayerMixin):
         batch, kv_heads, length, _ = keys.shape
         positions = positions.to(torch.int32)
         token_pos = torch.where(is_token, positions, -1)[:, None, :].expand(batch, kv_heads, length)
-        keep = self.policy.keep_on_select
+        keep = min(self.policy.keep_on_select, self.keys.shape[2])
         if length <= keep:
             score = torch.zeros(batch, kv_heads, length, device=keys.device)
         else:
@@ -169,9 +175,9 @@ class LongFlowLayer(CacheLayerMixin):
         self._store_best(keys, values, token_pos, score, positions[:, -1], min(length, keep))
         self.token_count.fill_(length)
         self.prefilled = True
-        self.free_slots = self.policy.budget - min(length, keep)
+        self.free_slots = self.keys.shape[2] - min(length, keep)
+        self.ring_index = 0
         if isinstance(self.policy, CompactingPolicy):
-            self.ring_index = 0
             window = self.policy.observation_window
             self.recent_queries = query.new_zeros(*query.shape[:2], window, query.shape[-1])
 
@@ -190,8 +196,9 @@ class LongFlowLayer(CacheLayerMixin):
         usable = torch.ones_like(score, dtype=torch.bool)
         rank = rank_slots(score, token_pos[:, : score.shape[1]], usable, position, policy.sink_tokens,
                           policy.recent_window)  # fmt: skip
-        # Protected tokens first, empty (padding) last; kept in position order.
-        chosen = rank.topk(count, dim=-1).indices.sort(dim=-1).values.expand(batch, kv_heads, count)
+        # Best first: protected tokens, then by score, empty (padding) last. A head whose live limit
+        # is below ``count`` keeps its best ``limit`` tokens; the slots past its limit are cleared.
+        chosen = rank.topk(count, dim=-1).indices.expand(batch, kv_heads, count)
         kept_keys = keys.gather(2, chosen[..., None].expand(-1, -1, -1, keys.shape[-1]))
         kept_values = values.gather(2, chosen[..., None].expand(-1, -1, -1, values.shape[-1]))
         kept_pos = token_pos.gather(-1, chosen)
@@ -199,14 +206,15 @@ class LongFlowLayer(CacheLayerMixin):
         self.keys[:, :, :count] = kept_keys
         self.values[:, :, :count] = kept_values
         self.value_norm[:, :, :count] = kept_values.float().abs().sum(dim=-1)
-        self.slot_pos[:, :, :count] = kept_pos
+        beyond_limit = torch.arange(count, device=keys.device) >= self.slot_limit[..., None]
+        self.slot_pos[:, :, :count] = kept_pos.masked_fill(beyond_limit, -1)
         self.slot_pos[:, :, count:] = -1
         selectors = self.selectors
-        slot_score = torch.zeros(batch, selectors, policy.budget, device=keys.device)
+        slot_score = torch.zeros(batch, selectors, self.keys.shape[2], device=keys.device)
         slot_score[:, :, :count] = kept_score[:, :selectors]
         if self.accumulated is not None:
             self.accumulated.copy_(slot_score)
-        usable = torch.ones_like(slot_score, dtype=torch.bool)
+        usable = torch.arange(slot_score.shape[-1], device=keys.device) < self.slot_limit[:, :selectors, None]
         rank = rank_slots(slot_score, self.slot_pos[:, :selectors], usable, position, policy.sink_tokens,
                           policy.recent_window)  # fmt: skip
         self.write_slot.copy_(rank.argmin(dim=-1).to(torch.int32).expand(batch, kv_heads))
@@ -224,6 +232,10 @@ class LongFlowLayer(CacheLayerMixin):
         for step in range(query.shape[2]):
             if isinstance(policy, CompactingPolicy):
                 self._before_compacting_step(query[:, :, step], positions[:, step], scale)
+            if isinstance(policy, ReasonAllocPolicy):
+                self.ring_index += 1
+                if self.ring_index % policy.rebalance_every == 0:
+                    self._rebalance_heads(query[:, :, step], positions[:, step], scale)
             outputs.append(
                 decode_attention(
                     query[:, :, step].contiguous(),
@@ -257,8 +269,60 @@ class LongFlowLayer(CacheLayerMixin):
             score = self.policy.compaction_scores(self.keys, self.slot_pos, observed, scale)
             keep = self.policy.keep_on_select
             self._store_best(self.keys.clone(), self.values.clone(), self.slot_pos.clone(), score, position - 1, keep)
-            self.free_slots = self.policy.budget - keep
+            self.free_slots = self.keys.shape[2] - keep
         self.free_slots -= 1
+
+    def _rebalance_heads(self, query: torch.Tensor, position: torch.Tensor, scale: float) -> None:
+        """ReasonAlloc's online step: in every row, move slots from the KV head whose cheapest
+        evictable tokens contribute least to the current query to the head whose cheapest
+        contribute most. The donor keeps its best tokens compacted into its smaller range; the
+        recipient's new slots are empty, so its next tokens fill them.
+
+        ``query`` ``[B, Hq, D]``; ``position`` ``[B]`` of the token about to be written.
+        """
+        policy = self.policy
+        batch, kv_heads, slots, head_dim = self.keys.shape
+        move = policy.slots_to_move(self.layer)
+        rows = torch.arange(batch, device=query.device)
+        grouped = query.float().view(batch, kv_heads, -1, head_dim)
+        usable = torch.arange(slots, device=query.device) < self.slot_limit[..., None]
+        valid = usable & (self.slot_pos >= 0)
+        logits = torch.einsum("bhgd,bhsd->bhgs", grouped, self.keys.float()) * scale
+        probs = torch.softmax(logits.masked_fill(~valid[:, :, None], -torch.inf), dim=-1).nan_to_num_(0.0)
+        score = probs.sum(dim=2) * self.value_norm
+        rank = rank_slots(score, self.slot_pos, usable, position - 1, policy.sink_tokens, policy.recent_window)
+        cheapest = rank.topk(move, dim=-1, largest=False).values.sum(dim=-1)  # -inf: the head has empty slots
+        donor, recipient = cheapest.argmin(dim=-1), cheapest.argmax(dim=-1)
+        limit = self.slot_limit.clone()
+        moves = (donor != recipient) & (limit[rows, donor] - move >= policy.minimum_budget)
+        moves &= limit[rows, recipient] + move <= slots
+        if not bool(moves.any()):
+            return
+        # Donor: its slots reordered best first (protected, then by score; empty and unusable last).
+        order_key = torch.where(valid[rows, donor], rank[rows, donor], -torch.inf)
+        order = order_key.argsort(dim=-1, descending=True, stable=True)
+        new_limit = torch.where(moves, limit[rows, donor] - move, limit[rows, donor])
+        for buffer in (self.keys, self.values):
+            reordered = buffer[rows, donor].gather(1, order[..., None].expand(-1, -1, head_dim))
+            buffer[rows, donor] = torch.where(moves[:, None, None], reordered, buffer[rows, donor])
+        for buffer in (self.value_norm, self.slot_pos):
+            reordered = buffer[rows, donor].gather(1, order)
+            buffer[rows, donor] = torch.where(moves[:, None], reordered, buffer[rows, donor])
+        beyond = torch.arange(slots, device=query.device) >= new_limit[:, None]
+        self.slot_pos[rows, donor] = self.slot_pos[rows, donor].masked_fill(beyond & moves[:, None], -1)
+        self.slot_limit[rows, donor] = new_limit.to(torch.int32)
+        old_recipient_limit = limit[rows, recipient]
+        self.slot_limit[rows, recipient] = torch.where(moves, old_recipient_limit + move, old_recipient_limit).to(
+            torch.int32
+        )
+        # Next writes: the donor overwrites its least important remaining token (recomputed on the
+        # compacted slots); the recipient fills its first new, empty slot.
+        donor_rank = torch.where(valid[rows, donor], rank[rows, donor], torch.inf).gather(1, order)
+        donor_next = donor_rank.masked_fill(beyond, torch.inf).argmin(dim=-1)
+        current = self.write_slot.long()
+        self.write_slot[rows, donor] = torch.where(moves, donor_next, current[rows, donor]).to(torch.int32)
+        recipient_next = torch.where(moves, old_recipient_limit, current[rows, recipient])
+        self.write_slot[rows, recipient] = recipient_next.to(torch.int32)
 
     def kv_bytes(self) -> int:
         """Bytes held by this layer's keys and values."""
@@ -271,7 +335,7 @@ class LongFlowCache(Cache):
     """A transformers ``Cache`` of ``LongFlowLayer`` s, one per decoder layer, all under one policy."""
 
     def __init__(self, policy: Policy, num_layers: int):
-        super().__init__(layers=[LongFlowLayer(policy) for _ in range(num_layers)])
+        super().__init__(layers=[LongFlowLayer(policy, layer) for layer in range(num_layers)])
         self.policy = policy
 
     def kv_bytes(self) -> int:

@@ -12,7 +12,10 @@ Two families share the cache and the fused op:
 Every policy also scores the prompt when it is longer than the budget (``prompt_scores``).
 """
 
+import math
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -71,6 +74,14 @@ class Policy:
     def keep_on_select(self) -> int:
         """Tokens kept when the prompt (or, for compacting policies, the cache) is re-selected."""
         return self.budget
+
+    def layer_slots(self, layer: int) -> int:
+        """Physical slots per sequence and KV head of ``layer`` (allocated once)."""
+        return self.budget
+
+    def head_limits(self, layer: int) -> list[int] | None:
+        """Live slots of each KV head of ``layer`` when budgets are ragged, else None (all slots)."""
+        return None
 
     @property
     def compileable(self) -> bool:
@@ -216,6 +227,90 @@ class RandomPolicy(CompactingPolicy):
         return torch.rand(slot_pos.shape, generator=generator, device=keys.device)
 
 
+@dataclass(frozen=True)
+class ProfiledPolicy(LongFlowPolicy):
+    """LongFlow scoring with budgets that differ across layers and KV heads, from an offline
+    profile (`longflow_patch.profiles.BudgetProfile`, written by ``recipes/profile_budgets.py``).
+
+    ``budget`` keeps its meaning: the average slots per KV head per layer, so the total KV memory
+    equals uniform LongFlow's at the same ``budget``; the profile is re-solved for that total.
+    Eviction is per KV head (``per_head`` is forced on).
+
+    Attributes:
+        profile: path of the profile JSON.
+    """
+
+    profile: str | Path | None = None
+    per_head: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.profile is None:
+            raise ValueError(f"policy {self.name!r} needs profile=PATH (a JSON from recipes/profile_budgets.py)")
+        if not self.per_head:
+            raise ValueError(f"policy {self.name!r} evicts per KV head: per_head must stay True")
+
+    @cached_property
+    def head_table(self) -> list[list[int]]:
+        """Live slots per layer per KV head at this policy's total budget."""
+        from longflow_patch.profiles import BudgetProfile
+
+        profile = BudgetProfile.load(self.profile)
+        if profile.method != self.name:
+            raise ValueError(f"{self.profile} is a {profile.method!r} profile, not {self.name!r}")
+        total = self.budget * profile.num_layers * profile.num_kv_heads
+        minimum = max(profile.minimum, self.minimum_budget)
+        solved = BudgetProfile.from_curves(profile.method, profile.model, profile.curves, total,
+                                           profile.num_kv_heads, minimum, profile.metadata)  # fmt: skip
+        return solved.head_budget_table()
+
+    def head_limits(self, layer: int) -> list[int] | None:
+        return self.head_table[layer]
+
+
+class LUKVPolicy(ProfiledPolicy):
+    """LU-KV: per-head budgets that maximise the profiled marginal utility of keeping tokens
+    (greedy on the concave envelope of each head's utility curve), fixed during decoding."""
+
+    name = "lukv"
+
+    def layer_slots(self, layer: int) -> int:
+        return max(self.head_table[layer])
+
+
+@dataclass(frozen=True)
+class ReasonAllocPolicy(ProfiledPolicy):
+    """ReasonAlloc: layer budgets pre-allocated from the profile (the layer-wise 'reasoning wave'),
+    re-allocated online between the heads of a layer.
+
+    Every ``rebalance_every`` steps each layer moves ``rebalance_slots`` slots (default: a
+    sixteenth of the per-head share) from the head whose cheapest evictable tokens are worth least
+    to the head whose cheapest tokens are worth most, scoring slots with the current query's
+    contribution (the fused op's signal). A head keeps at least the policy's minimum budget and
+    at most ``capacity`` times the layer's per-head share (the physical allocation).
+
+    Attributes:
+        capacity: physical slots per head as a multiple of the layer's per-head share.
+        rebalance_every: decode steps between re-allocations.
+        rebalance_slots: slots moved per re-allocation (0: share // 16).
+    """
+
+    name = "reasonalloc"
+    capacity: float = 1.5
+    rebalance_every: int = 32
+    rebalance_slots: int = 0
+
+    def layer_slots(self, layer: int) -> int:
+        return math.ceil(self.capacity * max(self.head_table[layer]))
+
+    def slots_to_move(self, layer: int) -> int:
+        return self.rebalance_slots or max(1, max(self.head_table[layer]) // 16)
+
+    @property
+    def compileable(self) -> bool:
+        return False
+
+
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
     for cls in (
@@ -226,6 +321,8 @@ POLICIES: dict[str, type[Policy]] = {
         SnapKVPolicy,
         RKVPolicy,
         RandomPolicy,
+        LUKVPolicy,
+        ReasonAllocPolicy,
     )
 }
 

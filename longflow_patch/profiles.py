@@ -16,15 +16,25 @@ over its KV heads, ``head_budgets[l][h]`` the tokens KV head ``h`` of layer ``l`
 
 ``minimum`` is the floor in tokens per KV head used by the solver (and checked on every budget).
 
-JSON schema (keys sorted, innermost number lists on one line)::
+JSON schema: keys sorted, two-space indents, innermost number lists on one line. An ``lukv`` profile
+(``reasonalloc`` ones have ``"head_budgets": null`` or a table, and ``curves`` of shape [L] or [L][H])::
 
     {
-      "curves": [[[0.0, 0.5, 0.7], [0.0, 0.9, 1.0]]] | [0.3, 0.7] | null,
+      "curves": [
+        [
+          [0.0, 0.5, 0.7],
+          [0.0, 0.9, 1.0]
+        ]
+      ],
       "format_version": 1,
-      "head_budgets": [[1, 2]] | null,
+      "head_budgets": [
+        [2, 1]
+      ],
       "layer_budgets": [3],
-      "metadata": {"calibration": "..."},
-      "method": "lukv" | "reasonalloc",
+      "metadata": {
+        "calibration": "4 prompts x 2048 tokens"
+      },
+      "method": "lukv",
       "minimum": 0,
       "model": "org/name",
       "num_kv_heads": 2,

@@ -1,0 +1,60 @@
+"""Policy settings that arrive as text (lm-eval ``model_args``, command lines), cast to their types.
+
+The settings a policy takes are the fields of its dataclass (`longflow_patch.POLICIES`), so new
+policies and settings need no change here.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+
+from longflow_patch.policies import POLICIES
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def setting_names() -> set[str]:
+    """Every setting of any registered policy (``budget``, ``sink_tokens``, ``buffer``, ...)."""
+    return {field.name for policy in POLICIES.values() for field in dataclasses.fields(policy)}
+
+
+def policy_options(policy: str, raw: Mapping[str, object]) -> dict[str, object]:
+    """``raw`` settings for ``policy``, each cast to the type of the policy's field.
+
+    Raises ValueError for an unknown policy or a setting the policy does not take.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; available: {', '.join(sorted(POLICIES))}")
+    fields = {field.name: field for field in dataclasses.fields(POLICIES[policy])}
+    options = {}
+    for name, value in raw.items():
+        if name not in fields:
+            raise ValueError(f"policy {policy!r} has no setting {name!r}; its settings: {', '.join(sorted(fields))}")
+        options[name] = _cast(value, fields[name].type, name)
+    return options
+
+
+def as_bool(value: object, name: str) -> bool:
+    """``value`` (a bool, or text such as ``true``/``0``/``no``) as a bool."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in _TRUE + _FALSE:
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return text in _TRUE
+
+
+def _cast(value: object, kind: object, name: str) -> object:
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(kind, kind) if isinstance(kind, str) else kind
+    if kind is bool:
+        return as_bool(value, name)
+    if kind is int:
+        try:
+            number = value if isinstance(value, int) else float(str(value))
+        except ValueError:
+            number = None
+        if number is None or not float(number).is_integer():
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return int(number)
+    if kind in (float, str):
+        return kind(value)
+    return value
