@@ -19,7 +19,8 @@ and the tensor shapes; this module computes the same thing in three Triton launc
    normalisers are known: each program rebuilds them from the split partials (a few floats per
    query head) for every query head of its selection scope at once (all ``Hq`` heads when eviction
    is shared, else the ``G`` heads of one KV head), turns its chunk of logits into softmax
-   weights (times ``||v_s||_1`` for contribution scores), sums them over those heads, masks
+   weights (contribution scores: ``log2 p + log2 ||v_s||_1`` combined by a log-sum-exp over the
+   heads, the reference's log-space ranking; attention scores: summed weights), masks
    empty / protected / unusable slots and writes the chunk's minimum and its index.
 3. ``_combine_kernel`` (grid ``Hkv x B``). Merges the split partials into the final output, a
    chunk of splits at a time, and reduces the chunk minima to the slot the next step overwrites.
@@ -37,6 +38,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 # Most slots scored by one program of the scoring pass (fewer when many query heads share a tile).
 SCORE_BLOCK = 256
@@ -191,16 +193,24 @@ def _score_chunk_kernel(
         else:
             tile_mask = hg_mask[:, :, None] & usable[None, None, :]
             logits = tl.load(logit_rows[:, :, None] + offs_s[None, None, :], mask=tile_mask, other=float("-inf"))
-            weight = tl.sum(tl.exp2(logits - m_hg[:, :, None]) * inv_l[:, :, None], axis=1)  # [BLOCK_H, BLOCK]
             if SCORE_KIND == 0:
+                # log2 of p * ||v||_1 per head, then a log-sum-exp over the heads: the reference's
+                # log-space ranking, immune to underflow ties.
                 norm_mask = (offs_h < HEADS)[:, None] & usable[None, :]
-                weight *= tl.load(norm_rows[:, None] + offs_s[None, :], mask=norm_mask, other=0.0)
-            score = tl.sum(weight, axis=0)
-            if ACCUMULATE:
-                acc_ptr = Accumulated + (row * n_sel + sel) * num_slots + offs_s
-                previous = tl.load(acc_ptr, mask=offs_s < num_slots, other=0.0)
-                score += tl.where(offs_s == write_slot, 0.0, previous)
-                tl.store(acc_ptr, score, mask=offs_s < num_slots)
+                log_norm = tl.log2(tl.load(norm_rows[:, None] + offs_s[None, :], mask=norm_mask, other=1.0))
+                terms = logits - m_hg[:, :, None] + tl.log2(inv_l)[:, :, None] + log_norm[:, None, :]
+                top = tl.max(tl.max(terms, axis=1), axis=0)
+                top_safe = tl.where(top == float("-inf"), 0.0, top)
+                total = tl.sum(tl.sum(tl.exp2(terms - top_safe[None, None, :]), axis=1), axis=0)
+                score = (top_safe + tl.log2(total)) * LN2
+            else:
+                weight = tl.sum(tl.exp2(logits - m_hg[:, :, None]) * inv_l[:, :, None], axis=1)  # [BLOCK_H, BLOCK]
+                score = tl.sum(weight, axis=0)
+                if ACCUMULATE:
+                    acc_ptr = Accumulated + (row * n_sel + sel) * num_slots + offs_s
+                    previous = tl.load(acc_ptr, mask=offs_s < num_slots, other=0.0)
+                    score += tl.where(offs_s == write_slot, 0.0, previous)
+                    tl.store(acc_ptr, score, mask=offs_s < num_slots)
         protected = (pos < sink_tokens) | (pos > position - recent_window)
         rank = tl.where(protected, float("inf"), score)
         rank = tl.where(pos < 0, float("-inf"), rank)

@@ -27,15 +27,19 @@ The returned attention output is ``[B, Hq, D]`` in ``q``'s dtype.
 Scores (``score_kind``):
 
 - ``CONTRIBUTION`` (LongFlow): ``sum_g p[g, s] * ||v_s||_1``, the size of slot ``s``'s
-  contribution to this step's output, summed over the query heads of the group;
+  contribution to this step's output, summed over the query heads of the group. It is ranked in
+  log space (``logsumexp_g(log p[g, s]) + log ||v_s||_1``, base 2 in the kernel): the same order,
+  but sharply focused attention cannot underflow many slots to an exact 0 and turn the choice
+  into a tie won by the lowest slot (in practice: the prompt);
 - ``ATTENTION`` (H2O-style): ``sum_g p[g, s]``;
 - ``POSITION`` (StreamingLLM-style): the slot's sequence position, so the oldest goes first.
 
 With shared eviction the per-head scores are summed over the layer's KV heads and every head
-gets the same slot. When ``accumulated`` is given (attention scores only), the step score is added to it (the slot just
-written starts from zero) and eviction ranks the running total. Empty slots are chosen before
-any token is evicted; sink tokens (``position < sink_tokens``) and the ``recent_window`` newest
-tokens are never chosen. Ties go to the lowest slot index.
+gets the same slot. When ``accumulated`` is given (attention scores only: the others ignore it),
+the step score is added to it (the slot just written starts from zero) and eviction ranks the
+running total. Empty slots are chosen before any token is evicted; sink tokens
+(``position < sink_tokens``) and the ``recent_window`` newest tokens are never chosen. Ties go to
+the lowest slot index.
 """
 
 from enum import IntEnum
@@ -107,13 +111,15 @@ def decode_attention_reference(
     probs = torch.softmax(logits, dim=-1)
     out = torch.einsum("bhgs,bhsd->bhgd", probs, v_cache.float()).reshape(batch, kv_heads * group, head_dim)
 
-    weight = probs.sum(dim=2)
-    if score_kind == ScoreKind.CONTRIBUTION:
-        weight = weight * value_norm
     select = slice(0, 1) if shared else slice(None)
-    if shared:
-        weight = weight.sum(dim=1, keepdim=True)
-    if accumulated is not None and score_kind != ScoreKind.POSITION:
+    if score_kind == ScoreKind.CONTRIBUTION:
+        log_contribution = torch.log_softmax(logits, dim=-1) + value_norm.log()[:, :, None]
+        weight = log_contribution.logsumexp(dim=(1, 2) if shared else 2)
+        weight = weight[:, None] if shared else weight
+    else:
+        weight = probs.sum(dim=2)
+        weight = weight.sum(dim=1, keepdim=True) if shared else weight
+    if accumulated is not None and score_kind == ScoreKind.ATTENTION:
         previous = accumulated.scatter(-1, current[:, select, None], 0.0)
         weight = weight + previous
         accumulated.copy_(weight)

@@ -288,8 +288,8 @@ class LongFlowLayer(CacheLayerMixin):
         usable = torch.arange(slots, device=query.device) < self.slot_limit[..., None]
         valid = usable & (self.slot_pos >= 0)
         logits = torch.einsum("bhgd,bhsd->bhgs", grouped, self.keys.float()) * scale
-        probs = torch.softmax(logits.masked_fill(~valid[:, :, None], -torch.inf), dim=-1).nan_to_num_(0.0)
-        score = probs.sum(dim=2) * self.value_norm
+        log_probs = torch.log_softmax(logits.masked_fill(~valid[:, :, None], -torch.inf), dim=-1)
+        score = (log_probs.logsumexp(dim=2) + self.value_norm.log()).nan_to_num_(-torch.inf)  # log contribution
         rank = rank_slots(score, self.slot_pos, usable, position - 1, policy.sink_tokens, policy.recent_window)
         cheapest = rank.topk(move, dim=-1, largest=False).values.sum(dim=-1)  # -inf: the head has empty slots
         donor, recipient = cheapest.argmin(dim=-1), cheapest.argmax(dim=-1)

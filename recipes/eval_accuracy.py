@@ -28,7 +28,8 @@ from longflow_patch import toy
 from common import environment
 
 DEFAULT_BUDGETS = ["5%", "10%", "20%", "40%", "128", "256", "512"]
-COMPARED = ["longflow", "streamingllm", "h2o", "snapkv", "rkv", "random"]
+COMPARED = ["longflow", "streamingllm", "h2o", "snapkv", "rkv", "random", "lukv", "reasonalloc"]
+PROFILED = ("lukv", "reasonalloc")
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -42,10 +43,13 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
 
 
 def policy_settings(policy: str, budget: int) -> dict:
-    """Per-policy settings at a budget: compacting policies get a buffer of an eighth of it."""
+    """Per-policy settings at a budget: compacting policies get a buffer of an eighth of it, the
+    allocators the toy reasoner's bundled profile."""
     settings = {"budget": budget}
     if issubclass(longflow_patch.POLICIES[policy], longflow_patch.CompactingPolicy):
         settings["buffer"] = max(8, budget // 8)
+    if policy in PROFILED:
+        settings["profile"] = Path(toy.model_path()) / "profiles" / f"{policy}.json"
     return settings
 
 
@@ -87,7 +91,12 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs=2, default=[2, 6], help="problem length range (blocks)")
     parser.add_argument("--no-compile", action="store_true", help="decode eagerly even on a GPU")
     parser.add_argument("--out", default="bench/results/accuracy_toy.json")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="only merge these result files (runs split by policy) into --out")  # fmt: skip
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, Path(args.out))
+        return
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(toy.model_path(), padding_side="left")
@@ -110,6 +119,10 @@ def main() -> None:
 
     rows = [{"policy": "full", "budget_label": "full", "budget": None, "accuracy": full_correct / len(problems),
              "ci": wilson_interval(full_correct, len(problems)), "kl": 0.0}]  # fmt: skip
+    out = Path(args.out)
+    header = {"benchmark": "accuracy_toy", "environment": environment(), "problems": args.problems,
+              "seed": args.seed, "blocks": args.blocks, "mean_trace_tokens": mean_trace,
+              "kl_problems": len(kl_prompts), "compiled": device == "cuda" and not args.no_compile}  # fmt: skip
     for policy in args.policies:
         for label in args.budgets:
             budget = round(float(label[:-1]) / 100 * mean_trace) if label.endswith("%") else int(label)
@@ -135,15 +148,27 @@ def main() -> None:
                          "ci": wilson_interval(correct, len(problems)), "kl": kl})  # fmt: skip
             print(f"{policy:>12} {label:>5} ({budget:>4} slots): accuracy {correct / len(problems):.3f} "
                   f"KL {kl:.4f} ({time.perf_counter() - began:.0f} s)")  # fmt: skip
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "accuracy_toy", "environment": environment(), "problems": args.problems, "seed": args.seed,
-        "mean_trace_tokens": mean_trace, "kl_problems": len(kl_prompts), "compiled": device == "cuda" and not
-        args.no_compile, "rows": rows,
-    }, indent=2) + "\n")  # fmt: skip
+            write(out, {**header, "rows": rows})  # after every configuration: a cut-off run keeps its rows
+    write(out, {**header, "rows": rows})
     plot(rows, mean_trace, out.with_suffix(".png"))
+    print(f"wrote {out}")
+
+
+def write(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """Combine runs over the same problems (split by policy) into one results file and plot."""
+    parts = [json.loads(path.read_text()) for path in paths]
+    rows = [parts[0]["rows"][0]]  # the full-cache row: the same problems in every part
+    for part in parts:
+        if part["problems"] != parts[0]["problems"] or part["seed"] != parts[0]["seed"]:
+            raise ValueError(f"{part} was run on other problems than {paths[0]}")
+        rows += [row for row in part["rows"] if row["policy"] != "full"]
+    write(out, {**parts[0], "rows": rows, "merged_from": [str(p) for p in paths]})
+    plot(rows, parts[0]["mean_trace_tokens"], out.with_suffix(".png"))
     print(f"wrote {out}")
 
 

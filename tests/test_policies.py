@@ -8,6 +8,7 @@ import longflow_patch
 from models import left_padded_prompts, tiny_model
 
 COMPACTING = ["snapkv", "rkv", "random"]
+PROFILED = ["lukv", "reasonalloc"]  # need a budget profile: tests/test_allocated_policies.py
 
 
 def generate(model, ids, mask, new_tokens, cache=None):
@@ -15,7 +16,7 @@ def generate(model, ids, mask, new_tokens, cache=None):
                           do_sample=False, pad_token_id=0, past_key_values=cache)  # fmt: skip
 
 
-@pytest.mark.parametrize("policy", sorted(longflow_patch.POLICIES))
+@pytest.mark.parametrize("policy", sorted(set(longflow_patch.POLICIES) - set(PROFILED)))
 @pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per-head"])
 def test_every_policy_stays_within_budget_with_unique_tokens(policy, per_head):
     model = tiny_model("qwen3", "gqa")
