@@ -1,0 +1,50 @@
+"""A small reasoning model of our own, to measure accuracy under KV-cache compression.
+
+It is trained from scratch on the table-walk task of `longflow_patch.toy.task` (chains of thought
+of 1k-4k tokens that must recall facts from far back) by ``recipes/train_toy_reasoner.py``::
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from longflow_patch import toy
+
+    model = AutoModelForCausalLM.from_pretrained(toy.model_path())
+    tokenizer = AutoTokenizer.from_pretrained(toy.model_path())
+    problems = toy.make_problems(32, seed=0)
+    ...
+    toy.is_correct(completion, problems[0]["answer"])
+"""
+
+from pathlib import Path
+
+from longflow_patch.toy.config import model_config
+from longflow_patch.toy.task import Problem, is_correct, make_problems, parse_answer, parse_prompt, solve
+from longflow_patch.toy.tokenizer import build_tokenizer
+
+MODEL_DIR = Path(__file__).parent / "model"
+TRAIN_COMMAND = "python recipes/train_toy_reasoner.py --device cuda"
+
+
+def model_path() -> Path:
+    """The bundled model directory (weights, config, tokenizer), for ``from_pretrained``.
+
+    Raises FileNotFoundError while the trained weights are absent.
+    """
+    if not (MODEL_DIR / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the toy reasoner's weights ({MODEL_DIR / 'model.safetensors'}) are not there yet; "
+            f"train them with `{TRAIN_COMMAND}`, which writes them into that directory"
+        )
+    return MODEL_DIR
+
+
+__all__ = [
+    "MODEL_DIR",
+    "Problem",
+    "build_tokenizer",
+    "is_correct",
+    "make_problems",
+    "model_config",
+    "model_path",
+    "parse_answer",
+    "parse_prompt",
+    "solve",
+]
