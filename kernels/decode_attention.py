@@ -212,7 +212,9 @@ def _score_chunk_kernel(
                     score += tl.where(offs_s == write_slot, 0.0, previous)
                     tl.store(acc_ptr, score, mask=offs_s < num_slots)
         protected = (pos < sink_tokens) | (pos > position - recent_window)
-        rank = tl.where(protected, float("inf"), score)
+        # Held tokens keep a finite rank (a zero value vector scores -inf in log space), so empty
+        # slots always come first, as in the reference.
+        rank = tl.where(protected, float("inf"), tl.maximum(score, -3.4028234663852886e38))
         rank = tl.where(pos < 0, float("-inf"), rank)
         rank = tl.where(usable, rank, float("inf"))
         better = rank < best_rank  # strict: the earliest slot wins ties, lanes scan slots in order

@@ -63,13 +63,17 @@ def rank_slots(
     sink_tokens: int,
     recent_window: int,
 ) -> torch.Tensor:
-    """Turn scores into eviction ranks: empty slots ``-inf``, protected or unusable ``+inf``.
+    """Turn scores into eviction ranks: empty slots ``-inf`` (strictly first), protected or unusable
+    ``+inf``.
 
     ``score``, ``slot_pos`` and ``usable`` are ``[B, H, S]``; ``position`` is ``[B]``.
     """
     recent_floor = position.view(-1, 1, 1) - recent_window
     protected = (slot_pos < sink_tokens) | (slot_pos > recent_floor)
-    rank = torch.where(protected, torch.inf, score.float())
+    # A held token's score stays finite (a zero value vector has log-contribution -inf), so an
+    # empty slot always ranks strictly first.
+    held = score.float().clamp_min(torch.finfo(torch.float32).min)
+    rank = torch.where(protected, torch.inf, held)
     rank = torch.where(slot_pos < 0, -torch.inf, rank)
     return torch.where(usable, rank, torch.inf)
 

@@ -196,9 +196,12 @@ class LongFlowLayer(CacheLayerMixin):
         usable = torch.ones_like(score, dtype=torch.bool)
         rank = rank_slots(score, token_pos[:, : score.shape[1]], usable, position, policy.sink_tokens,
                           policy.recent_window)  # fmt: skip
-        # Best first: protected tokens, then by score, empty (padding) last. A head whose live limit
-        # is below ``count`` keeps its best ``limit`` tokens; the slots past its limit are cleared.
-        chosen = rank.topk(count, dim=-1).indices.expand(batch, kv_heads, count)
+        # The ``count`` best (protected tokens first, empty padding last). A head whose live limit is
+        # below ``count`` keeps its best ``limit`` of them; the slots past its limit are cleared.
+        # Kept tokens go in position order, as the model saw them: attention sums in the same order.
+        best = rank.topk(count, dim=-1).indices.expand(batch, kv_heads, count)
+        overflow = torch.arange(count, device=keys.device) >= self.slot_limit[..., None]
+        chosen = best.gather(-1, (best + overflow * keys.shape[2]).argsort(dim=-1))
         kept_keys = keys.gather(2, chosen[..., None].expand(-1, -1, -1, keys.shape[-1]))
         kept_values = values.gather(2, chosen[..., None].expand(-1, -1, -1, values.shape[-1]))
         kept_pos = token_pos.gather(-1, chosen)
@@ -206,8 +209,7 @@ class LongFlowLayer(CacheLayerMixin):
         self.keys[:, :, :count] = kept_keys
         self.values[:, :, :count] = kept_values
         self.value_norm[:, :, :count] = kept_values.float().abs().sum(dim=-1)
-        beyond_limit = torch.arange(count, device=keys.device) >= self.slot_limit[..., None]
-        self.slot_pos[:, :, :count] = kept_pos.masked_fill(beyond_limit, -1)
+        self.slot_pos[:, :, :count] = kept_pos.masked_fill(overflow, -1)
         self.slot_pos[:, :, count:] = -1
         selectors = self.selectors
         slot_score = torch.zeros(batch, selectors, self.keys.shape[2], device=keys.device)

@@ -139,8 +139,13 @@ def test_empty_slots_fill_before_any_eviction_and_protection_holds():
     step["slot_pos"][0, 0] = torch.randperm(256, device=DEVICE)[:64].to(torch.int32) + 16
     step["slot_pos"][..., 10:20] = -1
     step["write_slot"].fill_(10)
-    _, _, theirs, _ = run_both(step, ScoreKind.CONTRIBUTION, True)
-    assert theirs["write_slot"].item() == 11  # lowest empty slot after the one just written
+    # Slot 3, below the empty ones, holds an unprotected token whose value is exactly zero
+    # (log-contribution -inf): it must not tie with the empty slots and win on index.
+    step["slot_pos"][0, 0, 3] = 100
+    step["v_cache"][0, 0, 3] = 0.0
+    step["value_norm"][0, 0, 3] = 0.0
+    step, _, theirs, _ = run_both(step, ScoreKind.CONTRIBUTION, True)
+    assert step["write_slot"].item() == theirs["write_slot"].item() == 11  # the lowest empty slot still goes first
     step = random_step(1, 1, 4, 64, 64, torch.float16, 64)
     step["slot_pos"][0, 0] = torch.arange(64, dtype=torch.int32, device=DEVICE)  # positions 0..63
     step["position"].fill_(64)
