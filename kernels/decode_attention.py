@@ -98,8 +98,9 @@ def _attend_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    # Static trip count over the whole split; tiles past the head's limit are masked out.
-    for s0 in range(start, start + split_size, BLOCK_S):
+    # Tiles past the head's live limit are not visited: a head with a small ragged budget reads
+    # only its own slots (the trip count is read on the device, so CUDA graphs stay valid).
+    for s0 in range(start, end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         in_range = (offs_s < end) & (offs_s != write_slot)
         pos = tl.load(pos_base + offs_s, mask=in_range, other=-1)
@@ -184,7 +185,7 @@ def _score_chunk_kernel(
     write_slot = tl.load(Write_slot + row * kv_heads + sel)
     best_rank = tl.full([BLOCK], float("inf"), tl.float32)
     best_slot = tl.zeros([BLOCK], tl.int32)
-    for s0 in range(chunk * chunk_size, (chunk + 1) * chunk_size, BLOCK):
+    for s0 in range(chunk * chunk_size, tl.minimum((chunk + 1) * chunk_size, limit), BLOCK):
         offs_s = s0 + tl.arange(0, BLOCK)
         pos = tl.load(pos_base + offs_s, mask=offs_s < num_slots, other=-1)
         usable = offs_s < limit

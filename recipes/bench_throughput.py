@@ -24,6 +24,7 @@ The roofline of a step is (weight bytes + KV bytes read) over the measured copy 
 
 import argparse
 import gc
+import json
 import os
 import sys
 import time
@@ -230,6 +231,8 @@ def main() -> None:
         default=None,
         help="also trace memory during one long compiled LongFlow generation at a fixed budget",
     )
+    parser.add_argument("--trace-output", type=int, default=None,
+                        help="tokens the memory trace generates (default: the longest output)")  # fmt: skip
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/throughput_<shape>.json)")
     args = parser.parse_args()
 
@@ -238,31 +241,45 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth_gbs() if device == "cuda" else 50.0
     model = build_model(args.shape, device)
-    rows = []
+    out = Path(args.out or f"bench/results/throughput_{args.shape}.json")
+    earlier = json.loads(out.read_text()) if out.exists() else {}
+    if earlier.get("prompt") != args.prompt or earlier.get("memory_cap_gb") != args.memory_cap_gb:
+        earlier = {}
+    # Rows of earlier runs with the same settings stay unless re-measured here.
+    rows = [row for row in earlier.get("rows", []) if (row["output"], row["config"]) not in
+            {(output, kind) for output in args.outputs for kind in args.configs}]  # fmt: skip
+    settings = {"benchmark": "throughput", "environment": environment(), "shape": args.shape,
+                "model": SHAPES[args.shape], "prompt": args.prompt, "memory_cap_gb": args.memory_cap_gb,
+                "steps": args.steps, "copy_bandwidth_gbs": bandwidth}  # fmt: skip
     for output in tqdm(args.outputs, desc="output lengths"):
         for kind in args.configs:
             row = measure_largest(model, kind, args.prompt, output, args.memory_cap_gb * 1e9, args.steps, bandwidth)
             rows.append(row)
             tqdm.write(f"{kind:>18} out={output:>6} batch={row['batch']:>3} {row['tokens_per_s']:9.1f} tok/s")
+            add_ratios(rows)
+            write_results(out, {**earlier, **settings, "rows": rows})  # a cut-off run keeps its rows
+    trace = []
+    if args.memory_trace and device == "cuda":
+        batch, budget = args.memory_trace
+        length = args.trace_output or max(args.outputs)
+        trace = memory_trace(model, batch, budget, args.prompt, length, every=length // 16)
+        print_table(trace, ["tokens", "longflow_gib", "full_cache_gib"])
+    if trace:
+        earlier.update(memory_trace=trace, memory_trace_settings=[*args.memory_trace, length])
+    rows.sort(key=lambda row: (row["output"], CONFIGS.index(row["config"])))
+    print()
+    print_table(rows, ["config", "output", "batch", "budget", "step_ms_first", "step_ms_last", "tokens_per_s",
+                       "x_default", "x_static", "peak_gib", "roofline_ms", "vs_roofline"])  # fmt: skip
+    write_results(out, {**earlier, **settings, "rows": rows})
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's tokens/s over the default's and the static cache's at the same output length."""
     for row in rows:
         same = {r["config"]: r for r in rows if r["output"] == row["output"]}
         for base in ("default", "static"):
             if base in same:
                 row[f"x_{base}"] = row["tokens_per_s"] / same[base]["tokens_per_s"]
-    trace = []
-    if args.memory_trace and device == "cuda":
-        batch, budget = args.memory_trace
-        trace = memory_trace(model, batch, budget, args.prompt, max(args.outputs), every=max(args.outputs) // 16)
-        print_table(trace, ["tokens", "longflow_gib", "full_cache_gib"])
-    print()
-    print_table(rows, ["config", "output", "batch", "budget", "step_ms_first", "step_ms_last", "tokens_per_s",
-                       "x_default", "x_static", "peak_gib", "roofline_ms", "vs_roofline"])  # fmt: skip
-    write_results(args.out or f"bench/results/throughput_{args.shape}.json", {
-        "benchmark": "throughput", "environment": environment(), "shape": args.shape, "model": SHAPES[args.shape],
-        "prompt": args.prompt, "memory_cap_gb": args.memory_cap_gb, "steps": args.steps,
-        "copy_bandwidth_gbs": bandwidth, "rows": rows, "memory_trace": trace,
-        "memory_trace_settings": args.memory_trace,
-    })  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -63,34 +63,69 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return completions
 
 
-def trace_log_probs(model, tokenizer, prompts: list[str], traces: list[str], cache=None) -> tuple:
+def trace_log_probs(model, tokenizer, prompts: list[str], traces: list[str], new_cache=None, chunk: int = 4) -> tuple:
     """Log-probabilities ``[N, T, V]`` of each next trace token, teacher-forced, and the mask of real
-    trace positions. With ``cache`` None the model sees the whole sequence (full attention)."""
+    trace positions. With ``new_cache`` None the model sees the whole sequence (full attention);
+    else ``new_cache()`` gives each chunk of ``chunk`` traces a fresh compressed cache. Chunks keep
+    the full-attention forward's ``[chunk, heads, T, T]`` scores small."""
     encoded = tokenizer([p + t for p, t in zip(prompts, traces, strict=True)], return_tensors="pt", padding=True)
     prompt_length = max(len(tokenizer(p).input_ids) for p in prompts)
-    ids, mask = encoded.input_ids.to(model.device), encoded.attention_mask.to(model.device)
-    if cache is None:
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    else:  # prompt first (prompt selection), then the whole trace through the decode path in one call
-        model(input_ids=ids[:, :prompt_length], attention_mask=mask[:, :prompt_length], past_key_values=cache)
-        positions = (mask.cumsum(-1) - 1)[:, prompt_length:]
-        tail = model(input_ids=ids[:, prompt_length:], attention_mask=mask, position_ids=positions,
-                     past_key_values=cache).logits  # fmt: skip
-        logits = torch.cat([torch.zeros_like(tail[:, :prompt_length]), tail], dim=1)
-    return torch.log_softmax(logits[:, prompt_length - 1 : -1].float(), dim=-1), mask[:, prompt_length:].bool()
+    log_probs = []
+    for start in range(0, len(prompts), chunk):
+        ids = encoded.input_ids[start : start + chunk].to(model.device)
+        mask = encoded.attention_mask[start : start + chunk].to(model.device)
+        if new_cache is None:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        else:  # prompt first (prompt selection), then the whole trace through the decode path in one call
+            cache = new_cache()
+            model(input_ids=ids[:, :prompt_length], attention_mask=mask[:, :prompt_length], past_key_values=cache)
+            positions = (mask.cumsum(-1) - 1)[:, prompt_length:]
+            tail = model(input_ids=ids[:, prompt_length:], attention_mask=mask, position_ids=positions,
+                         past_key_values=cache).logits  # fmt: skip
+            logits = torch.cat([torch.zeros_like(tail[:, :prompt_length]), tail], dim=1)
+        log_probs.append(torch.log_softmax(logits[:, prompt_length - 1 : -1].float(), dim=-1))
+    return torch.cat(log_probs), encoded.attention_mask[:, prompt_length:].bool().to(model.device)
+
+
+def reference_completions(model, tokenizer, problems: list[dict], longest: int, args, device: str) -> list[str]:
+    """Full-cache greedy completions: policy ``full`` (the same op, no eviction; compiled on a GPU),
+    read from ``--reference`` when that file holds them for these problems, else generated (and
+    written there), so parallel runs over different policies share one reference."""
+    path, key = args.reference, {"problems": args.problems, "seed": args.seed, "blocks": args.blocks}
+    if path is not None and path.exists():
+        saved = json.loads(path.read_text())
+        if saved["key"] == key:
+            return saved["completions"]
+    prompts = [p["prompt"] for p in problems]
+    longflow_patch.apply(model, policy="full", compile=device == "cuda" and not args.no_compile)
+    completions = generate(model, tokenizer, prompts, longest, args.batch_size)
+    release(model)
+    if path is not None:
+        write(path, {"key": key, "completions": completions})
+    return completions
+
+
+def release(model) -> None:
+    """Unpatch ``model`` and drop its compiled step, so the next policy starts clean."""
+    longflow_patch.unapply(model)
+    model.__dict__.pop("_compiled_call", None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=400)
     parser.add_argument("--seed", type=int, default=20261122, help="problem seed (fresh: not the training seeds)")
-    parser.add_argument("--policies", nargs="+", default=COMPARED, choices=sorted(longflow_patch.POLICIES))
+    parser.add_argument("--policies", nargs="*", default=COMPARED, choices=sorted(longflow_patch.POLICIES))
     parser.add_argument("--budgets", nargs="+", default=DEFAULT_BUDGETS)
     parser.add_argument("--kl-problems", type=int, default=32, help="traces used for the KL fidelity metric")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--blocks", type=int, nargs=2, default=[2, 6], help="problem length range (blocks)")
     parser.add_argument("--no-compile", action="store_true", help="decode eagerly even on a GPU")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="model dtype (default: bfloat16 on a GPU, float32 on CPU)")  # fmt: skip
     parser.add_argument("--out", default="bench/results/accuracy_toy.json")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="full-cache completions shared by parallel runs (read if they match)")  # fmt: skip
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="only merge these result files (runs split by policy) into --out")  # fmt: skip
     args = parser.parse_args()
@@ -100,29 +135,31 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(toy.model_path(), padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(toy.model_path(), dtype=torch.bfloat16 if device == "cuda"
-                                                 else torch.float32).to(device).eval()  # fmt: skip
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(toy.model_path(), dtype=dtype).to(device).eval()
     problems = toy.make_problems(args.problems, args.seed, blocks=tuple(args.blocks), with_solution=True)
     prompts = [p["prompt"] for p in problems]
     longest = max(len(tokenizer(p["prompt"] + p["solution"]).input_ids) for p in problems) + 16
 
     started = time.perf_counter()
-    reference = generate(model, tokenizer, prompts, longest, args.batch_size)
+    reference = reference_completions(model, tokenizer, problems, longest, args, device)
     full_correct = sum(toy.is_correct(c, p["answer"]) for c, p in zip(reference, problems, strict=True))
+    full_blocks = mean_blocks_solved(reference, problems)
     trace_tokens = [len(tokenizer(c).input_ids) for c in reference]
     mean_trace = sum(trace_tokens) / len(trace_tokens)
     print(f"full cache: {full_correct}/{len(problems)} correct, mean trace {mean_trace:.0f} tokens "
-          f"({time.perf_counter() - started:.0f} s)")  # fmt: skip
+          f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
     kl_prompts, kl_traces = prompts[: args.kl_problems], reference[: args.kl_problems]
     with torch.no_grad():
         full_log_probs, kl_mask = trace_log_probs(model, tokenizer, kl_prompts, kl_traces)
 
     rows = [{"policy": "full", "budget_label": "full", "budget": None, "accuracy": full_correct / len(problems),
-             "ci": wilson_interval(full_correct, len(problems)), "kl": 0.0}]  # fmt: skip
+             "ci": wilson_interval(full_correct, len(problems)), "blocks_solved": full_blocks, "kl": 0.0}]  # fmt: skip
     out = Path(args.out)
     header = {"benchmark": "accuracy_toy", "environment": environment(), "problems": args.problems,
               "seed": args.seed, "blocks": args.blocks, "mean_trace_tokens": mean_trace,
-              "kl_problems": len(kl_prompts), "compiled": device == "cuda" and not args.no_compile}  # fmt: skip
+              "kl_problems": len(kl_prompts), "dtype": str(dtype).removeprefix("torch."),
+              "compiled": device == "cuda" and not args.no_compile}  # fmt: skip
     for policy in args.policies:
         for label in args.budgets:
             budget = round(float(label[:-1]) / 100 * mean_trace) if label.endswith("%") else int(label)
@@ -140,18 +177,27 @@ def main() -> None:
             completions = generate(model, tokenizer, prompts, longest, args.batch_size)
             correct = sum(toy.is_correct(c, p["answer"]) for c, p in zip(completions, problems, strict=True))
             with torch.no_grad():
-                log_probs, _ = trace_log_probs(model, tokenizer, kl_prompts, kl_traces, longflow_patch.new_cache(model))
+                log_probs, _ = trace_log_probs(
+                    model, tokenizer, kl_prompts, kl_traces, lambda: longflow_patch.new_cache(model)
+                )
             kl = (full_log_probs.exp() * (full_log_probs - log_probs)).sum(-1)[kl_mask].mean().item()
-            longflow_patch.unapply(model)
-            model.__dict__.pop("_compiled_call", None)
+            release(model)
             rows.append({"policy": policy, "budget_label": label, "budget": budget, "accuracy": correct / len(problems),
-                         "ci": wilson_interval(correct, len(problems)), "kl": kl})  # fmt: skip
+                         "ci": wilson_interval(correct, len(problems)),
+                         "blocks_solved": mean_blocks_solved(completions, problems), "kl": kl})  # fmt: skip
             print(f"{policy:>12} {label:>5} ({budget:>4} slots): accuracy {correct / len(problems):.3f} "
-                  f"KL {kl:.4f} ({time.perf_counter() - began:.0f} s)")  # fmt: skip
+                  f"blocks solved {rows[-1]['blocks_solved']:.3f} KL {kl:.4f} ({time.perf_counter() - began:.0f} s)",
+                  flush=True)  # fmt: skip
             write(out, {**header, "rows": rows})  # after every configuration: a cut-off run keeps its rows
     write(out, {**header, "rows": rows})
     plot(rows, mean_trace, out.with_suffix(".png"))
     print(f"wrote {out}")
+
+
+def mean_blocks_solved(completions: list[str], problems: list[dict]) -> float:
+    """Mean partial credit (`toy.blocks_solved`) over the problems."""
+    scores = [toy.blocks_solved(c, p["answer"]) for c, p in zip(completions, problems, strict=True)]
+    return sum(scores) / len(scores)
 
 
 def write(path: Path, payload: dict) -> None:
@@ -178,7 +224,7 @@ def plot(rows: list[dict], mean_trace: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (accuracy, fidelity) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (accuracy, partial, fidelity) = plt.subplots(1, 3, figsize=(16, 4.2))
     full = next(r for r in rows if r["policy"] == "full")
     for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"):
         points = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["budget"])
@@ -187,13 +233,16 @@ def plot(rows: list[dict], mean_trace: float, path: Path) -> None:
         above = [r["ci"][1] - r["accuracy"] for r in points]
         accuracy.errorbar(budgets, [r["accuracy"] for r in points], yerr=[below, above], marker="o", capsize=2,
                           label=policy)  # fmt: skip
+        partial.plot(budgets, [r.get("blocks_solved", 0.0) for r in points], marker="o", label=policy)
         fidelity.plot(budgets, [max(r["kl"], 1e-6) for r in points], marker="o", label=policy)
     accuracy.axhline(full["accuracy"], color="black", linestyle="--", label="full cache")
-    for axis in (accuracy, fidelity):
+    partial.axhline(full.get("blocks_solved", 1.0), color="black", linestyle="--", label="full cache")
+    for axis in (accuracy, partial, fidelity):
         axis.set_xscale("log", base=2)
         axis.set_xlabel(f"KV budget (slots; mean trace {mean_trace:.0f} tokens)")
         axis.grid(alpha=0.3)
     accuracy.set_ylabel("accuracy (95% CI)")
+    partial.set_ylabel("blocks solved before the first error")
     fidelity.set_ylabel("mean KL(full || policy) per token")
     fidelity.set_yscale("log")
     accuracy.legend(fontsize=8)

@@ -34,7 +34,7 @@ def main() -> None:
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
     if trace:
-        batch, budget = data["memory_trace_settings"]
+        batch, budget = data["memory_trace_settings"][:2]
         tokens = [t["tokens"] for t in trace]
         axes[2].plot(tokens, [t["full_cache_gib"] for t in trace], marker="o", label="full cache (DynamicCache)")
         axes[2].plot(tokens, [t["longflow_gib"] for t in trace], marker="o", label=f"LongFlow, budget {budget}")

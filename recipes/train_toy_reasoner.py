@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 from transformers.utils import logging as transformers_logging
@@ -61,8 +62,9 @@ SMOKE_MODEL = {
     "num_key_value_heads": 2,
     "head_dim": 8,
 }
-BATCH_FIELDS = ("input_ids", "labels", "lookups")
+BATCH_FIELDS = ("input_ids", "labels", "lookups", "decisions")
 _LOOKUP = re.compile(r">[a-z] [a-z]=(\d)")
+_RESTATEMENT = re.compile(r"^R1=.*\n", re.MULTILINE)
 CHECKPOINT_PART_BYTES = 15 * 2**20
 CHECKPOINT_PART = "checkpoint.pt.{:03d}"
 
@@ -81,6 +83,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens-per-step", type=int, default=2**17)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=300)
+    parser.add_argument(
+        "--schedule-start",
+        type=int,
+        default=0,
+        help="step where warmup and cosine decay begin (a second phase after --resume)",
+    )
+    parser.add_argument(
+        "--decision-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of the go-on-or-answer token after each restatement",
+    )
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--max-blocks", type=int, default=7, help=f"longest training problems (1..{MAX_BLOCKS})")
     parser.add_argument("--curriculum", type=float, default=0.3, help="fraction of steps over which lengths grow")
@@ -114,7 +128,9 @@ class TrainBatches(Dataset):
 
     Returns ``input_ids`` and ``labels``, both ``[rows, length]`` int64: ``<bos>`` prompt solution
     ``<eos>``, labels -100 over ``<bos>`` and the prompt; and ``lookups`` ``[rows, length]`` bool,
-    the looked-up table values. rows * length is at most tokens_per_step (one row at least).
+    the looked-up table values; ``decisions`` ``[rows, length]`` bool, the first token after each
+    restatement (the next step, or ``answer`` once the prompt's block count is reached). rows *
+    length is at most tokens_per_step (one row at least).
     """
 
     def __init__(self, seed: int, steps: int, tokens_per_step: int, max_blocks: int, curriculum: float):
@@ -140,25 +156,43 @@ class TrainBatches(Dataset):
         return {name: torch.from_numpy(np.stack(column)) for name, column in zip(BATCH_FIELDS, columns, strict=True)}
 
     @staticmethod
-    def encode_problem(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(input ids, labels, lookups) of one problem, each ``[length]``; ``lookups`` marks the
-        table values each step looks up (the tokens that need facts from far back)."""
+    def encode_problem(problem: Problem) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(input ids, labels, lookups, decisions) of one problem, each ``[length]``; ``lookups``
+        marks the table values each step looks up (the tokens that need facts from far back),
+        ``decisions`` the tokens that decide whether to go on or answer."""
         prompt, solution = problem.prompt(), problem.solution()
         ids = np.concatenate([[VOCAB[BOS]], encode(prompt), encode(solution), [VOCAB[EOS]]])
         labels = ids.copy()
         labels[: 1 + len(prompt)] = -100
         lookups = np.zeros(ids.size, dtype=bool)
         lookups[[1 + len(prompt) + match.start(1) for match in _LOOKUP.finditer(solution)]] = True
-        return ids, labels, lookups
+        decisions = np.zeros(ids.size, dtype=bool)
+        decisions[[1 + len(prompt) + match.end() for match in _RESTATEMENT.finditer(solution)]] = True
+        return ids, labels, lookups, decisions
 
 
 # -- optimisation -------------------------------------------------------------------------------
 def learning_rate(step: int, args: argparse.Namespace) -> float:
-    """Linear warmup to ``args.lr``, then cosine decay to a tenth of it at ``args.steps``."""
+    """Linear warmup to ``args.lr`` from ``args.schedule_start``, then cosine decay to a tenth of it
+    at ``args.steps``."""
+    step -= args.schedule_start
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
-    progress = min(1.0, (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps))
+    steps = args.steps - args.schedule_start
+    progress = min(1.0, (step - args.warmup_steps) / max(1, steps - args.warmup_steps))
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, decisions: torch.Tensor, weight: float) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled tokens, the decision tokens weighted ``weight``.
+
+    ``logits`` ``[rows, length, vocab]``; ``labels`` ``[rows, length]`` int64 (-100: not trained);
+    ``decisions`` ``[rows, length]`` bool.
+    """
+    targets = labels[:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), reduction="none")
+    weights = (targets != -100).float() * torch.where(decisions[:, 1:], weight, 1.0)
+    return (losses * weights.flatten()).sum() / weights.sum()
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.AdamW:
@@ -277,24 +311,29 @@ def train_steps(model: Qwen3ForCausalLM, optimizer: torch.optim.Optimizer, step:
     for batch in loader:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
-        input_ids, labels = (batch[name].to(device, non_blocking=True) for name in ("input_ids", "labels"))
+        input_ids, labels, decisions = (
+            batch[name].to(device, non_blocking=True) for name in ("input_ids", "labels", "decisions")
+        )
         with autocast:
-            output = forward(input_ids=input_ids, labels=labels)
-        output.loss.backward()
+            logits = forward(input_ids=input_ids).logits
+        loss = weighted_loss(logits, labels, decisions, args.decision_weight)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens += input_ids.numel()
-        losses.append(output.loss.detach())
+        losses.append(loss.detach())
         elapsed = time.monotonic() - started
         if step % args.log_every == 0 or step == args.steps:
-            right = output.logits[:, :-1].argmax(-1) == input_ids[:, 1:]
+            right = logits[:, :-1].argmax(-1) == input_ids[:, 1:]
             token_accuracy = right[labels[:, 1:] != -100].float().mean().item()
             lookup_accuracy = right[batch["lookups"][:, 1:].to(device)].float().mean().item()
+            decision_accuracy = right[decisions[:, 1:]].float().mean().item()
             print(
                 f"step {step:5d}  loss {torch.stack(losses).mean().item():.4f}  token acc {token_accuracy:.4f}  "
-                f"lookup acc {lookup_accuracy:.4f}  lr {learning_rate(step - 1, args):.2e}  "
+                f"lookup acc {lookup_accuracy:.4f}  decision acc {decision_accuracy:.4f}  "
+                f"lr {learning_rate(step - 1, args):.2e}  "
                 f"blocks<={batches.blocks_limit(step - 1)}  {tokens / elapsed / 1e3:.0f}k tok/s  "
                 f"elapsed {elapsed:.0f}s  remaining ~{(args.steps - step) * elapsed / (step - first_step):.0f}s",
                 flush=True,

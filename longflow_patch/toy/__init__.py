@@ -16,7 +16,7 @@ of 1k-4k tokens that must recall facts from far back) by ``recipes/train_toy_rea
 from pathlib import Path
 
 from longflow_patch.toy.config import model_config
-from longflow_patch.toy.task import Problem, is_correct, make_problems, parse_answer, parse_prompt, solve
+from longflow_patch.toy.task import Problem, blocks_solved, is_correct, make_problems, parse_answer, parse_prompt, solve
 from longflow_patch.toy.tokenizer import build_tokenizer
 
 MODEL_DIR = Path(__file__).parent / "model"
@@ -39,6 +39,7 @@ def model_path() -> Path:
 __all__ = [
     "MODEL_DIR",
     "Problem",
+    "blocks_solved",
     "build_tokenizer",
     "is_correct",
     "make_problems",

@@ -132,6 +132,19 @@ def parse_answer(completion: str) -> str | None:
     return match.group(1) if match else None
 
 
+def blocks_solved(completion: str, answer: str) -> float:
+    """Fraction of the problem's blocks whose results the completion's answer gets right, counted
+    from the first block up to the first wrong one (a wrong digit corrupts every later state, so
+    later matches are chance): partial credit that still separates runs when few are fully right."""
+    expected = answer.strip()
+    stated = parse_answer(completion) or ""
+    blocks = len(expected) // 2
+    solved = 0
+    while solved < blocks and stated[2 * solved : 2 * solved + 2] == expected[2 * solved : 2 * solved + 2]:
+        solved += 1
+    return solved / blocks
+
+
 def is_correct(completion: str, answer: str) -> bool:
     """Whether the completion's final answer line states ``answer``."""
     return parse_answer(completion) == answer.strip()

@@ -1,0 +1,112 @@
+"""Decode-step cost of ragged per-head budgets against uniform LongFlow at the same total budget.
+
+Shape: 32 query heads, 8 KV heads, head_dim 128, bf16, per-KV-head eviction (what LU-KV and
+ReasonAlloc use). For each batch x per-head budget ``b`` it times one fused decode step
+(CUDA-graph replay, medians) in three layouts of the same total ``8 b`` live slots per sequence:
+
+- ``uniform``: ``b`` physical slots per head, every head's limit ``b`` (uniform LongFlow);
+- ``ragged``: ``ceil(1.5 b)`` physical slots per head (ReasonAlloc's default capacity), limits
+  drawn per head between ``b / 4`` and ``1.5 b`` summing to ``8 b`` (the shape of a profiled
+  allocation, or of one after online moves);
+- ``slack``: ``ceil(1.5 b)`` physical slots, every limit ``b`` (the cost of the spare capacity alone).
+
+Target: ragged within 5% of uniform.
+
+    python bench/ragged_overhead.py
+"""
+
+import argparse
+import itertools
+import math
+
+import torch
+
+from common import environment, graph_median_ms, print_table, write_results
+
+QUERY_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+CAPACITY = 1.5
+
+
+def ragged_limits(batch: int, budget: int, slots: int, generator: torch.Generator) -> torch.Tensor:
+    """``[batch, KV_HEADS]`` int32 limits in ``[budget // 4, slots]`` summing to ``KV_HEADS * budget`` per row."""
+    total, low = KV_HEADS * budget, budget // 4
+    rows = []
+    for _ in range(batch):
+        weights = torch.rand(KV_HEADS, generator=generator) ** 2
+        limits = (low + weights / weights.sum() * (total - KV_HEADS * low)).floor().long().clamp(max=slots)
+        while (missing := total - int(limits.sum())) > 0:  # hand the rounding remainder to heads with room
+            room = (limits < slots).nonzero().flatten()
+            limits[room[: min(missing, len(room))]] += 1
+        rows.append(limits)
+    return torch.stack(rows).to(torch.int32)
+
+
+def make_inputs(batch: int, slots: int, limits: torch.Tensor) -> dict:
+    """Decode-op inputs with every usable slot holding a token (``slot_pos >= 0`` below each limit)."""
+    device, dtype = "cuda", torch.bfloat16
+    limits = limits.to(device)
+    slot = torch.arange(slots, dtype=torch.int32, device=device)
+    slot_pos = torch.where(slot < limits[..., None], slot, -1)
+    return dict(
+        q=torch.randn(batch, QUERY_HEADS, HEAD_DIM, dtype=dtype, device=device),
+        k_new=torch.randn(batch, KV_HEADS, HEAD_DIM, dtype=dtype, device=device),
+        v_new=torch.randn(batch, KV_HEADS, HEAD_DIM, dtype=dtype, device=device),
+        k_cache=torch.randn(batch, KV_HEADS, slots, HEAD_DIM, dtype=dtype, device=device),
+        v_cache=torch.randn(batch, KV_HEADS, slots, HEAD_DIM, dtype=dtype, device=device),
+        value_norm=torch.rand(batch, KV_HEADS, slots, device=device) * HEAD_DIM,
+        slot_pos=slot_pos.contiguous(),
+        write_slot=(limits // 2).to(torch.int32).contiguous(),
+        position=torch.full((batch,), 2 * slots, dtype=torch.int32, device=device),
+        slot_limit=limits.to(torch.int32).contiguous(),
+        accumulated=None,
+    )
+
+
+def step_ms(inputs: dict) -> float:
+    settings = (HEAD_DIM**-0.5, 4, 8, False, 0)  # scale, sinks, recent window, shared=False, contribution
+    return graph_median_ms(lambda: torch.ops.longflow.decode_attention(*inputs.values(), *settings))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[512, 2048, 8192], help="per-head budget b")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/results/ragged_overhead.json")
+    args = parser.parse_args()
+    import longflow_patch  # noqa: F401  (registers the op)
+
+    generator = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for batch, budget in itertools.product(args.batches, args.budgets):
+        slots = math.ceil(CAPACITY * budget)
+        uniform = torch.full((batch, KV_HEADS), budget, dtype=torch.int32)
+        layouts = {
+            "uniform": (budget, uniform),
+            "ragged": (slots, ragged_limits(batch, budget, slots, generator)),
+            "slack": (slots, uniform),
+        }
+        row = {"batch": batch, "budget": budget, "physical": slots}
+        for name, (physical, limits) in layouts.items():
+            assert int(limits.sum()) == batch * KV_HEADS * budget
+            row[f"{name}_ms"] = step_ms(make_inputs(batch, physical, limits))
+            torch.cuda.empty_cache()
+        row["ragged/uniform"] = row["ragged_ms"] / row["uniform_ms"]
+        row["slack/uniform"] = row["slack_ms"] / row["uniform_ms"]
+        rows.append(row)
+        print(f"batch {batch:>3} budget {budget:>5}: ragged/uniform {row['ragged/uniform']:.3f}", flush=True)
+    print()
+    print_table(rows, ["batch", "budget", "physical", "uniform_ms", "ragged_ms", "slack_ms", "ragged/uniform",
+                       "slack/uniform"])  # fmt: skip
+    worst = max(row["ragged/uniform"] for row in rows)
+    print(f"\nworst ragged/uniform: {worst:.3f} (target <= 1.05)")
+    write_results(args.out, {
+        "benchmark": "ragged_overhead", "environment": environment(), "capacity": CAPACITY,
+        "shape": {"query_heads": QUERY_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16",
+                  "per_head_eviction": True},
+        "rows": rows, "worst_ragged_over_uniform": worst,
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
