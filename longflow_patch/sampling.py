@@ -100,6 +100,8 @@ class Sampler:
             target_tokens = target_scores.argmax(dim=-1)
             accepted = int((drafts == target_tokens[:count]).int().cumprod(dim=0).sum())
             return accepted, target_tokens[accepted : accepted + 1]
+        if count == 0:
+            return 0, self.sample(target_scores[:1])
         rows = torch.arange(count, device=drafts.device)
         p, q = target_scores[rows, drafts], draft_scores[rows, drafts]
         uniform = torch.rand(count, device=drafts.device, generator=self.generator)
