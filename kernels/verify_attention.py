@@ -59,7 +59,7 @@ def _prefix_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for s0 in range(start, start + split_size, BLOCK_S):
+    for s0 in range(start, end, BLOCK_S):  # splits past the row's prefix skip the loop
         offs_s = s0 + tl.arange(0, BLOCK_S)
         in_range = offs_s < end
         k = tl.load(k_base + offs_s[:, None] * stride_ks + offs_d[None, :], mask=in_range[:, None], other=0.0)
