@@ -22,7 +22,7 @@ ties: verification computes the same logits in a different order (a ``T``-row fo
 """
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -75,20 +75,33 @@ def _patched(model: nn.Module, budget: int) -> Iterator[None]:
         unapply(model)
 
 
-def _forward(model: nn.Module, ids: torch.Tensor, start: int, cache, logits_to_keep: int = 0) -> torch.Tensor:
-    """Logits ``[n, V]`` (float32) of ``ids`` ``[1, n]`` at positions ``start, start + 1, ...``."""
+def _forward(forward: Callable, ids: torch.Tensor, start: int, cache, logits_to_keep: int = 0) -> torch.Tensor:
+    """Logits ``[n, V]`` (float32) of ``ids`` ``[1, n]`` at positions ``start, start + 1, ...``,
+    from ``forward`` (a model, or its compiled forward)."""
     positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
-    out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=logits_to_keep)  # fmt: skip
+    out = forward(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                  logits_to_keep=logits_to_keep)  # fmt: skip
     return out.logits[0].float()
+
+
+def _compile_options(compile: bool | dict) -> dict | None:
+    """torch.compile options for the draft step and the verification forward, or None (eager)."""
+    if isinstance(compile, dict):
+        return compile
+    return dict(fullgraph=True, dynamic=False, mode="reduce-overhead") if compile else None
 
 
 class _Round:
     """The decoding state of one `speculative_generate` call (batch size 1)."""
 
-    def __init__(self, target: nn.Module, draft: nn.Module, draft_cache: DraftCache, sampler: Sampler, k: int):
+    def __init__(self, target: nn.Module, draft: nn.Module, draft_cache: DraftCache, sampler: Sampler, k: int,
+                 compile_options: dict | None):  # fmt: skip
         self.target, self.draft, self.draft_cache, self.sampler, self.k = target, draft, draft_cache, sampler, k
         self.stats = SpeculativeStats()
+        # Compiled: one-token draft steps and full-length (k + 1) verifications, each a static shape.
+        self.compiled = compile_options is not None
+        self.draft_step = torch.compile(draft.forward, **compile_options) if self.compiled else draft
+        self.verify_step = torch.compile(target.forward, **compile_options) if self.compiled else target
 
     def prefill(self, prompt: torch.Tensor, capacity: int) -> torch.Tensor:
         """Fill both caches from the prompt ``[1, L]``; returns the first new token ``[1]``."""
@@ -107,8 +120,15 @@ class _Round:
         self.draft_cache.commit()
         tokens, probs = [], []
         ids, start = pending[None], self.draft_len
+        if self.compiled:  # one token per step: feed all pending tokens but the last first
+            contiguous = torch.contiguous_format  # one stride pattern for every step: no recompiles
+            for index in range(ids.shape[1] - 1):
+                token = ids[:, index : index + 1].clone(memory_format=contiguous)
+                _forward(self.draft_step, token, start, self.draft_cache, logits_to_keep=1)
+                start += 1
+            ids = ids[:, -1:].clone(memory_format=contiguous)
         for _ in range(count):
-            q = self.sampler.probs(_forward(self.draft, ids, start, self.draft_cache, logits_to_keep=1))
+            q = self.sampler.probs(_forward(self.draft_step, ids, start, self.draft_cache, logits_to_keep=1))
             start += ids.shape[1]
             token = self.sampler.sample(q)
             tokens.append(token)
@@ -127,7 +147,8 @@ class _Round:
         if count:
             drafts, draft_probs = self.propose(sequence[self.draft_len :], count)
         verify_ids = torch.cat([sequence[-1:], drafts])[None]
-        target_probs = self.sampler.probs(_forward(self.target, verify_ids, length - 1, self.target_cache))
+        forward = self.verify_step if count == self.k else self.target
+        target_probs = self.sampler.probs(_forward(forward, verify_ids, length - 1, self.target_cache))
         accepted, last = self.sampler.accept(drafts, draft_probs, target_probs)
         self.target_cache.rollback(length + accepted)
         if count:
@@ -177,6 +198,7 @@ def speculative_generate(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    compile: bool | dict = False,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, SpeculativeStats]:
     """Generate like ``model.generate``, faster, with the target's output distribution.
@@ -192,6 +214,10 @@ def speculative_generate(
         num_draft_tokens: draft tokens per round ``k``; each round verifies ``k + 1`` positions.
         do_sample, temperature, top_k, top_p: default to the model's generation config.
         generator: random source for sampling (on the model's device).
+        compile: compile the one-token draft step and the ``k + 1``-token verification forward
+            (``fullgraph=True``, static shapes; ``True``: ``mode="reduce-overhead"``, CUDA graphs on
+            a GPU; a dict: these ``torch.compile`` options). Apply `longflow_patch.apply` to the
+            models first, or each call re-patches them and recompiles.
         return_stats: also return a `SpeculativeStats`.
 
     Returns:
@@ -209,9 +235,10 @@ def speculative_generate(
         max_new_tokens = config.max_new_tokens or max(config.max_length - input_ids.shape[1], 0)
     eos = config.eos_token_id if config.eos_token_id is not None else []
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=prompt.dtype, device=prompt.device)
-    draft_cache = DraftCache(make_policy("longflow", budget=budget), draft_model.config.num_hidden_layers)
+    draft_cache = DraftCache(make_policy("longflow", budget=budget), draft_model.config.num_hidden_layers,
+                             num_draft_tokens + 1)  # fmt: skip
 
-    decoder = _Round(model, draft_model, draft_cache, sampler, num_draft_tokens)
+    decoder = _Round(model, draft_model, draft_cache, sampler, num_draft_tokens, _compile_options(compile))
     new = prompt.new_empty(0)
     if max_new_tokens > 0:
         with _patched(model, budget), _patched(draft_model, budget):

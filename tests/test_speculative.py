@@ -3,6 +3,7 @@ rollback, speculative sampling keeps the target's distribution, clear errors."""
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import Qwen3Config, Qwen3ForCausalLM, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import longflow_patch
@@ -93,7 +94,7 @@ def test_draft_rollback_restores_the_cache_bit_for_bit(together):
     """A draft that saw rejected tokens and undid them equals one that never saw them."""
     model = longflow_patch.apply(tiny_model("qwen3", "gqa"), budget=16)
     policy = longflow_patch.make_policy("longflow", budget=16)
-    kept, rejected = DraftCache(policy, 2), DraftCache(policy, 2)
+    kept, rejected = DraftCache(policy, 2, 4), DraftCache(policy, 2, 4)
     ids = prompt(30, seed=1)
     for cache in (kept, rejected):
         feed(model, cache, ids[:, :12], 0)
@@ -114,7 +115,7 @@ def test_draft_rollback_restores_the_cache_bit_for_bit(together):
 
 def test_draft_cache_refuses_policies_with_running_state():
     with pytest.raises(ValueError, match="cannot undo"):
-        DraftCache(longflow_patch.make_policy("h2o", budget=32), 2)
+        DraftCache(longflow_patch.make_policy("h2o", budget=32), 2, 4)
 
 
 def test_sampler_warps_like_generate():
@@ -193,3 +194,30 @@ def test_clear_errors_for_bad_input():
     with pytest.raises(TypeError, match="does not support"):
         longflow_patch.speculative_generate(torch.nn.Linear(2, 2), ids, max_new_tokens=4)
     assert all("forward" not in vars(module) for module in model.modules())
+
+
+def test_compiled_steps_are_two_graphs_reused_across_calls():
+    """Compiled (fullgraph, static shapes): one graph for the draft step, one for the verification."""
+    torch._dynamo.reset()
+    model = tiny_model("qwen3", "gqa")
+    model.generation_config.eos_token_id = None
+    ids = prompt()
+    expected = greedy(model, ids, 30)
+    longflow_patch.apply(model, budget=64)  # patched once, so calls do not re-patch (and recompile)
+    counter = CompileCounterWithBackend("eager")
+    options = dict(fullgraph=True, dynamic=False, backend=counter)
+    for budget in (20, 20):
+        got = longflow_patch.speculative_generate(model, ids, max_new_tokens=30, budget=budget, compile=options)
+        assert torch.equal(got, expected)
+    assert counter.frame_count == 2
+
+
+def test_rollback_past_the_log_is_refused():
+    model = longflow_patch.apply(tiny_model("qwen3", "gqa"), budget=16)
+    cache = DraftCache(longflow_patch.make_policy("longflow", budget=16), 2, 2)
+    ids = prompt(16)
+    feed(model, cache, ids[:, :12], 0)
+    for i in range(12, 15):
+        feed(model, cache, ids[:, i : i + 1], i)
+    with pytest.raises(ValueError, match="cannot undo 3 steps"):
+        cache.rollback(3)
