@@ -49,6 +49,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budgets", type=int, nargs="+", default=[256, 1024], help="draft cache budgets")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--static", action="store_true", help="also time static cache + torch.compile generate")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compiled speculative steps (CUDA graphs); compiles 2 graphs per context x k x budget",
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--prefixes", type=int, nargs="+", default=[8192, 16384, 32768], help="verify: prefix lengths")
     parser.add_argument("--verify-tokens", type=int, nargs="+", default=[4, 8], help="verify: draft tokens T")
@@ -107,13 +112,21 @@ def bench_context(args: argparse.Namespace, model, ids: torch.Tensor, device: to
         rows.append(dict(part="toy", context=context, config=name, tokens_per_s=new / seconds))
         print(f"context {context}: {name} {new / seconds:.1f} tok/s", flush=True)
     reference = baselines.get("target-static-compiled", baselines["target"])
+    if args.compile:  # patched once for all runs: calls then reuse the compiled graphs
+        longflow_patch.apply(model, budget=max(args.budgets))
     for k in args.draft_tokens:
         for budget in args.budgets:
             result: dict = {}
 
             def speculate(k: int = k, budget: int = budget, result: dict = result) -> None:
                 result["out"], result["stats"] = longflow_patch.speculative_generate(
-                    model, ids, max_new_tokens=new, budget=budget, num_draft_tokens=k, return_stats=True
+                    model,
+                    ids,
+                    max_new_tokens=new,
+                    budget=budget,
+                    num_draft_tokens=k,
+                    compile=args.compile,
+                    return_stats=True,
                 )
 
             seconds = median_seconds(speculate, device, args.repeats)
@@ -122,10 +135,12 @@ def bench_context(args: argparse.Namespace, model, ids: torch.Tensor, device: to
                        tokens_per_s=new / seconds, speedup=reference / seconds,
                        acceptance=stats.acceptance_rate, tokens_per_round=stats.tokens_per_round,
                        identical=bool(torch.equal(result["out"], expected)))  # fmt: skip
+            row["compiled"] = args.compile
             rows.append(row)
             print(f"context {context}: k={k} budget={budget} {row['tokens_per_s']:.1f} tok/s "
                   f"x{row['speedup']:.2f} acceptance {row['acceptance']:.2f} identical={row['identical']}",
                   flush=True)  # fmt: skip
+    longflow_patch.unapply(model)
     return rows
 
 
@@ -213,6 +228,7 @@ def bench_verify(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 def main() -> None:
     args = parse_args()
+    torch._dynamo.config.recompile_limit = 64  # the speculative graphs of every context, k and budget
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     rows = []
     if args.part in ("toy", "all"):
@@ -223,7 +239,7 @@ def main() -> None:
     write_results(args.out, {"environment": environment(), "settings": settings, "rows": rows})
     toy_rows = [row for row in rows if row["part"] == "toy"]
     if toy_rows:
-        print_table(toy_rows, ["context", "config", "k", "budget", "tokens_per_s", "speedup", "acceptance",
+        print_table(toy_rows, ["context", "config", "compiled", "k", "budget", "tokens_per_s", "speedup", "acceptance",
                                "tokens_per_round", "identical"])  # fmt: skip
     verify_rows = [row for row in rows if row["part"] == "verify"]
     if verify_rows:
