@@ -72,7 +72,7 @@ class SpeculativeLayer(CacheLayerMixin):
         ``query`` ``[B, Hq, T, D]``; ``key_states`` / ``value_states`` ``[B, Hkv, T, D]``.
         Returns ``[B, T, Hq, D]`` (the layout of transformers' attention functions).
         """
-        prefix_len = self.length.to(torch.int32).expand(query.shape[0])
+        prefix_len = self.length.to(torch.int32).expand(query.shape[0]).contiguous()
         out = verify_attention(query, self.keys, self.values, prefix_len, key_states, value_states, None, scale)
         self.append(key_states, value_states)
         return out.transpose(1, 2)
