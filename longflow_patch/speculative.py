@@ -16,9 +16,17 @@ Each round (a plain loop, gpt-fast style):
 4. rollback: the target's cache is cut back to the accepted tokens, the draft's compressed cache
    undoes its rejected steps (`DraftCache`).
 
+For a self-draft the prompt runs once: the target's prompt pass also fills the draft's cache.
+With ``compile=True`` the one-token draft step and the ``k + 1``-token verification forward are
+compiled as static-shape graphs (both caches keep fixed addresses and device-side lengths), replayed
+under CUDA graphs on a GPU; the few shorter rounds at the end of an output run eagerly.
+
 Greedy output equals ``model.generate(do_sample=False)`` token for token, up to floating-point
 ties: verification computes the same logits in a different order (a ``T``-row forward instead of
 ``T`` one-row forwards), as every speculative decoder does.
+
+Batch size 1: rows of a batch accept different numbers of tokens, so their caches would need
+ragged lengths (the verify op supports ragged prefixes; the loop and caches do not yet).
 """
 
 import contextlib

@@ -85,12 +85,16 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int)
 
 
 def toy_prefix(tokenizer, length: int) -> torch.Tensor:
-    """``[1, length]``: a toy problem's prompt and reference chain of thought, cut to ``length``
-    (the longest of a few problems; shorter if none is that long)."""
-    problems = toy.make_problems(4, seed=0, blocks=9, with_solution=True)
-    longest = max((tokenizer(p["prompt"] + p["solution"], return_tensors="pt").input_ids for p in problems),
-                  key=lambda ids: ids.shape[1])  # fmt: skip
-    return longest[:, :length]
+    """``[1, length]``: toy problems with their reference chains of thought, one after another
+    (one problem is about 6k tokens at 9 blocks), cut to ``length``: the model continues a chain
+    of thought at that point."""
+    text = ""
+    for problem in toy.make_problems(4, seed=0, blocks=9, with_solution=True):
+        text += problem["prompt"] + problem["solution"] + "\n"
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        if ids.shape[1] >= length:
+            break
+    return ids[:, :length]
 
 
 def bench_context(args: argparse.Namespace, model, ids: torch.Tensor, device: torch.device) -> list[dict]:
