@@ -6,6 +6,7 @@ out = model.generate(**inputs, max_new_tokens=32768)
 """
 
 from longflow_patch.cache import LongFlowCache, LongFlowLayer
+from longflow_patch.kernels.verify_attention_reference import merge_attention_states
 from longflow_patch.patch import SUPPORTED_MODELS, apply, new_cache, unapply
 from longflow_patch.policies import (
     POLICIES,
@@ -20,11 +21,14 @@ from longflow_patch.policies import (
     StreamingLLMPolicy,
     make_policy,
 )
+from longflow_patch.speculative import SpeculativeStats, speculative_generate
+from longflow_patch.speculative_cache import DraftCache, SpeculativeCache
 
 __all__ = [
     "POLICIES",
     "SUPPORTED_MODELS",
     "CompactingPolicy",
+    "DraftCache",
     "FullCachePolicy",
     "H2OPolicy",
     "LongFlowCache",
@@ -34,9 +38,13 @@ __all__ = [
     "RKVPolicy",
     "RandomPolicy",
     "SnapKVPolicy",
+    "SpeculativeCache",
+    "SpeculativeStats",
     "StreamingLLMPolicy",
     "apply",
     "make_policy",
+    "merge_attention_states",
     "new_cache",
+    "speculative_generate",
     "unapply",
 ]

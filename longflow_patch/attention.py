@@ -3,7 +3,11 @@
 It is the model's own forward (projections, Qwen3's q/k norms, RoPE, output projection) with
 the KV-cache step replaced: given a `LongFlowCache`, the prompt goes through the model's own
 attention implementation and is then compressed into the cache; each decode step is one call of
-``torch.ops.longflow.decode_attention``. Any other cache (or none) runs the original forward.
+``torch.ops.longflow.decode_attention``. Given a `SpeculativeCache` (the target of
+`speculative_generate`), the prompt also goes through the model's own attention (and, for a
+self-draft, fills the draft's compressed cache from the same pass); each verification forward of
+``T`` draft tokens is one call of ``torch.ops.longflow.verify_attention``. Any other cache (or
+none) runs the original forward.
 """
 
 import sys
@@ -15,11 +19,38 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from longflow_patch.cache import LongFlowCache
 from longflow_patch.prefill import key_padding_from_mask
+from longflow_patch.speculative_cache import SpeculativeCache
 
 
 def _modeling_function(module: nn.Module, name: str) -> Callable:
     """A function (``apply_rotary_pos_emb``, ``eager_attention_forward``) from the module's modeling file."""
     return getattr(sys.modules[type(module).__module__], name)
+
+
+def _prompt_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> torch.Tensor:
+    """The model's own attention implementation over the prompt; returns ``[B, n, Hq, D]``."""
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.config._attn_implementation, _modeling_function(module, "eager_attention_forward")
+    )
+    attn_output, _ = attention(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0,
+        scaling=module.scaling,
+        sliding_window=getattr(module, "sliding_window", None),
+        **kwargs,
+    )
+    return attn_output
 
 
 def longflow_attention_forward(
@@ -34,7 +65,7 @@ def longflow_attention_forward(
 
     ``hidden_states`` ``[B, n, hidden]`` -> ``([B, n, hidden], None)``.
     """
-    if not isinstance(past_key_values, LongFlowCache):
+    if not isinstance(past_key_values, (LongFlowCache, SpeculativeCache)):
         return self._longflow_original_forward(
             hidden_states, position_embeddings, attention_mask, past_key_values=past_key_values, **kwargs
         )
@@ -54,23 +85,18 @@ def longflow_attention_forward(
     if positions is None:
         positions = torch.arange(length, device=hidden_states.device) + past_key_values.get_seq_length()
     positions = positions.expand(batch, length)
-    if layer.prefilled:
+    if isinstance(past_key_values, SpeculativeCache) and layer.prefilled:
+        attn_output = layer.verify(query, key, value, self.scaling)
+    elif isinstance(past_key_values, SpeculativeCache):
+        attn_output = _prompt_attention(self, query, key, value, attention_mask, **kwargs)
+        layer.append(key, value)
+        if past_key_values.draft is not None:
+            is_token = key_padding_from_mask(attention_mask, batch, length).to(key.device)
+            past_key_values.draft.layers[self.layer_idx].prefill(query, key, value, is_token, positions, self.scaling)
+    elif layer.prefilled:
         attn_output = layer.decode(query, key, value, positions, self.scaling)
     else:
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, _modeling_function(self, "eager_attention_forward")
-        )
-        attn_output, _ = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0,
-            scaling=self.scaling,
-            sliding_window=getattr(self, "sliding_window", None),
-            **kwargs,
-        )
+        attn_output = _prompt_attention(self, query, key, value, attention_mask, **kwargs)
         is_token = key_padding_from_mask(attention_mask, batch, length).to(key.device)
         layer.prefill(query, key, value, is_token, positions, self.scaling)
     attn_output = attn_output.reshape(batch, length, -1).contiguous()

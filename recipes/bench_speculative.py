@@ -1,0 +1,256 @@
+"""LongSpec benchmark: `speculative_generate` against the target alone, and the verification op.
+
+(a) ``toy``: the bundled toy reasoner (6-layer Qwen3, 3.4M parameters) continues a reference chain
+    of thought cut to ``context - new_tokens`` tokens, so acceptance is the real model's. For each
+    context: the target alone (``generate``, full dynamic cache, eager; and static cache +
+    ``torch.compile`` with ``--static``), then `speculative_generate` with a self-draft for each
+    ``k`` x ``budget``: wall-clock tokens/s (median of ``--repeats`` after a warmup), acceptance
+    rate, tokens per target forward, and whether the output equals the target's greedy output.
+(b) ``verify``: one verification of ``T`` draft tokens on the Qwen3-8B attention shape (32 query
+    heads, 8 KV heads, head_dim 128, bf16, batch 1) over an 8k-32k prefix: the verify op, SDPA over
+    prefix + ``T`` with a causal mask, and ``T`` sequential decode-op steps (what verifying without
+    the op costs), CUDA-event medians.
+
+Writes ``bench/results/speculative.json`` (device, versions, settings, rows) and exits non-zero if
+any speculative output differed from the target's. ``--smoke`` runs a tiny CPU-sized version.
+
+    python recipes/bench_speculative.py                 # GPU, about 4 minutes
+    python recipes/bench_speculative.py --smoke --out /tmp/smoke.json
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import longflow_patch
+from longflow_patch import toy
+
+from common import environment, print_table, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+QWEN3_8B = dict(q_heads=32, kv_heads=8, head_dim=128)
+TINY_SHAPE = dict(q_heads=4, kv_heads=2, head_dim=16)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["toy", "verify", "all"], default="all")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192], help="final context lengths")
+    parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
+    parser.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 4, 8], help="k values")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[256, 1024], help="draft cache budgets")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--static", action="store_true", help="also time static cache + torch.compile generate")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compiled speculative steps (CUDA graphs); compiles 2 graphs per context x k x budget",
+    )
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--prefixes", type=int, nargs="+", default=[8192, 16384, 32768], help="verify: prefix lengths")
+    parser.add_argument("--verify-tokens", type=int, nargs="+", default=[4, 8], help="verify: draft tokens T")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (for tests)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "speculative.json")
+    args = parser.parse_args()
+    if args.smoke:
+        args.contexts, args.new_tokens, args.draft_tokens, args.budgets = [96], 16, [2], [32]
+        args.prefixes, args.verify_tokens, args.repeats, args.dtype, args.static = [64], [2], 1, "float32", False
+    return args
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall time of ``fn`` after one warmup call, synchronising the device around each call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def toy_prefix(tokenizer, length: int) -> torch.Tensor:
+    """``[1, length]``: toy problems with their reference chains of thought, one after another
+    (one problem is about 6k tokens at 9 blocks), cut to ``length``: the model continues a chain
+    of thought at that point."""
+    text = ""
+    for problem in toy.make_problems(4, seed=0, blocks=9, with_solution=True):
+        text += problem["prompt"] + problem["solution"] + "\n"
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        if ids.shape[1] >= length:
+            break
+    return ids[:, :length]
+
+
+def bench_context(args: argparse.Namespace, model, ids: torch.Tensor, device: torch.device) -> list[dict]:
+    """Rows of one context: the target alone, then every ``k`` x ``budget`` of the self-draft."""
+    new = args.new_tokens
+    context = ids.shape[1] + new
+
+    def target(**settings: object) -> torch.Tensor:
+        return model.generate(input_ids=ids, max_new_tokens=new, do_sample=False, pad_token_id=0, **settings)
+
+    expected = target()
+    baselines = {"target": median_seconds(target, device, args.repeats)}
+    if args.static:
+        baselines["target-static-compiled"] = median_seconds(
+            lambda: target(cache_implementation="static"), device, args.repeats
+        )
+    rows = []
+    for name, seconds in baselines.items():
+        rows.append(dict(part="toy", context=context, config=name, tokens_per_s=new / seconds))
+        print(f"context {context}: {name} {new / seconds:.1f} tok/s", flush=True)
+    reference = baselines.get("target-static-compiled", baselines["target"])
+    if args.compile:  # patched once for all runs: calls then reuse the compiled graphs
+        longflow_patch.apply(model, budget=max(args.budgets))
+    for k in args.draft_tokens:
+        for budget in args.budgets:
+            result: dict = {}
+
+            def speculate(k: int = k, budget: int = budget, result: dict = result) -> None:
+                result["out"], result["stats"] = longflow_patch.speculative_generate(
+                    model,
+                    ids,
+                    max_new_tokens=new,
+                    budget=budget,
+                    num_draft_tokens=k,
+                    compile=args.compile,
+                    return_stats=True,
+                )
+
+            seconds = median_seconds(speculate, device, args.repeats)
+            stats = result["stats"]
+            row = dict(part="toy", context=context, config="speculative", k=k, budget=budget,
+                       tokens_per_s=new / seconds, speedup=reference / seconds,
+                       acceptance=stats.acceptance_rate, tokens_per_round=stats.tokens_per_round,
+                       identical=bool(torch.equal(result["out"], expected)))  # fmt: skip
+            row["compiled"] = args.compile
+            rows.append(row)
+            print(f"context {context}: k={k} budget={budget} {row['tokens_per_s']:.1f} tok/s "
+                  f"x{row['speedup']:.2f} acceptance {row['acceptance']:.2f} identical={row['identical']}",
+                  flush=True)  # fmt: skip
+    longflow_patch.unapply(model)
+    return rows
+
+
+def bench_toy(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    model = AutoModelForCausalLM.from_pretrained(toy.model_path(), dtype=getattr(torch, args.dtype)).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(toy.model_path())
+    model.generation_config.eos_token_id = None  # fixed-length runs: every configuration makes new_tokens tokens
+    rows = []
+    for context in args.contexts:
+        ids = toy_prefix(tokenizer, context - args.new_tokens - max(args.draft_tokens) - 1).to(device)
+        rows += bench_context(args, model, ids, device)
+    return rows
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20) -> float:
+    """Median time of ``fn`` in ms: CUDA events on a GPU, wall clock on the CPU."""
+    if device.type != "cuda":
+        return median_seconds(fn, device, 3) * 1e3
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def verify_row(prefix: int, length: int, shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
+    """Times of one verification of ``length`` draft tokens over ``prefix`` cached tokens."""
+    q_heads, kv_heads, head_dim = shape["q_heads"], shape["kv_heads"], shape["head_dim"]
+    scale = head_dim**-0.5
+
+    def rand(*size: int) -> torch.Tensor:
+        return torch.randn(*size, dtype=dtype, device=device)
+
+    k_cache, v_cache = rand(1, kv_heads, prefix, head_dim), rand(1, kv_heads, prefix, head_dim)
+    prefix_len = torch.tensor([prefix], dtype=torch.int32, device=device)
+    q = rand(1, q_heads, length, head_dim)
+    k_new, v_new = rand(1, kv_heads, length, head_dim), rand(1, kv_heads, length, head_dim)
+    k_all, v_all = torch.cat([k_cache, k_new], dim=2), torch.cat([v_cache, v_new], dim=2)
+    mask = torch.ones(length, prefix + length, dtype=torch.bool, device=device).tril(prefix)
+
+    def verify() -> torch.Tensor:
+        return torch.ops.longflow.verify_attention(q, k_cache, v_cache, prefix_len, k_new, v_new, None, scale)
+
+    def sdpa() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=scale, enable_gqa=True)
+
+    # T decode steps over a cache with T free slots (position scores, as the full-cache policy).
+    slot_pos = torch.arange(prefix + length, dtype=torch.int32, device=device).expand(1, kv_heads, -1)
+    slot_pos = slot_pos.masked_fill(slot_pos >= prefix, -1).contiguous()
+    limit = torch.full((1, kv_heads), prefix + length, dtype=torch.int32, device=device)
+    value_norm = v_all.float().abs().sum(-1)
+    steps = [(q[:, :, t].contiguous(), k_new[:, :, t].contiguous(), v_new[:, :, t].contiguous(),
+              torch.tensor([prefix + t], dtype=torch.int32, device=device)) for t in range(length)]  # fmt: skip
+
+    def decode_steps() -> None:
+        write = torch.full((1, kv_heads), prefix, dtype=torch.int32, device=device)
+        for query, key, value, position in steps:
+            torch.ops.longflow.decode_attention(query, key, value, k_all, v_all, value_norm, slot_pos, write,
+                                                position, limit, None, scale, 0, 0, True, 2)  # fmt: skip
+
+    error = (verify().float() - sdpa().float()).norm() / sdpa().float().norm()
+    return dict(part="verify", prefix=prefix, T=length, verify_ms=time_ms(verify, device),
+                sdpa_ms=time_ms(sdpa, device), decode_steps_ms=time_ms(decode_steps, device),
+                relative_error_vs_sdpa=float(error))  # fmt: skip
+
+
+def bench_verify(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    shape = TINY_SHAPE if args.smoke else QWEN3_8B
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    rows = []
+    for prefix in args.prefixes:
+        for length in args.verify_tokens:
+            row = verify_row(prefix, length, shape, dtype, device)
+            rows.append(row)
+            print(f"verify prefix {prefix} T={length}: op {row['verify_ms']:.3f} ms, sdpa {row['sdpa_ms']:.3f} ms, "
+                  f"{length} decode steps {row['decode_steps_ms']:.3f} ms", flush=True)  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    torch._dynamo.config.recompile_limit = 64  # the speculative graphs of every context, k and budget
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    rows = []
+    if args.part in ("toy", "all"):
+        rows += bench_toy(args, device)
+    if args.part in ("verify", "all"):
+        rows += bench_verify(args, device)
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    write_results(args.out, {"environment": environment(), "settings": settings, "rows": rows})
+    toy_rows = [row for row in rows if row["part"] == "toy"]
+    if toy_rows:
+        print_table(toy_rows, ["context", "config", "compiled", "k", "budget", "tokens_per_s", "speedup", "acceptance",
+                               "tokens_per_round", "identical"])  # fmt: skip
+    verify_rows = [row for row in rows if row["part"] == "verify"]
+    if verify_rows:
+        print_table(verify_rows, ["prefix", "T", "verify_ms", "sdpa_ms", "decode_steps_ms", "relative_error_vs_sdpa"])
+    if any(row.get("identical") is False for row in rows):
+        sys.exit("speculative output differed from the target's greedy output (see the results file)")
+
+
+if __name__ == "__main__":
+    main()
