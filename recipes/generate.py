@@ -21,10 +21,12 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
@@ -182,9 +184,11 @@ def run(args: argparse.Namespace) -> None:
         f"({len(rows) - len(todo)} of {len(rows)} done before)",
         file=sys.stderr,
     )
+    new_tokens, seconds = 0, 0.0
     if mine:
         set_seed(args.seed + state.process_index)
         model, tokenizer = load_model(args, options, state.device)
+        started = time.perf_counter()
         parts.mkdir(parents=True, exist_ok=True)
         with (
             own_part.open("a", encoding="utf-8") as part,
@@ -197,9 +201,14 @@ def run(args: argparse.Namespace) -> None:
                 part.write("".join(json.dumps(result, ensure_ascii=False) + "\n" for result in results))
                 part.flush()
                 bar.update(len(results))
-    state.wait_for_everyone()
+                new_tokens += sum(result["new_tokens"] for result in results)
+        seconds = time.perf_counter() - started
+    counts = gather_object([(new_tokens, seconds)])  # every process's (tokens, generation seconds)
     if state.is_main_process:
         merge(rows, args.out, parts, args.id_field)
+        total, slowest = sum(tokens for tokens, _ in counts), max(elapsed for _, elapsed in counts)
+        print(f"generated {total} new tokens in {slowest:.1f} s (slowest of {len(counts)} processes, model loading "
+              f"excluded): {total / max(slowest, 1e-9):.0f} tokens/s", file=sys.stderr)  # fmt: skip
 
 
 def merge(rows: list[dict], out: Path, parts: Path, id_field: str) -> None:
