@@ -78,6 +78,8 @@ def apply(
         raise TypeError("pass settings either inside a Policy object or as keyword arguments, not both")
     if compile and not policy.compileable:
         raise ValueError(f"policy {policy.name!r} re-selects its cache on the host and runs eagerly; compile=False")
+    if compile and len(set(getattr(model, "hf_device_map", {}).values())) > 1:
+        raise ValueError("compile=True needs the whole model on one device; a model spread by device_map runs eagerly")
     if compile:
         if not hasattr(model, "_longflow_original_compile_config"):
             model._longflow_original_compile_config = model.generation_config.compile_config
@@ -140,7 +142,10 @@ def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.T
 
     In compile mode one cache is kept and refilled by every call (like transformers' static
     cache), so its buffers keep their addresses and the captured CUDA graph is replayed, not
-    re-recorded; a cache returned by one call is then overwritten by the next.
+    re-recorded; a cache returned by one call is then overwritten by the next. Otherwise decoding
+    is eager: transformers would compile any generate call on a GPU whose cache is compileable
+    (a surprise compile per new shape, and endless recompiles under device_map's hooks), so it is
+    told not to unless the caller asks for it (a ``compile_config`` of their own, or ``disable_compile``).
     """
     if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
         policy = self._longflow_policy
@@ -152,4 +157,7 @@ def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.T
             self._longflow_reused_cache = cache
         cache.reset()
         kwargs["past_key_values"] = cache
+    config = kwargs.get("generation_config") or self.generation_config
+    if not hasattr(self, "_longflow_original_compile_config") and config.compile_config is None:
+        kwargs.setdefault("disable_compile", True)
     return self._longflow_original_generate(*args, **kwargs)

@@ -80,3 +80,27 @@ def test_user_compiled_forward_is_one_graph_for_every_decode_step():
         torch.testing.assert_close(compiled_logits, eager_logits)
         token = compiled_logits[:, -1:].argmax(-1)
     assert counter.frame_count == 1
+
+
+def test_generate_is_eager_unless_compile_is_asked_for(monkeypatch):
+    """transformers compiles any generate call on a GPU whose cache is compileable; a model patched
+    with compile=False must decode eagerly (no surprise compiles, none under device_map's hooks)."""
+    model = longflow_patch.apply(tiny_model(), budget=32)
+    seen = []
+    monkeypatch.setattr(model, "_longflow_original_generate", lambda *args, **kwargs: seen.append(kwargs))
+    model.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)
+    assert seen[-1]["disable_compile"] is True
+    model.generation_config.compile_config = CompileConfig()  # the user's own compile settings win
+    model.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)
+    assert "disable_compile" not in seen[-1]
+    model.generation_config.compile_config = None
+    longflow_patch.apply(model, budget=32, compile=True)
+    model.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)
+    assert "disable_compile" not in seen[-1]
+
+
+def test_compile_refuses_a_model_spread_over_devices():
+    model = tiny_model()
+    model.hf_device_map = {"model.layers.0": 0, "model.layers.1": 1}
+    with pytest.raises(ValueError, match="one device"):
+        longflow_patch.apply(model, budget=32, compile=True)
