@@ -14,7 +14,7 @@
 Writes ``bench/results/speculative.json`` (device, versions, settings, rows) and exits non-zero if
 any speculative output differed from the target's. ``--smoke`` runs a tiny CPU-sized version.
 
-    python recipes/bench_speculative.py                 # GPU, about 4 minutes
+    python recipes/bench_speculative.py                 # GPU, a few minutes
     python recipes/bench_speculative.py --smoke --out /tmp/smoke.json
 """
 
@@ -43,7 +43,8 @@ TINY_SHAPE = dict(q_heads=4, kv_heads=2, head_dim=16)
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["toy", "verify", "all"], default="all")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192], help="final context lengths")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096],
+                        help="final context lengths (at most ~4.8k: the toy reasoner's trained lengths)")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
     parser.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 4, 8], help="k values")
     parser.add_argument("--budgets", type=int, nargs="+", default=[256, 1024], help="draft cache budgets")
@@ -84,21 +85,23 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int)
     return statistics.median(times)
 
 
+TRAINED_BLOCKS = 7  # the longest problems the toy reasoner was trained on (about 4.8k tokens)
+
+
 def toy_prefix(tokenizer, length: int) -> torch.Tensor:
-    """``[1, length]``: toy problems with their reference chains of thought, one after another
-    (one problem is about 6k tokens at 9 blocks), cut to ``length``: the model continues a chain
-    of thought at that point."""
-    text = ""
-    for problem in toy.make_problems(4, seed=0, blocks=9, with_solution=True):
-        text += problem["prompt"] + problem["solution"] + "\n"
-        ids = tokenizer(text, return_tensors="pt").input_ids
-        if ids.shape[1] >= length:
-            break
+    """``[1, length]``: a 7-block toy problem with its reference chain of thought, cut to ``length``:
+    the model continues the chain of thought at that point. Longer contexts would leave the lengths
+    the model was trained on (its acceptance there says nothing), so they are refused."""
+    problem = toy.make_problems(1, seed=0, blocks=TRAINED_BLOCKS, with_solution=True)[0]
+    ids = tokenizer(problem["prompt"] + problem["solution"], return_tensors="pt").input_ids
+    if length > ids.shape[1]:
+        raise ValueError(f"context {length} is longer than the toy reasoner's longest trained problem ({ids.shape[1]})")
     return ids[:, :length]
 
 
-def bench_context(args: argparse.Namespace, model, ids: torch.Tensor, device: torch.device) -> list[dict]:
-    """Rows of one context: the target alone, then every ``k`` x ``budget`` of the self-draft."""
+def bench_context(args: argparse.Namespace, model, ids: torch.Tensor, device: torch.device, rows: list[dict]) -> None:
+    """Append the rows of one context to ``rows``: the target alone, then every ``k`` x ``budget``
+    of the self-draft; the results file is rewritten after each row."""
     new = args.new_tokens
     context = ids.shape[1] + new
 
@@ -111,9 +114,8 @@ def bench_context(args: argparse.Namespace, model, ids: torch.Tensor, device: to
         baselines["target-static-compiled"] = median_seconds(
             lambda: target(cache_implementation="static"), device, args.repeats
         )
-    rows = []
     for name, seconds in baselines.items():
-        rows.append(dict(part="toy", context=context, config=name, tokens_per_s=new / seconds))
+        record(args, rows, dict(part="toy", context=context, config=name, tokens_per_s=new / seconds))
         print(f"context {context}: {name} {new / seconds:.1f} tok/s", flush=True)
     reference = baselines.get("target-static-compiled", baselines["target"])
     if args.compile:  # patched once for all runs: calls then reuse the compiled graphs
@@ -140,23 +142,27 @@ def bench_context(args: argparse.Namespace, model, ids: torch.Tensor, device: to
                        acceptance=stats.acceptance_rate, tokens_per_round=stats.tokens_per_round,
                        identical=bool(torch.equal(result["out"], expected)))  # fmt: skip
             row["compiled"] = args.compile
-            rows.append(row)
+            record(args, rows, row)
             print(f"context {context}: k={k} budget={budget} {row['tokens_per_s']:.1f} tok/s "
                   f"x{row['speedup']:.2f} acceptance {row['acceptance']:.2f} identical={row['identical']}",
                   flush=True)  # fmt: skip
     longflow_patch.unapply(model)
-    return rows
 
 
-def bench_toy(args: argparse.Namespace, device: torch.device) -> list[dict]:
+def record(args: argparse.Namespace, rows: list[dict], row: dict) -> None:
+    """Add ``row`` and rewrite the results file: a run cut off by a time limit keeps its rows."""
+    rows.append(row)
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    write_results(args.out, {"environment": environment(), "settings": settings, "rows": rows})
+
+
+def bench_toy(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
     model = AutoModelForCausalLM.from_pretrained(toy.model_path(), dtype=getattr(torch, args.dtype)).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(toy.model_path())
     model.generation_config.eos_token_id = None  # fixed-length runs: every configuration makes new_tokens tokens
-    rows = []
     for context in args.contexts:
         ids = toy_prefix(tokenizer, context - args.new_tokens - max(args.draft_tokens) - 1).to(device)
-        rows += bench_context(args, model, ids, device)
-    return rows
+        bench_context(args, model, ids, device, rows)
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20) -> float:
@@ -217,30 +223,26 @@ def verify_row(prefix: int, length: int, shape: dict, dtype: torch.dtype, device
                 relative_error_vs_sdpa=float(error))  # fmt: skip
 
 
-def bench_verify(args: argparse.Namespace, device: torch.device) -> list[dict]:
+def bench_verify(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
     shape = TINY_SHAPE if args.smoke else QWEN3_8B
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    rows = []
     for prefix in args.prefixes:
         for length in args.verify_tokens:
             row = verify_row(prefix, length, shape, dtype, device)
-            rows.append(row)
+            record(args, rows, row)
             print(f"verify prefix {prefix} T={length}: op {row['verify_ms']:.3f} ms, sdpa {row['sdpa_ms']:.3f} ms, "
                   f"{length} decode steps {row['decode_steps_ms']:.3f} ms", flush=True)  # fmt: skip
-    return rows
 
 
 def main() -> None:
     args = parse_args()
     torch._dynamo.config.recompile_limit = 64  # the speculative graphs of every context, k and budget
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    rows = []
+    rows: list[dict] = []
     if args.part in ("toy", "all"):
-        rows += bench_toy(args, device)
+        bench_toy(args, device, rows)
     if args.part in ("verify", "all"):
-        rows += bench_verify(args, device)
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    write_results(args.out, {"environment": environment(), "settings": settings, "rows": rows})
+        bench_verify(args, device, rows)
     toy_rows = [row for row in rows if row["part"] == "toy"]
     if toy_rows:
         print_table(toy_rows, ["context", "config", "compiled", "k", "budget", "tokens_per_s", "speedup", "acceptance",
