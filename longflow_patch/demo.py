@@ -1,7 +1,11 @@
 """The main job: the bundled toy reasoner solves fresh problems with LongFlow and with a full
 cache side by side, and prints accuracy, tokens/s and KV-cache memory for each.
 
-    python -m longflow_patch.demo --problems 8 --budget-fraction 0.2
+    python -m longflow_patch.demo --problems 4 --blocks 2 3 --budget-fraction 0.2
+
+Each run may write at most the longest reference chain of thought plus 16 tokens, so a policy
+that loses track (and never answers) costs no more than a correct one. About three minutes on two
+CPU cores with the defaults.
 """
 
 import argparse
@@ -53,23 +57,25 @@ def run(model, tokenizer, problems: list[dict], policy: str, budget: int, batch_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--problems", type=int, default=8, help="fresh problems to solve")
+    parser.add_argument("--problems", type=int, default=4, help="fresh problems to solve")
+    parser.add_argument("--blocks", type=int, nargs=2, default=[2, 3], metavar=("LOW", "HIGH"),
+                        help="problem length range in blocks (about 650 tokens each)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=2026, help="seed of the problem generator")
     parser.add_argument("--policy", default="longflow", choices=sorted(longflow_patch.POLICIES))
     parser.add_argument("--budget-fraction", type=float, default=0.2, help="budget as a fraction of the longest trace")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=4096)
     args = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(toy.model_path(), padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(toy.model_path(), dtype=dtype).to(device).eval()
-    problems = toy.make_problems(args.problems, args.seed)
-    longest = max(len(tokenizer(p["prompt"]).input_ids) for p in problems) + args.max_new_tokens
+    problems = toy.make_problems(args.problems, args.seed, blocks=tuple(args.blocks), with_solution=True)
+    max_new_tokens = max(len(tokenizer(p["solution"]).input_ids) for p in problems) + 16
+    longest = max(len(tokenizer(p["prompt"]).input_ids) for p in problems) + max_new_tokens
     budget = max(64, int(args.budget_fraction * longest))
     print(f"toy reasoner on {device}: {args.problems} problems, {args.policy} budget {budget} slots per layer")
-    rows = [run(model, tokenizer, problems, name, budget, args.batch_size, args.max_new_tokens)
+    rows = [run(model, tokenizer, problems, name, budget, args.batch_size, max_new_tokens)
             for name in ("full", args.policy)]  # fmt: skip
     print(f"\n{'policy':>12} {'accuracy':>9} {'tokens/s':>9} {'KV MiB':>8}")
     for row in rows:
