@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .online_softmax import merge_split_partials, online_softmax_step
+
 LOG2E = 1.4426950408889634
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
@@ -112,14 +114,7 @@ def _attend_split_kernel(
         qk = tl.where(valid[None, :], qk, float("-inf"))
         tl.store(logit_base + offs_g[:, None] * num_slots + offs_s[None, :], qk,
                  mask=g_mask[:, None] & in_range[None, :])  # fmt: skip
-
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid seen yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, qk, v)
 
     # This step's token: the program whose range holds the write slot attends to it, records its
     # logit, and commits its key, value, value norm and position to the cache.
@@ -242,28 +237,11 @@ def _combine_kernel(
     kv_heads = tl.num_programs(0)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_c = tl.arange(0, SPLIT_CHUNK)
     g_mask = offs_g < G
 
-    # Merge the split partials SPLIT_CHUNK at a time ([SPLIT_CHUNK, G, D] loads in flight together).
     parts = (row * kv_heads + head) * n_splits
-    m_run = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_run = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for s0 in range(0, n_splits, SPLIT_CHUNK):
-        split = s0 + offs_c
-        mask = (split < n_splits)[:, None] & g_mask[None, :]
-        index = (parts + split[:, None]) * G + offs_g[None, :]
-        m_s = tl.load(M_part + index, mask=mask, other=float("-inf"))
-        l_s = tl.load(L_part + index, mask=mask, other=0.0)
-        o_s = tl.load(Out_part + index[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=mask[:, :, None], other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_run - m_safe)
-        beta = tl.exp2(m_s - m_safe[None, :])
-        l_run = l_run * alpha + tl.sum(l_s * beta, axis=0)
-        acc = acc * alpha[:, None] + tl.sum(o_s * beta[:, :, None], axis=0)
-        m_run = m_new
+    _, l_run, acc = merge_split_partials(Out_part, M_part, L_part, parts, n_splits, offs_g, g_mask,
+                                         G, BLOCK_G, HEAD_DIM, SPLIT_CHUNK)  # fmt: skip
     l_run = tl.where(g_mask, l_run, 1.0)
     out = acc / l_run[:, None]
     tl.store(Out + row * stride_ob + (head * G + offs_g)[:, None] * stride_oh + offs_d[None, :],

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .decode_attention import plan_splits
+from .online_softmax import merge_split_partials, online_softmax_step
 
 LOG2E = 1.4426950408889634
 BLOCK_S = 64
@@ -66,13 +67,7 @@ def _prefix_split_kernel(
         v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_d[None, :], mask=in_range[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_S], base-2 logits
         qk = tl.where(in_range[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, qk, v)
 
     part = (row * kv_heads + head) * n_splits + split
     tl.store(Out_part + (part * BLOCK_M + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], acc)
@@ -96,29 +91,13 @@ def _combine_kernel(
     kv_heads = tl.num_programs(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_c = tl.arange(0, SPLIT_CHUNK)
     m_mask = offs_m < T * G
     query_t = offs_m % T
 
-    # Prefix part: merge the split partials, SPLIT_CHUNK splits at a time.
+    # Prefix part: merge the split partials.
     parts = (row * kv_heads + head) * n_splits
-    m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_run = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for s0 in range(0, n_splits, SPLIT_CHUNK):
-        split = s0 + offs_c
-        mask = (split < n_splits)[:, None] & m_mask[None, :]
-        index = (parts + split[:, None]) * BLOCK_M + offs_m[None, :]
-        m_s = tl.load(M_part + index, mask=mask, other=float("-inf"))
-        l_s = tl.load(L_part + index, mask=mask, other=0.0)
-        o_s = tl.load(Out_part + index[:, :, None] * HEAD_DIM + offs_d[None, None, :], mask=mask[:, :, None], other=0.0)
-        m_new = tl.maximum(m_run, tl.max(m_s, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_run - m_safe)
-        beta = tl.exp2(m_s - m_safe[None, :])
-        l_run = l_run * alpha + tl.sum(l_s * beta, axis=0)
-        acc = acc * alpha[:, None] + tl.sum(o_s * beta[:, :, None], axis=0)
-        m_run = m_new
+    m_run, l_run, acc = merge_split_partials(Out_part, M_part, L_part, parts, n_splits, offs_m, m_mask,
+                                             BLOCK_M, BLOCK_M, HEAD_DIM, SPLIT_CHUNK)  # fmt: skip
 
     # Draft part: the T draft keys of this KV head under the draft mask, folded into the same state.
     q_rows = (head * G + offs_m // T) * stride_qh + query_t * stride_qt
@@ -136,12 +115,7 @@ def _combine_kernel(
     visible = visible & t_mask[None, :]
     qk = tl.dot(q, tl.trans(k)) * qk_scale
     qk = tl.where(visible, qk, float("-inf"))
-    m_new = tl.maximum(m_run, tl.max(qk, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_run - m_safe)
-    p = tl.exp2(qk - m_safe[:, None])
-    l_run = l_run * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    _, l_run, acc = online_softmax_step(m_run, l_run, acc, qk, v)
 
     l_run = tl.where(l_run == 0.0, 1.0, l_run)
     out = acc / l_run[:, None]
