@@ -27,8 +27,13 @@ from common import copy_bandwidth_gbs, environment, graph_median_ms, median_ms, 
 QUERY_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
-def make_inputs(batch: int, slots: int, dtype: torch.dtype = torch.bfloat16) -> dict:
-    device = "cuda"
+def make_inputs(batch: int, slots: int, limits: torch.Tensor | None = None) -> dict:
+    """Decode-op inputs with a token in every usable slot: all ``slots`` of each KV head, or the
+    first ``limits[b, h]`` (``[B, Hkv]`` int32, ragged budgets) with the rest empty."""
+    device, dtype = "cuda", torch.bfloat16
+    limits = torch.full((batch, KV_HEADS), slots, dtype=torch.int32) if limits is None else limits
+    limits = limits.to(device=device, dtype=torch.int32).contiguous()
+    slot = torch.arange(slots, dtype=torch.int32, device=device)
     return dict(
         q=torch.randn(batch, QUERY_HEADS, HEAD_DIM, dtype=dtype, device=device),
         k_new=torch.randn(batch, KV_HEADS, HEAD_DIM, dtype=dtype, device=device),
@@ -36,10 +41,10 @@ def make_inputs(batch: int, slots: int, dtype: torch.dtype = torch.bfloat16) -> 
         k_cache=torch.randn(batch, KV_HEADS, slots, HEAD_DIM, dtype=dtype, device=device),
         v_cache=torch.randn(batch, KV_HEADS, slots, HEAD_DIM, dtype=dtype, device=device),
         value_norm=torch.rand(batch, KV_HEADS, slots, device=device) * HEAD_DIM,
-        slot_pos=torch.arange(slots, dtype=torch.int32, device=device).repeat(batch, KV_HEADS, 1),
-        write_slot=torch.full((batch, KV_HEADS), slots // 2, dtype=torch.int32, device=device),
+        slot_pos=torch.where(slot < limits[..., None], slot, -1).contiguous(),
+        write_slot=limits // 2,
         position=torch.full((batch,), slots, dtype=torch.int32, device=device),
-        slot_limit=torch.full((batch, KV_HEADS), slots, dtype=torch.int32, device=device),
+        slot_limit=limits,
         accumulated=None,
     )
 

@@ -22,8 +22,8 @@ import math
 import torch
 
 from common import environment, graph_median_ms, print_table, write_results
+from decode_op import HEAD_DIM, KV_HEADS, QUERY_HEADS, make_inputs
 
-QUERY_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 CAPACITY = 1.5
 
 
@@ -39,27 +39,6 @@ def ragged_limits(batch: int, budget: int, slots: int, generator: torch.Generato
             limits[room[: min(missing, len(room))]] += 1
         rows.append(limits)
     return torch.stack(rows).to(torch.int32)
-
-
-def make_inputs(batch: int, slots: int, limits: torch.Tensor) -> dict:
-    """Decode-op inputs with every usable slot holding a token (``slot_pos >= 0`` below each limit)."""
-    device, dtype = "cuda", torch.bfloat16
-    limits = limits.to(device)
-    slot = torch.arange(slots, dtype=torch.int32, device=device)
-    slot_pos = torch.where(slot < limits[..., None], slot, -1)
-    return dict(
-        q=torch.randn(batch, QUERY_HEADS, HEAD_DIM, dtype=dtype, device=device),
-        k_new=torch.randn(batch, KV_HEADS, HEAD_DIM, dtype=dtype, device=device),
-        v_new=torch.randn(batch, KV_HEADS, HEAD_DIM, dtype=dtype, device=device),
-        k_cache=torch.randn(batch, KV_HEADS, slots, HEAD_DIM, dtype=dtype, device=device),
-        v_cache=torch.randn(batch, KV_HEADS, slots, HEAD_DIM, dtype=dtype, device=device),
-        value_norm=torch.rand(batch, KV_HEADS, slots, device=device) * HEAD_DIM,
-        slot_pos=slot_pos.contiguous(),
-        write_slot=(limits // 2).to(torch.int32).contiguous(),
-        position=torch.full((batch,), 2 * slots, dtype=torch.int32, device=device),
-        slot_limit=limits.to(torch.int32).contiguous(),
-        accumulated=None,
-    )
 
 
 def step_ms(inputs: dict) -> float:

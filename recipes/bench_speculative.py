@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
 from longflow_patch import toy
 
-from common import environment, print_table, write_results
+from common import environment, median_ms, print_table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN3_8B = dict(q_heads=32, kv_heads=8, head_dim=128)
@@ -169,17 +169,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20) -
     """Median time of ``fn`` in ms: CUDA events on a GPU, wall clock on the CPU."""
     if device.type != "cuda":
         return median_seconds(fn, device, 3) * 1e3
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_ms(fn, warmup=5, repeats=repeats)
 
 
 def verify_row(prefix: int, length: int, shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
