@@ -1,6 +1,5 @@
 """``recipes/generate.py``: sharded generation to one JSON-lines file, resumable, on the CPU."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from recipe_loader import load_recipe
 from test_eval_lm_eval import OFFLINE, save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,16 +23,9 @@ PROMPTS = [
 GREEDY = ["--budget", "16", "--max-new-tokens", "4", "--temperature", "0"]
 
 
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("generate_recipe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def recipe():
-    return load_recipe()
+    return load_recipe("generate.py")
 
 
 @pytest.fixture(scope="module")

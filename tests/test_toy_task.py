@@ -1,6 +1,5 @@
 """The toy reasoner's task, tokenizer, bundled files and training recipe (CPU smoke run)."""
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -12,15 +11,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from longflow_patch import toy
 from longflow_patch.toy.task import STEPS_PER_BLOCK, parse_answer
 
-RECIPE = Path(__file__).parents[1] / "recipes" / "train_toy_reasoner.py"
+from recipe_loader import load_recipe
 
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("train_toy_reasoner", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("train_toy_reasoner.py")
 
 
 @pytest.fixture(scope="module")
