@@ -165,14 +165,12 @@ def main() -> None:
             budget = round(float(label[:-1]) / 100 * mean_trace) if label.endswith("%") else int(label)
             settings = policy_settings(policy, budget)
             try:
-                longflow_patch.apply(model, policy=policy, **settings)
+                chosen = longflow_patch.make_policy(policy, **settings)
             except ValueError as error:  # budget below the policy's minimum
                 print(f"skip {policy} at {label}: {error}")
                 continue
-            compiled = (
-                device == "cuda" and not args.no_compile and longflow_patch.POLICIES[policy](**settings).compileable
-            )
-            longflow_patch.apply(model, policy=policy, compile=compiled, **settings)
+            compiled = device == "cuda" and not args.no_compile and chosen.compileable
+            longflow_patch.apply(model, policy=chosen, compile=compiled)
             began = time.perf_counter()
             completions = generate(model, tokenizer, prompts, longest, args.batch_size)
             correct = sum(toy.is_correct(c, p["answer"]) for c, p in zip(completions, problems, strict=True))
