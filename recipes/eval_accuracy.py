@@ -154,12 +154,12 @@ def main() -> None:
         full_log_probs, kl_mask = trace_log_probs(model, tokenizer, kl_prompts, kl_traces)
 
     rows = [{"policy": "full", "budget_label": "full", "budget": None, "accuracy": full_correct / len(problems),
-             "ci": wilson_interval(full_correct, len(problems)), "blocks_solved": full_blocks, "kl": 0.0}]  # fmt: skip
+             "ci": wilson_interval(full_correct, len(problems)), "blocks_solved": full_blocks, "kl": 0.0,
+             "compiled": device == "cuda" and not args.no_compile}]  # fmt: skip
     out = Path(args.out)
     header = {"benchmark": "accuracy_toy", "environment": environment(), "problems": args.problems,
               "seed": args.seed, "blocks": args.blocks, "mean_trace_tokens": mean_trace,
-              "kl_problems": len(kl_prompts), "dtype": str(dtype).removeprefix("torch."),
-              "compiled": device == "cuda" and not args.no_compile}  # fmt: skip
+              "kl_problems": len(kl_prompts), "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
     for policy in args.policies:
         for label in args.budgets:
             budget = round(float(label[:-1]) / 100 * mean_trace) if label.endswith("%") else int(label)
@@ -182,7 +182,8 @@ def main() -> None:
             release(model)
             rows.append({"policy": policy, "budget_label": label, "budget": budget, "accuracy": correct / len(problems),
                          "ci": wilson_interval(correct, len(problems)),
-                         "blocks_solved": mean_blocks_solved(completions, problems), "kl": kl})  # fmt: skip
+                         "blocks_solved": mean_blocks_solved(completions, problems), "kl": kl,
+                         "compiled": compiled})  # fmt: skip
             print(f"{policy:>12} {label:>5} ({budget:>4} slots): accuracy {correct / len(problems):.3f} "
                   f"blocks solved {rows[-1]['blocks_solved']:.3f} KL {kl:.4f} ({time.perf_counter() - began:.0f} s)",
                   flush=True)  # fmt: skip
@@ -204,14 +205,21 @@ def write(path: Path, payload: dict) -> None:
 
 
 def merge(paths: list[Path], out: Path) -> None:
-    """Combine runs over the same problems (split by policy) into one results file and plot."""
+    """Combine runs over the same problems (split by policy, or repeated) into one results file and
+    plot. The full-cache row is the first file's; a (policy, budget) measured in several files keeps
+    the last file's row."""
     parts = [json.loads(path.read_text()) for path in paths]
-    rows = [parts[0]["rows"][0]]  # the full-cache row: the same problems in every part
-    for part in parts:
-        if part["problems"] != parts[0]["problems"] or part["seed"] != parts[0]["seed"]:
-            raise ValueError(f"{part} was run on other problems than {paths[0]}")
-        rows += [row for row in part["rows"] if row["policy"] != "full"]
-    write(out, {**parts[0], "rows": rows, "merged_from": [str(p) for p in paths]})
+    measured = {}
+    for path, part in zip(paths, parts, strict=True):
+        if (part["problems"], part["seed"], part["blocks"]) != (
+            parts[0]["problems"],
+            parts[0]["seed"],
+            parts[0]["blocks"],
+        ):
+            raise ValueError(f"{path} was run on other problems than {paths[0]}")
+        measured |= {(row["policy"], row["budget_label"]): row for row in part["rows"] if row["policy"] != "full"}
+    rows = [parts[0]["rows"][0], *measured.values()]
+    write(out, {**parts[-1], "rows": rows, "merged_from": [str(p) for p in paths]})
     plot(rows, parts[0]["mean_trace_tokens"], out.with_suffix(".png"))
     print(f"wrote {out}")
 

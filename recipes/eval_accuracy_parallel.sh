@@ -1,21 +1,30 @@
 #!/bin/bash
-# Accuracy sweep of recipes/eval_accuracy.py with policy groups in parallel on one GPU (the toy
-# reasoner leaves most of it idle): one shared full-cache reference first, then one process per
-# group, each cut off after SECONDS (rows are written as they finish), then one merged JSON + PNG.
+# Accuracy sweep of recipes/eval_accuracy.py with policies and budgets in parallel on one GPU (the
+# toy reasoner leaves most of it idle): one shared full-cache reference first (reused when
+# REFERENCE names a file that holds it), then one process per policy and budget set, each cut off
+# after SECONDS (rows are written as they finish), then one merged JSON + PNG.
 #
 #   bash recipes/eval_accuracy_parallel.sh OUT.json SECONDS [eval_accuracy.py options...]
 #   bash recipes/eval_accuracy_parallel.sh bench/results/accuracy_toy.json 480 --problems 400
+#
+# Environment: BUDGET_SETS, budget lists separated by spaces, each list comma-separated and run
+# by its own process per policy (default: every budget in one process, tightest last);
+# POLICIES (default: every compared policy); REFERENCE (default: a fresh file).
 set -euo pipefail
 out=$1 seconds=$2
 shift 2
 work=$(mktemp -d)
-budgets=(20% 10% 5% 256 512 128 40%)
-groups=("longflow" "streamingllm" "h2o" "lukv" "snapkv" "rkv" "reasonalloc" "random")
-python3 recipes/eval_accuracy.py "$@" --policies --reference "$work/reference.json" --out "$work/reference_run.json"
-for index in "${!groups[@]}"; do
-  timeout "$seconds" python3 recipes/eval_accuracy.py "$@" --reference "$work/reference.json" \
-    --policies ${groups[$index]} --budgets "${budgets[@]}" --out "$work/part$index.json" \
-    >"$work/log$index.txt" 2>&1 &
+read -r -a budget_sets <<<"${BUDGET_SETS:-20%,10%,5%,256,512,128,40%}"
+read -r -a policies <<<"${POLICIES:-longflow streamingllm h2o lukv snapkv rkv reasonalloc random}"
+reference=${REFERENCE:-$work/reference.json}
+python3 recipes/eval_accuracy.py "$@" --policies --reference "$reference" --out "$work/reference_run.json"
+part=0
+for policy in "${policies[@]}"; do
+  for budgets in "${budget_sets[@]}"; do
+    timeout "$seconds" python3 recipes/eval_accuracy.py "$@" --reference "$reference" \
+      --policies "$policy" --budgets ${budgets//,/ } --out "$work/part$part.json" >"$work/log$part.txt" 2>&1 &
+    part=$((part + 1))
+  done
 done
 wait || true
 grep -h "accuracy\|skip" "$work"/log*.txt || true

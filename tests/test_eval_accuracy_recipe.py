@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from recipe_loader import load_recipe
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,3 +24,27 @@ def test_accuracy_harness_smoke_run(tmp_path):
     assert 0.0 <= streaming["accuracy"] <= 1.0 and streaming["ci"][0] <= streaming["accuracy"] <= streaming["ci"][1]
     assert streaming["kl"] > 0.0, "evicting three quarters of the trace must change the next-token distributions"
     assert out.with_suffix(".png").is_file()
+
+
+def test_merge_keeps_the_last_measurement_of_each_configuration(tmp_path):
+    eval_accuracy = load_recipe("eval_accuracy.py")
+    header = {"benchmark": "accuracy_toy", "problems": 8, "seed": 1, "blocks": [2, 6], "mean_trace_tokens": 100.0}
+
+    def row(policy, label, accuracy):
+        return {"policy": policy, "budget_label": label, "budget": 20, "accuracy": accuracy, "ci": [0.0, 1.0],
+                "blocks_solved": accuracy, "kl": 0.1}  # fmt: skip
+
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(
+        json.dumps({**header, "rows": [row("full", "full", 1.0), row("rkv", "20%", 0.25), row("h2o", "20%", 0.0)]})
+    )
+    new.write_text(json.dumps({**header, "rows": [row("full", "full", 1.0), row("rkv", "20%", 0.5)]}))
+    out = tmp_path / "merged.json"
+    eval_accuracy.merge([old, new], out)
+    rows = {(r["policy"], r["budget_label"]): r["accuracy"] for r in json.loads(out.read_text())["rows"]}
+    assert rows == {("full", "full"): 1.0, ("rkv", "20%"): 0.5, ("h2o", "20%"): 0.0}
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**header, "seed": 2, "rows": [row("full", "full", 1.0)]}))
+    with pytest.raises(ValueError, match="other problems"):
+        eval_accuracy.merge([old, other], out)
