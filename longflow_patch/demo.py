@@ -13,21 +13,11 @@ import time
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
 
 import longflow_patch
 from longflow_patch import toy
-
-
-class _TokenProgress(StoppingCriteria):
-    """Advances a progress bar by one token per sequence per decoding step; never stops generation."""
-
-    def __init__(self, bar: tqdm):
-        self.bar = bar
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.bar.update(input_ids.shape[0])
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+from longflow_patch.progress import TokenProgress
 
 
 def run(model, tokenizer, problems: list[dict], policy: str, budget: int, batch_size: int, max_new_tokens: int) -> dict:
@@ -41,7 +31,7 @@ def run(model, tokenizer, problems: list[dict], policy: str, budget: int, batch_
             full_size = inputs.input_ids.shape[1] + max_new_tokens if policy == "full" else None
             cache = longflow_patch.new_cache(model, full_size)
             began = time.perf_counter()
-            progress = StoppingCriteriaList([_TokenProgress(bar)])
+            progress = StoppingCriteriaList([TokenProgress(bar)])
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, past_key_values=cache,
                                  pad_token_id=tokenizer.pad_token_id, stopping_criteria=progress)  # fmt: skip
             seconds += time.perf_counter() - began

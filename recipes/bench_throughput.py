@@ -44,6 +44,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
+from longflow_patch.progress import TokenProgress
 
 from common import copy_bandwidth_gbs, environment, print_table, write_results
 
@@ -202,8 +203,10 @@ def memory_trace(model, batch: int, budget: int, prompt: int, output: int, every
     base = torch.cuda.memory_allocated()
     longflow_patch.apply(model, policy="longflow", budget=budget, compile=True)
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=model.device)
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=output, min_new_tokens=output,
-                   do_sample=False, stopping_criteria=StoppingCriteriaList([Sampler()]))  # fmt: skip
+    with tqdm(total=batch * output, desc="memory trace", unit="tok", unit_scale=True) as bar:
+        watchers = StoppingCriteriaList([Sampler(), TokenProgress(bar)])
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=output, min_new_tokens=output,
+                       do_sample=False, stopping_criteria=watchers)  # fmt: skip
     release(model)
     for sample in samples:
         cache = filled_cache(model, "default", batch, sample["tokens"], sample["tokens"])

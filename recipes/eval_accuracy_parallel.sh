@@ -1,16 +1,20 @@
 #!/bin/bash
+# usage: bash recipes/eval_accuracy_parallel.sh OUT.json SECONDS [eval_accuracy.py options...]
+#
 # Accuracy sweep of recipes/eval_accuracy.py with policies and budgets in parallel on one GPU (the
 # toy reasoner leaves most of it idle): one shared full-cache reference first (reused when
 # REFERENCE names a file that holds it), then one process per policy and budget set, each cut off
 # after SECONDS (rows are written as they finish), then one merged JSON + PNG.
 #
-#   bash recipes/eval_accuracy_parallel.sh OUT.json SECONDS [eval_accuracy.py options...]
 #   bash recipes/eval_accuracy_parallel.sh bench/results/accuracy_toy.json 480 --problems 400
 #
 # Environment: BUDGET_SETS, budget lists separated by spaces, each list comma-separated and run
 # by its own process per policy (default: every budget in one process, tightest last);
 # POLICIES (default: every compared policy); REFERENCE (default: a fresh file).
 set -euo pipefail
+usage() { sed -n '2,/^set -euo/s/^# \{0,1\}//p' "$0"; }
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then usage; exit 0; fi
+if [ $# -lt 2 ]; then usage >&2; exit 2; fi
 out=$1 seconds=$2
 shift 2
 work=$(mktemp -d)

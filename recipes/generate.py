@@ -28,10 +28,11 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList, set_seed
 
 import longflow_patch
 from longflow_patch.eval.policy_options import policy_options
+from longflow_patch.progress import TokenProgress
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,8 +135,11 @@ def load_model(args: argparse.Namespace, options: dict[str, object], device: tor
     return model, tokenizer
 
 
-def generate_batch(model, tokenizer, rows: list[dict], args: argparse.Namespace) -> list[dict]:
-    """``rows`` with ``completion``, ``new_tokens`` and ``finished`` added."""
+def generate_batch(
+    model, tokenizer, rows: list[dict], args: argparse.Namespace, progress: TokenProgress | None = None
+) -> list[dict]:
+    """``rows`` with ``completion``, ``new_tokens`` and ``finished`` added; ``progress`` counts the
+    decoding steps of every sequence of the batch as they happen."""
     texts = [row[args.prompt_field] for row in rows]
     chat = tokenizer.chat_template is not None if args.chat_template is None else args.chat_template
     if chat:
@@ -152,6 +156,7 @@ def generate_batch(model, tokenizer, rows: list[dict], args: argparse.Namespace)
             **inputs,
             max_new_tokens=args.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
+            stopping_criteria=StoppingCriteriaList([] if progress is None else [progress]),
             **({"do_sample": False} | sampling),
         )
     eos = model.generation_config.eos_token_id
@@ -190,14 +195,15 @@ def run(args: argparse.Namespace) -> None:
         model, tokenizer = load_model(args, options, state.device)
         started = time.perf_counter()
         parts.mkdir(parents=True, exist_ok=True)
+        quiet = not state.is_main_process
         with (
             own_part.open("a", encoding="utf-8") as part,
-            tqdm(
-                total=len(mine), unit="prompt", desc=f"rank {state.process_index}", disable=not state.is_main_process
-            ) as bar,
+            tqdm(total=len(mine), unit="prompt", desc=f"rank {state.process_index}", disable=quiet) as bar,
+            tqdm(unit="tok", unit_scale=True, desc="decoded", position=1, disable=quiet) as token_bar,
         ):
             for start in range(0, len(mine), args.batch_size):
-                results = generate_batch(model, tokenizer, mine[start : start + args.batch_size], args)
+                batch = mine[start : start + args.batch_size]
+                results = generate_batch(model, tokenizer, batch, args, TokenProgress(token_bar))
                 part.write("".join(json.dumps(result, ensure_ascii=False) + "\n" for result in results))
                 part.flush()
                 bar.update(len(results))

@@ -257,3 +257,39 @@ def test_tasks_ship_with_the_package():
     names = {path.name for path in Path(tasks_dir()).iterdir()}
     assert {f"longflow_{name}.yaml" for name in (*REASONING_TASKS, "reasoning", "toy")} <= names
     assert {"_reasoning_template_yaml", "utils.py", "README.md"} <= names
+
+
+def test_data_parallel_run_matches_one_process(tmp_path):
+    """``accelerate launch -m lm_eval --model longflow_hf`` with two CPU processes: each process
+    generates for its share of the problems and rank 0 gathers them, so the score and every
+    generation equal one process's. The bundled toy reasoner on four one-block problems (about
+    650 tokens of chain of thought each), which it solves, so the score compared is not a 0."""
+    from longflow_patch import toy
+
+    def run(launcher: list[str], out: Path) -> tuple[float, dict[int, str]]:
+        command = [
+            *launcher, "-m", "lm_eval",
+            "--model", "longflow_hf",
+            "--model_args", f"pretrained={toy.model_path()},policy=longflow,budget=1024,dtype=float32",
+            "--tasks", "longflow_toy",
+            "--include_path", tasks_dir(),
+            "--metadata", "toy_problems=4,toy_blocks=1",
+            "--device", "cpu", "--batch_size", "2",
+            "--log_samples", "--output_path", str(out),
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        [results_file] = out.rglob("results_*.json")
+        [samples_file] = out.rglob("samples_longflow_toy_*.jsonl")
+        samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+        score = json.loads(results_file.read_text())["results"]["longflow_toy"]["exact_match,none"]
+        return score, {sample["doc_id"]: sample["resps"][0][0] for sample in samples}
+
+    one_score, one_generations = run([sys.executable], tmp_path / "one")
+    two_score, two_generations = run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"], tmp_path / "two"
+    )
+    assert one_score == 1.0
+    assert two_score == one_score
+    assert sorted(two_generations) == [0, 1, 2, 3]
+    assert two_generations == one_generations

@@ -56,11 +56,17 @@ def process_reasoning(doc: dict, results: list[str]) -> dict[str, float]:
     return {"exact_match": float(score(results[0], doc["true_answer"]))}
 
 
-def load_toy(toy_problems: int = 100, toy_seed: int = 0, **metadata: object) -> dict[str, datasets.Dataset]:
-    """``custom_dataset`` of ``longflow_toy``: ``toy_problems`` problems drawn with ``toy_seed``."""
+def load_toy(
+    toy_problems: int = 100, toy_seed: int = 0, toy_blocks: str | int | None = None, **metadata: object
+) -> dict[str, datasets.Dataset]:
+    """``custom_dataset`` of ``longflow_toy``: ``toy_problems`` problems drawn with ``toy_seed``;
+    ``toy_blocks`` (``N`` or ``LOW-HIGH``, about 650 tokens of chain of thought per block) sets their
+    length, by default the toy task's own range."""
     from longflow_patch import toy
 
-    return {"test": datasets.Dataset.from_list(toy.make_problems(int(toy_problems), int(toy_seed)))}
+    blocks = toy.DEFAULT_BLOCKS if toy_blocks is None else tuple(int(b) for b in str(toy_blocks).split("-"))
+    problems = toy.make_problems(int(toy_problems), int(toy_seed), blocks=blocks if len(blocks) > 1 else blocks[0])
+    return {"test": datasets.Dataset.from_list(problems)}
 
 
 def toy_prompt(doc: dict) -> str:
