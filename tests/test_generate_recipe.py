@@ -66,11 +66,11 @@ def test_generates_in_input_order_and_resumes(recipe, checkpoint, files, monkeyp
     real_generate_batch = recipe.generate_batch
     batches = []
 
-    def interrupted_after_one_batch(model, tokenizer, rows, args):
+    def interrupted_after_one_batch(model, tokenizer, rows, args, progress):
         if batches:
             raise KeyboardInterrupt
         batches.append([row["id"] for row in rows])
-        return real_generate_batch(model, tokenizer, rows, args)
+        return real_generate_batch(model, tokenizer, rows, args, progress)
 
     monkeypatch.setattr(recipe, "generate_batch", interrupted_after_one_batch)
     with pytest.raises(KeyboardInterrupt):
@@ -84,9 +84,9 @@ def test_generates_in_input_order_and_resumes(recipe, checkpoint, files, monkeyp
 
     resumed = []
 
-    def counting(model, tokenizer, rows, args):
+    def counting(model, tokenizer, rows, args, progress):
         resumed.extend(row["id"] for row in rows)
-        return real_generate_batch(model, tokenizer, rows, args)
+        return real_generate_batch(model, tokenizer, rows, args, progress)
 
     monkeypatch.setattr(recipe, "generate_batch", counting)
     recipe.main(argv)

@@ -64,8 +64,11 @@ def load_toy(
     length, by default the toy task's own range."""
     from longflow_patch import toy
 
-    blocks = toy.DEFAULT_BLOCKS if toy_blocks is None else tuple(int(b) for b in str(toy_blocks).split("-"))
-    problems = toy.make_problems(int(toy_problems), int(toy_seed), blocks=blocks if len(blocks) > 1 else blocks[0])
+    lengths = {}
+    if toy_blocks is not None:
+        low, _, high = str(toy_blocks).partition("-")
+        lengths["blocks"] = (int(low), int(high or low))
+    problems = toy.make_problems(int(toy_problems), int(toy_seed), **lengths)
     return {"test": datasets.Dataset.from_list(problems)}
 
 
