@@ -257,7 +257,8 @@ def _combine_kernel(
     tl.store(Write_slot + row * kv_heads + head, slot.to(Write_slot.dtype.element_ty))
 
 
-def _num_sms(device: torch.device) -> int:
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (4 off the GPU, for the interpreter)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
@@ -317,7 +318,7 @@ def decode_attention_triton(
     block_s = launch.block_s if head_dim <= 128 else launch.block_s // 2
     if n_splits is None:
         n_splits, split_size = plan_splits(
-            batch, kv_heads, slots, block_s, _num_sms(q.device), launch.min_tiles_per_split
+            batch, kv_heads, slots, block_s, multiprocessor_count(q.device), launch.min_tiles_per_split
         )
     else:
         split_size = math.ceil(math.ceil(slots / n_splits) / block_s) * block_s
@@ -345,7 +346,7 @@ def decode_attention_triton(
     heads = kv_heads if shared else 1
     block_h, score_g = triton.next_power_of_2(heads), max(2, triton.next_power_of_2(group))
     score_block = min(SCORE_BLOCK, max(16, 4096 // (block_h * score_g)))
-    chunk_size, n_chunks = _plan_chunks(batch * n_sel, slots, score_block, _num_sms(q.device))
+    chunk_size, n_chunks = _plan_chunks(batch * n_sel, slots, score_block, multiprocessor_count(q.device))
     chunk_min = torch.empty((batch, n_sel, n_chunks), **f32)
     chunk_arg = torch.empty((batch, n_sel, n_chunks), dtype=torch.int32, device=q.device)
     _score_chunk_kernel[(n_chunks, n_sel, batch)](

@@ -23,10 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import plan_splits
+from .decode_attention import LOG2E, multiprocessor_count, plan_splits
 from .online_softmax import merge_split_partials, online_softmax_step
 
-LOG2E = 1.4426950408889634
 BLOCK_S = 64
 # Largest T * G handled by one query tile (more falls back to the reference).
 MAX_QUERY_ROWS = 128
@@ -124,12 +123,6 @@ def _combine_kernel(
              mask=m_mask[:, None])  # fmt: skip
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def verify_attention_triton(
     q: torch.Tensor,
     k_prefix: torch.Tensor,
@@ -152,7 +145,7 @@ def verify_attention_triton(
     group = q_heads // kv_heads
     block_m = max(16, triton.next_power_of_2(length * group))
     if n_splits is None:
-        n_splits, split_size = plan_splits(batch, kv_heads, max(slots, 1), BLOCK_S, _num_sms(q.device))
+        n_splits, split_size = plan_splits(batch, kv_heads, max(slots, 1), BLOCK_S, multiprocessor_count(q.device))
     else:
         split_size = math.ceil(math.ceil(max(slots, 1) / n_splits) / BLOCK_S) * BLOCK_S
         n_splits = math.ceil(max(slots, 1) / split_size)
