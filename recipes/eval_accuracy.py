@@ -209,13 +209,13 @@ def merge(paths: list[Path], out: Path) -> None:
     plot. The full-cache row is the first file's; a (policy, budget) measured in several files keeps
     the last file's row."""
     parts = [json.loads(path.read_text()) for path in paths]
+
+    def drawn(part: dict) -> tuple:
+        return part["problems"], part["seed"], part["blocks"]
+
     measured = {}
     for path, part in zip(paths, parts, strict=True):
-        if (part["problems"], part["seed"], part["blocks"]) != (
-            parts[0]["problems"],
-            parts[0]["seed"],
-            parts[0]["blocks"],
-        ):
+        if drawn(part) != drawn(parts[0]):
             raise ValueError(f"{path} was run on other problems than {paths[0]}")
         measured |= {(row["policy"], row["budget_label"]): row for row in part["rows"] if row["policy"] != "full"}
     rows = [parts[0]["rows"][0], *measured.values()]
