@@ -86,6 +86,22 @@ class Sampler:
             return scores.argmax(dim=-1)
         return torch.multinomial(scores, 1, generator=self.generator)[:, 0]
 
+    def noise(self, count: int, vocab: int, device: torch.device) -> torch.Tensor | None:
+        """Gumbel noise ``[count, V]`` float32 for `pick` when sampling (drawn from ``generator``
+        outside any compiled graph), None when greedy."""
+        if not self.do_sample:
+            return None
+        uniform = torch.rand(count, vocab, device=device, generator=self.generator)
+        return -torch.log(-torch.log(uniform.clamp_(min=torch.finfo(torch.float32).tiny)))
+
+    def pick(self, scores: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """`sample` without a random op: ``[n]`` tokens from ``scores`` ``[n, V]`` and this row's
+        `noise` ``[n, V]``. Sampling by the Gumbel-max trick (``argmax(log p + g)`` is distributed as
+        ``p``), so a chain of draft steps with its noise drawn up front compiles into one graph."""
+        if noise is None:
+            return scores.argmax(dim=-1)
+        return (scores.log() + noise).argmax(dim=-1)
+
     def accept(
         self, drafts: torch.Tensor, draft_scores: torch.Tensor | None, target_scores: torch.Tensor
     ) -> tuple[int, torch.Tensor]:

@@ -17,9 +17,11 @@ Each round (a plain loop, gpt-fast style):
    undoes its rejected steps (`DraftCache`).
 
 For a self-draft the prompt runs once: the target's prompt pass also fills the draft's cache.
-With ``compile=True`` the one-token draft step and the ``k + 1``-token verification forward are
-compiled as static-shape graphs (both caches keep fixed addresses and device-side lengths), replayed
-under CUDA graphs on a GPU; the few shorter rounds at the end of an output run eagerly.
+With ``compile=True`` the draft's whole chain of ``k`` steps (token choice included: greedy argmax,
+or Gumbel-max sampling with noise drawn before the chain) and the ``k + 1``-token verification
+forward are compiled as static-shape graphs (both caches keep fixed addresses and device-side
+lengths), so a round replays two CUDA graphs on a GPU; the few shorter rounds at the end of an
+output run eagerly.
 
 Greedy output equals ``model.generate(do_sample=False)`` token for token, up to floating-point
 ties: verification computes the same logits in a different order (a ``T``-row forward instead of
@@ -83,17 +85,21 @@ def _patched(model: nn.Module, budget: int) -> Iterator[None]:
         unapply(model)
 
 
-def _forward(forward: Callable, ids: torch.Tensor, start: int, cache, logits_to_keep: int = 0) -> torch.Tensor:
-    """Logits ``[n, V]`` (float32) of ``ids`` ``[1, n]`` at positions ``start, start + 1, ...``,
-    from ``forward`` (a model, or its compiled forward)."""
-    positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
+def _positions(start: int, count: int, device: torch.device) -> torch.Tensor:
+    """Position ids ``[1, count]`` int64: ``start, start + 1, ...``."""
+    return torch.arange(start, start + count, device=device)[None]
+
+
+def _forward(forward: Callable, ids: torch.Tensor, positions: torch.Tensor, cache, logits_to_keep: int = 0):
+    """Logits ``[n, V]`` (float32) of ``ids`` ``[1, n]`` at ``positions`` ``[1, n]``, from
+    ``forward`` (a model, or its compiled forward)."""
     out = forward(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
                   logits_to_keep=logits_to_keep)  # fmt: skip
     return out.logits[0].float()
 
 
 def _compile_options(compile: bool | dict) -> dict | None:
-    """torch.compile options for the draft step and the verification forward, or None (eager)."""
+    """torch.compile options for the draft chain and the verification forward, or None (eager)."""
     if isinstance(compile, dict):
         return compile
     return dict(fullgraph=True, dynamic=False, mode="reduce-overhead") if compile else None
@@ -106,9 +112,10 @@ class _Round:
                  compile_options: dict | None):  # fmt: skip
         self.target, self.draft, self.draft_cache, self.sampler, self.k = target, draft, draft_cache, sampler, k
         self.stats = SpeculativeStats()
-        # Compiled: one-token draft steps and full-length (k + 1) verifications, each a static shape.
+        # Compiled: the whole k-step draft chain (one graph per number of pending tokens, 1 or 2)
+        # and the full-length (k + 1) verification, each a static shape.
         self.compiled = compile_options is not None
-        self.draft_step = torch.compile(draft.forward, **compile_options) if self.compiled else draft
+        self.full_chain = torch.compile(self.draft_chain, **compile_options) if self.compiled else self.draft_chain
         self.verify_step = torch.compile(target.forward, **compile_options) if self.compiled else target
 
     def prefill(self, prompt: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -116,52 +123,50 @@ class _Round:
         shared = self.draft is self.target
         self.target_cache = SpeculativeCache(self.target.config.num_hidden_layers, capacity,
                                              self.draft_cache if shared else None)  # fmt: skip
-        logits = _forward(self.target, prompt, 0, self.target_cache, logits_to_keep=1)
+        positions = _positions(0, prompt.shape[1], prompt.device)
+        logits = _forward(self.target, prompt, positions, self.target_cache, logits_to_keep=1)
         if not shared:
-            _forward(self.draft, prompt, 0, self.draft_cache, logits_to_keep=1)
+            _forward(self.draft, prompt, positions, self.draft_cache, logits_to_keep=1)
         self.draft_len = prompt.shape[1]  # tokens the draft cache has consumed
         return self.sampler.sample(self.sampler.probs(logits))
 
-    def propose(self, pending: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Feed the draft its ``pending`` tokens ``[n]`` and ``count - 1`` of its own; returns the
-        ``count`` draft tokens ``[count]`` and, when sampling, their draft distributions ``[count, V]``."""
-        self.draft_cache.commit()
-        tokens, probs = [], []
-        ids, start = pending[None], self.draft_len
-        if self.compiled:  # one token per step: feed all pending tokens but the last first
-            contiguous = torch.contiguous_format  # one stride pattern for every step: no recompiles
-            for index in range(ids.shape[1] - 1):
-                token = ids[:, index : index + 1].clone(memory_format=contiguous)
-                _forward(self.draft_step, token, start, self.draft_cache, logits_to_keep=1)
-                start += 1
-            ids = ids[:, -1:].clone(memory_format=contiguous)
-        for _ in range(count):
-            q = self.sampler.probs(_forward(self.draft_step, ids, start, self.draft_cache, logits_to_keep=1))
-            start += ids.shape[1]
-            token = self.sampler.sample(q)
+    def draft_chain(self, ids: torch.Tensor, positions: torch.Tensor, noise: torch.Tensor | None, count: int):
+        """``count`` draft decode steps: the first reads the pending tokens ``ids`` ``[1, n]`` at
+        ``positions`` ``[1, n]``, each later one the token before it. Returns the drafts
+        ``[count]`` int64 and their scores ``[count, V]`` (`Sampler.probs`). No host decision
+        inside, so it compiles into one graph; ``noise`` ``[count, V]`` comes from `Sampler.noise`."""
+        tokens, scores = [], []
+        for step in range(count):
+            q = self.sampler.probs(_forward(self.draft, ids, positions, self.draft_cache, logits_to_keep=1))
+            token = self.sampler.pick(q, None if noise is None else noise[step : step + 1])
             tokens.append(token)
-            probs.append(q)
-            ids = token[None]
-        self.stats.draft_forwards += count
-        return torch.cat(tokens), torch.cat(probs) if self.sampler.do_sample else None
+            scores.append(q)
+            ids, positions = token[None], positions[:, -1:] + 1
+        return torch.cat(tokens), torch.cat(scores)
 
     def step(self, sequence: torch.Tensor, remaining: int) -> torch.Tensor:
         """One draft-verify-accept round after the accepted ``sequence`` ``[N]``; returns the new
         tokens (at least one) and leaves both caches holding exactly the accepted tokens."""
         count = min(self.k, remaining - 1)
-        length = sequence.shape[0]
-        drafts = sequence.new_empty(0)
-        draft_probs = None
+        length, device = sequence.shape[0], sequence.device
+        drafts, draft_scores = sequence.new_empty(0), None
         if count:
-            drafts, draft_probs = self.propose(sequence[self.draft_len :], count)
+            self.draft_cache.commit()
+            pending = sequence[self.draft_len :][None]
+            noise = self.sampler.noise(count, self.target.config.vocab_size, device)
+            chain = self.full_chain if count == self.k else self.draft_chain  # short last rounds run eagerly
+            drafts, draft_scores = chain(pending, _positions(self.draft_len, pending.shape[1], device), noise, count)
+            self.stats.draft_forwards += count
         verify_ids = torch.cat([sequence[-1:], drafts])[None]
         forward = self.verify_step if count == self.k else self.target
-        target_probs = self.sampler.probs(_forward(forward, verify_ids, length - 1, self.target_cache))
-        accepted, last = self.sampler.accept(drafts, draft_probs, target_probs)
+        target_scores = self.sampler.probs(
+            _forward(forward, verify_ids, _positions(length - 1, count + 1, device), self.target_cache)
+        )
+        accepted, last = self.sampler.accept(drafts, draft_scores, target_scores)
         self.target_cache.rollback(length + accepted)
         if count:
-            kept = min(accepted, count - 1)  # the draft has consumed its first count - 1 tokens
-            self.draft_cache.rollback(count - 1 - kept)
+            kept = min(accepted, count - 1)  # the draft has consumed its pending tokens and count - 1 drafts
+            self.draft_cache.rollback(count - 1 - kept, logged=pending.shape[1] + count - 1)
             self.draft_len = length + kept
         self.stats.rounds += 1
         self.stats.drafted += count
@@ -222,7 +227,7 @@ def speculative_generate(
         num_draft_tokens: draft tokens per round ``k``; each round verifies ``k + 1`` positions.
         do_sample, temperature, top_k, top_p: default to the model's generation config.
         generator: random source for sampling (on the model's device).
-        compile: compile the one-token draft step and the ``k + 1``-token verification forward
+        compile: compile the ``k``-step draft chain and the ``k + 1``-token verification forward
             (``fullgraph=True``, static shapes; ``True``: ``mode="reduce-overhead"``, CUDA graphs on
             a GPU; a dict: these ``torch.compile`` options). Apply `longflow_patch.apply` to the
             models first, or each call re-patches them and recompiles.

@@ -191,10 +191,14 @@ class DraftCache(LongFlowCache):
         Cache.__init__(self, layers=[DraftLayer(policy, layer, max_steps) for layer in range(num_layers)])
         self.policy = policy
 
-    def rollback(self, steps: int) -> None:
-        """Undo the last ``steps`` decode steps since the last commit, in every layer."""
+    def rollback(self, steps: int, logged: int | None = None) -> None:
+        """Undo the last ``steps`` decode steps since the last commit, in every layer.
+
+        ``logged``: the steps since the last commit, when the caller has counted them (saves a
+        device-to-host sync); read from the log otherwise.
+        """
         if steps:
-            logged = int(self.layers[0].log_len)
+            logged = int(self.layers[0].log_len) if logged is None else logged
             if steps > min(logged, self.layers[0].max_steps):
                 raise ValueError(f"cannot undo {steps} steps: {logged} since the last commit, the log holds "
                                  f"{self.layers[0].max_steps}")  # fmt: skip

@@ -2,10 +2,14 @@
 
 (a) ``toy``: the bundled toy reasoner (6-layer Qwen3, 3.4M parameters) continues a reference chain
     of thought cut to ``context - new_tokens`` tokens, so acceptance is the real model's. For each
-    context: the target alone (``generate``, full dynamic cache, eager; and static cache +
-    ``torch.compile`` with ``--static``), then `speculative_generate` with a self-draft for each
-    ``k`` x ``budget``: wall-clock tokens/s (median of ``--repeats`` after a warmup), acceptance
-    rate, tokens per target forward, and whether the output equals the target's greedy output.
+    context: the target alone (``generate``, full dynamic cache, eager; with ``--static`` also
+    ``generate`` with a static cache + ``torch.compile``, and a gpt-fast-style loop: one compiled
+    one-token forward per token over a static cache, CUDA graphs, no host sync per token), then
+    `speculative_generate` for each draft (``self``: the target over a LongFlow cache; ``toy``:
+    the bundled 2-layer draft, `toy.draft_path()`) x ``k`` x ``budget``: wall-clock tokens/s
+    (median of ``--repeats`` after a warmup), acceptance rate, tokens per target forward, and
+    whether the output equals the target's greedy output. ``speedup`` is against the fastest
+    target-alone configuration measured.
 (b) ``verify``: one verification of ``T`` draft tokens on the Qwen3-8B attention shape (32 query
     heads, 8 KV heads, head_dim 128, bf16, batch 1) over an 8k-32k prefix: the verify op, SDPA over
     prefix + ``T`` with a causal mask, and ``T`` sequential decode-op steps (what verifying without
@@ -14,11 +18,12 @@
 Writes ``bench/results/speculative.json`` (device, versions, settings, rows) and exits non-zero if
 any speculative output differed from the target's. ``--smoke`` runs a tiny CPU-sized version.
 
-    python recipes/bench_speculative.py                 # GPU, a few minutes
+    python recipes/bench_speculative.py --static --compile   # GPU, a few minutes
     python recipes/bench_speculative.py --smoke --out /tmp/smoke.json
 """
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -27,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
@@ -48,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
     parser.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 4, 8], help="k values")
     parser.add_argument("--budgets", type=int, nargs="+", default=[256, 1024], help="draft cache budgets")
+    parser.add_argument("--drafts", choices=["self", "toy"], nargs="+", default=["self", "toy"],
+                        help="self: the target as its own draft; toy: the bundled 2-layer draft")  # fmt: skip
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--static", action="store_true", help="also time static cache + torch.compile generate")
     parser.add_argument(
@@ -99,9 +106,35 @@ def toy_prefix(tokenizer, length: int) -> torch.Tensor:
     return ids[:, :length]
 
 
-def bench_context(args: argparse.Namespace, model, ids: torch.Tensor, device: torch.device, rows: list[dict]) -> None:
-    """Append the rows of one context to ``rows``: the target alone, then every ``k`` x ``budget``
-    of the self-draft; the results file is rewritten after each row."""
+def compiled_loop(model, ids: torch.Tensor, new: int) -> Callable[[], torch.Tensor]:
+    """The target alone, gpt-fast style: prompt forward, then one compiled one-token forward per
+    token (``mode="reduce-overhead"``: CUDA graphs) over a static cache, greedy argmax on the
+    device, no host sync until the end. Returns a function giving ``[1, L + new]`` ids."""
+    length, device = ids.shape[1], ids.device
+    cache = StaticCache(config=model.config, max_cache_len=length + new)
+    step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    positions = torch.arange(length + new, device=device)
+
+    @torch.inference_mode()
+    def run() -> torch.Tensor:
+        cache.reset()
+        logits = model(input_ids=ids, past_key_values=cache, cache_position=positions[:length]).logits
+        token = logits[:, -1].argmax(dim=-1, keepdim=True)
+        tokens = [token]
+        for index in range(length, length + new - 1):
+            where = positions[index : index + 1]
+            logits = step(input_ids=token, position_ids=where[None], cache_position=where, past_key_values=cache).logits
+            token = logits[:, -1].argmax(dim=-1, keepdim=True).clone()  # the graph's output buffer is reused
+            tokens.append(token)
+        return torch.cat([ids, *tokens], dim=1)
+
+    return run
+
+
+def bench_context(args: argparse.Namespace, model, drafts: dict, ids: torch.Tensor, device: torch.device,
+                  rows: list[dict]) -> None:  # fmt: skip
+    """Append the rows of one context to ``rows``: the target alone, then every draft x ``k`` x
+    ``budget``; the results file is rewritten after each row."""
     new = args.new_tokens
     context = ids.shape[1] + new
 
@@ -114,39 +147,46 @@ def bench_context(args: argparse.Namespace, model, ids: torch.Tensor, device: to
         baselines["target-static-compiled"] = median_seconds(
             lambda: target(cache_implementation="static"), device, args.repeats
         )
+        loop = compiled_loop(model, ids, new)
+        baselines["target-loop-compiled"] = median_seconds(loop, device, args.repeats)
+        if not torch.equal(loop(), expected):
+            sys.exit("the compiled target loop differs from generate's greedy output")
     for name, seconds in baselines.items():
         record(args, rows, dict(part="toy", context=context, config=name, tokens_per_s=new / seconds))
         print(f"context {context}: {name} {new / seconds:.1f} tok/s", flush=True)
-    reference = baselines.get("target-static-compiled", baselines["target"])
+    reference = min(baselines.values())
+    models = [model, *(draft for draft in drafts.values() if draft != "self")]
     if args.compile:  # patched once for all runs: calls then reuse the compiled graphs
-        longflow_patch.apply(model, budget=max(args.budgets))
-    for k in args.draft_tokens:
-        for budget in args.budgets:
-            result: dict = {}
+        for patched in models:
+            longflow_patch.apply(patched, budget=max(args.budgets))
+    for (name, draft), k, budget in itertools.product(drafts.items(), args.draft_tokens, args.budgets):
+        result: dict = {}
 
-            def speculate(k: int = k, budget: int = budget, result: dict = result) -> None:
-                result["out"], result["stats"] = longflow_patch.speculative_generate(
-                    model,
-                    ids,
-                    max_new_tokens=new,
-                    budget=budget,
-                    num_draft_tokens=k,
-                    compile=args.compile,
-                    return_stats=True,
-                )
+        def speculate(draft=draft, k: int = k, budget: int = budget, result: dict = result) -> None:
+            result["out"], result["stats"] = longflow_patch.speculative_generate(
+                model,
+                ids,
+                max_new_tokens=new,
+                draft=draft,
+                budget=budget,
+                num_draft_tokens=k,
+                compile=args.compile,
+                return_stats=True,
+            )
 
-            seconds = median_seconds(speculate, device, args.repeats)
-            stats = result["stats"]
-            row = dict(part="toy", context=context, config="speculative", k=k, budget=budget,
-                       tokens_per_s=new / seconds, speedup=reference / seconds,
-                       acceptance=stats.acceptance_rate, tokens_per_round=stats.tokens_per_round,
-                       identical=bool(torch.equal(result["out"], expected)))  # fmt: skip
-            row["compiled"] = args.compile
-            record(args, rows, row)
-            print(f"context {context}: k={k} budget={budget} {row['tokens_per_s']:.1f} tok/s "
-                  f"x{row['speedup']:.2f} acceptance {row['acceptance']:.2f} identical={row['identical']}",
-                  flush=True)  # fmt: skip
-    longflow_patch.unapply(model)
+        seconds = median_seconds(speculate, device, args.repeats)
+        stats = result["stats"]
+        row = dict(part="toy", context=context, config="speculative", draft=name, k=k, budget=budget,
+                   tokens_per_s=new / seconds, speedup=reference / seconds,
+                   acceptance=stats.acceptance_rate, tokens_per_round=stats.tokens_per_round,
+                   identical=bool(torch.equal(result["out"], expected)), compiled=args.compile)  # fmt: skip
+        record(args, rows, row)
+        print(f"context {context}: draft={name} k={k} budget={budget} {row['tokens_per_s']:.1f} tok/s "
+              f"x{row['speedup']:.2f} acceptance {row['acceptance']:.2f} identical={row['identical']}",
+              flush=True)  # fmt: skip
+    if args.compile:
+        for patched in models:
+            longflow_patch.unapply(patched)
 
 
 def record(args: argparse.Namespace, rows: list[dict], row: dict) -> None:
@@ -157,12 +197,16 @@ def record(args: argparse.Namespace, rows: list[dict], row: dict) -> None:
 
 
 def bench_toy(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
-    model = AutoModelForCausalLM.from_pretrained(toy.model_path(), dtype=getattr(torch, args.dtype)).to(device).eval()
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(toy.model_path(), dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(toy.model_path())
+    drafts: dict = {"self": "self"} if "self" in args.drafts else {}
+    if "toy" in args.drafts:
+        drafts["toy"] = AutoModelForCausalLM.from_pretrained(toy.draft_path(), dtype=dtype).to(device).eval()
     model.generation_config.eos_token_id = None  # fixed-length runs: every configuration makes new_tokens tokens
     for context in args.contexts:
         ids = toy_prefix(tokenizer, context - args.new_tokens - max(args.draft_tokens) - 1).to(device)
-        bench_context(args, model, ids, device, rows)
+        bench_context(args, model, drafts, ids, device, rows)
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20) -> float:
@@ -235,8 +279,8 @@ def main() -> None:
         bench_verify(args, device, rows)
     toy_rows = [row for row in rows if row["part"] == "toy"]
     if toy_rows:
-        print_table(toy_rows, ["context", "config", "compiled", "k", "budget", "tokens_per_s", "speedup", "acceptance",
-                               "tokens_per_round", "identical"])  # fmt: skip
+        print_table(toy_rows, ["context", "config", "draft", "compiled", "k", "budget", "tokens_per_s", "speedup",
+                               "acceptance", "tokens_per_round", "identical"])  # fmt: skip
     verify_rows = [row for row in rows if row["part"] == "verify"]
     if verify_rows:
         print_table(verify_rows, ["prefix", "T", "verify_ms", "sdpa_ms", "decode_steps_ms", "relative_error_vs_sdpa"])

@@ -22,6 +22,10 @@ the go-on-or-answer token after each restatement 20x (``--decision-weight``; 154
     python recipes/train_toy_reasoner.py --device cuda --resume --steps 7500 --schedule-start 6000 \\
         --warmup-steps 50 --lr 4e-4 --decision-weight 20
 
+    # the 2-layer draft for speculative decoding (`toy.draft_path()`; about 110 s)
+    python recipes/train_toy_reasoner.py --device cuda --layers 2 --steps 3000 --warmup-steps 200 \\
+        --eval-problems 0 --out longflow_patch/toy/draft --checkpoint-dir checkpoints/toy_draft
+
     # CPU smoke test (seconds)
     python recipes/train_toy_reasoner.py --device cpu --smoke --steps 3 --out /tmp/toy
 
@@ -104,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-problems", type=int, default=64, help="held-out problems at the end (0: none)")
     parser.add_argument("--eval-seed", type=int, default=1_000_000)
     parser.add_argument("--smoke", action="store_true", help="tiny model and batches, short problems (CPU test)")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="decoder layers (default: the toy reasoner's 6; fewer for a draft)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.tokens_per_step, args.max_blocks, args.workers, args.warmup_steps = 1024, 1, 0, 1
@@ -353,7 +360,10 @@ def train(args: argparse.Namespace) -> float | None:
     transformers_logging.disable_progress_bar()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    model = Qwen3ForCausalLM(model_config(**(SMOKE_MODEL if args.smoke else {}))).to(device)
+    overrides = dict(SMOKE_MODEL) if args.smoke else {}
+    if args.layers is not None:
+        overrides["num_hidden_layers"] = args.layers
+    model = Qwen3ForCausalLM(model_config(**overrides)).to(device)
     optimizer = make_optimizer(model, args, device)
     step = 0
     if args.resume:

@@ -196,8 +196,10 @@ def test_clear_errors_for_bad_input():
     assert all("forward" not in vars(module) for module in model.modules())
 
 
-def test_compiled_steps_are_two_graphs_reused_across_calls():
-    """Compiled (fullgraph, static shapes): one graph for the draft step, one for the verification."""
+def test_compiled_rounds_are_graphs_reused_across_calls():
+    """Compiled (fullgraph, static shapes): the draft chain (one graph per number of pending
+    tokens: 1, or 2 after a round that accepted every draft) and the verification; a second call
+    compiles nothing new."""
     torch._dynamo.reset()
     model = tiny_model("qwen3", "gqa")
     model.generation_config.eos_token_id = None
@@ -206,10 +208,12 @@ def test_compiled_steps_are_two_graphs_reused_across_calls():
     longflow_patch.apply(model, budget=64)  # patched once, so calls do not re-patch (and recompile)
     counter = CompileCounterWithBackend("eager")
     options = dict(fullgraph=True, dynamic=False, backend=counter)
+    frames = []
     for budget in (20, 20):
         got = longflow_patch.speculative_generate(model, ids, max_new_tokens=30, budget=budget, compile=options)
         assert torch.equal(got, expected)
-    assert counter.frame_count == 2
+        frames.append(counter.frame_count)
+    assert frames[0] in (2, 3) and frames[1] == frames[0]
 
 
 def test_rollback_past_the_log_is_refused():

@@ -34,17 +34,41 @@ def test_verification_logits_match_plain_transformers(dtype):
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "cuda-graphs"])
-def test_toy_reasoner_greedy_output_identical_to_generate(compile):
+@pytest.mark.parametrize("draft", ["self", "toy"])
+def test_toy_reasoner_greedy_output_identical_to_generate(compile, draft):
     model = AutoModelForCausalLM.from_pretrained(toy.model_path(), dtype=torch.bfloat16).cuda().eval()
     tokenizer = AutoTokenizer.from_pretrained(toy.model_path())
     model.generation_config.eos_token_id = None
+    if draft == "toy":
+        draft = AutoModelForCausalLM.from_pretrained(toy.draft_path(), dtype=torch.bfloat16).cuda().eval()
+        longflow_patch.apply(draft, budget=256)
     problem = toy.make_problems(1, seed=0)[0]
     ids = tokenizer(problem["prompt"], return_tensors="pt").input_ids.cuda()
     expected = model.generate(input_ids=ids, max_new_tokens=300, do_sample=False, pad_token_id=0)
     longflow_patch.apply(model, budget=256)
     for _ in range(2):  # compiled: the second call replays the captured graphs
         got, stats = longflow_patch.speculative_generate(
-            model, ids, max_new_tokens=300, budget=256, num_draft_tokens=4, compile=compile, return_stats=True
-        )
+            model, ids, max_new_tokens=300, draft=draft, budget=256, num_draft_tokens=4, compile=compile,
+            return_stats=True,
+        )  # fmt: skip
         assert torch.equal(got, expected)
         assert stats.acceptance_rate > 0.5
+
+
+def test_sampling_with_compiled_chain_runs_and_keeps_the_prompt():
+    """Sampling through the compiled chain (Gumbel noise drawn outside the graph): output has the
+    prompt, the asked length, and draws differ between seeds."""
+    model = longflow_patch.apply(AutoModelForCausalLM.from_pretrained(toy.model_path(), dtype=torch.bfloat16).cuda(),
+                                 budget=256)  # fmt: skip
+    model.generation_config.eos_token_id = None
+    ids = AutoTokenizer.from_pretrained(toy.model_path())(toy.make_problems(1, seed=1)[0]["prompt"],
+                                                          return_tensors="pt").input_ids.cuda()  # fmt: skip
+    outputs = []
+    for seed in (0, 1):
+        generator = torch.Generator(device="cuda").manual_seed(seed)
+        outputs.append(longflow_patch.speculative_generate(
+            model, ids, max_new_tokens=64, budget=256, num_draft_tokens=4, do_sample=True, temperature=1.5,
+            generator=generator, compile=True,
+        ))  # fmt: skip
+        assert outputs[-1].shape == (1, ids.shape[1] + 64) and torch.equal(outputs[-1][:, : ids.shape[1]], ids)
+    assert not torch.equal(*outputs)

@@ -20,7 +20,12 @@ from longflow_patch.toy.task import Problem, blocks_solved, is_correct, make_pro
 from longflow_patch.toy.tokenizer import build_tokenizer
 
 MODEL_DIR = Path(__file__).parent / "model"
+DRAFT_DIR = Path(__file__).parent / "draft"
 TRAIN_COMMAND = "python recipes/train_toy_reasoner.py --device cuda"
+DRAFT_TRAIN_COMMAND = (
+    "python recipes/train_toy_reasoner.py --device cuda --layers 2 --steps 3000 --warmup-steps 200 "
+    "--eval-problems 0 --out longflow_patch/toy/draft --checkpoint-dir checkpoints/toy_draft"
+)
 
 
 def model_path() -> Path:
@@ -36,11 +41,27 @@ def model_path() -> Path:
     return MODEL_DIR
 
 
+def draft_path() -> Path:
+    """The bundled draft model for speculative decoding: the toy reasoner's task and tokenizer in
+    2 layers (1.15M parameters), trained by ``DRAFT_TRAIN_COMMAND`` (about 110 s on one H100;
+    log in ``bench/results/train_toy_draft_L2.log``).
+
+    Raises FileNotFoundError while its weights are absent.
+    """
+    if not (DRAFT_DIR / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the toy draft's weights are not in {DRAFT_DIR}; train them with `{DRAFT_TRAIN_COMMAND}`"
+        )
+    return DRAFT_DIR
+
+
 __all__ = [
+    "DRAFT_DIR",
     "MODEL_DIR",
     "Problem",
     "blocks_solved",
     "build_tokenizer",
+    "draft_path",
     "is_correct",
     "make_problems",
     "model_config",
