@@ -156,6 +156,8 @@ class _Round:
             noise = self.sampler.noise(count, self.target.config.vocab_size, device)
             chain = self.full_chain if count == self.k else self.draft_chain  # short last rounds run eagerly
             drafts, draft_scores = chain(pending, _positions(self.draft_len, pending.shape[1], device), noise, count)
+            if chain is self.full_chain and self.compiled:  # CUDA-graph outputs: the verify replay may reuse them
+                drafts, draft_scores = drafts.clone(), draft_scores.clone()
             self.stats.draft_forwards += count
         verify_ids = torch.cat([sequence[-1:], drafts])[None]
         forward = self.verify_step if count == self.k else self.target
