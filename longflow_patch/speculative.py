@@ -17,11 +17,11 @@ Each round (a plain loop, gpt-fast style):
    undoes its rejected steps (`DraftCache`).
 
 For a self-draft the prompt runs once: the target's prompt pass also fills the draft's cache.
-With ``compile=True`` the draft's whole chain of ``k`` steps (token choice included: greedy argmax,
-or Gumbel-max sampling with noise drawn before the chain) and the ``k + 1``-token verification
-forward are compiled as static-shape graphs (both caches keep fixed addresses and device-side
-lengths), so a round replays two CUDA graphs on a GPU; the few shorter rounds at the end of an
-output run eagerly.
+With ``compile=True`` a whole round's device work, the draft's chain of ``k`` steps (token choice
+included: greedy argmax, or Gumbel-max sampling with noise drawn before the chain) and the
+``k + 1``-token verification forward, is compiled as one static-shape graph (both caches keep
+fixed addresses and device-side lengths), so a round is one CUDA-graph replay on a GPU plus the
+acceptance and rollback; the few shorter rounds at the end of an output run eagerly.
 
 Greedy output equals ``model.generate(do_sample=False)`` token for token, up to floating-point
 ties: verification computes the same logits in a different order (a ``T``-row forward instead of
@@ -112,11 +112,10 @@ class _Round:
                  compile_options: dict | None):  # fmt: skip
         self.target, self.draft, self.draft_cache, self.sampler, self.k = target, draft, draft_cache, sampler, k
         self.stats = SpeculativeStats()
-        # Compiled: the whole k-step draft chain (one graph per number of pending tokens, 1 or 2)
-        # and the full-length (k + 1) verification, each a static shape.
+        # Compiled: a full round (k draft steps, then the k + 1-token verification) is one graph per
+        # number of pending tokens (1, or 2 after a round that accepted every draft).
         self.compiled = compile_options is not None
-        self.full_chain = torch.compile(self.draft_chain, **compile_options) if self.compiled else self.draft_chain
-        self.verify_step = torch.compile(target.forward, **compile_options) if self.compiled else target
+        self.full_round = torch.compile(self.draft_and_verify, **compile_options) if self.compiled else None
 
     def prefill(self, prompt: torch.Tensor, capacity: int) -> torch.Tensor:
         """Fill both caches from the prompt ``[1, L]``; returns the first new token ``[1]``."""
@@ -144,26 +143,35 @@ class _Round:
             ids, positions = token[None], positions[:, -1:] + 1
         return torch.cat(tokens), torch.cat(scores)
 
+    def draft_and_verify(self, pending: torch.Tensor, positions: torch.Tensor, noise: torch.Tensor | None,
+                         count: int):  # fmt: skip
+        """`draft_chain`, then the target's forward over the last accepted token (the last of
+        ``pending``) and the ``count`` drafts. Returns the drafts ``[count]``, their draft scores
+        ``[count, V]`` and the target's scores ``[count + 1, V]``; device work only, one graph."""
+        drafts, draft_scores = self.draft_chain(pending, positions, noise, count)
+        verify_ids = torch.cat([pending[:, -1:], drafts[None]], dim=1)
+        verify_positions = positions[:, -1:] + torch.arange(count + 1, device=positions.device)
+        logits = _forward(self.target, verify_ids, verify_positions, self.target_cache)
+        return drafts, draft_scores, self.sampler.probs(logits)
+
     def step(self, sequence: torch.Tensor, remaining: int) -> torch.Tensor:
         """One draft-verify-accept round after the accepted ``sequence`` ``[N]``; returns the new
         tokens (at least one) and leaves both caches holding exactly the accepted tokens."""
         count = min(self.k, remaining - 1)
         length, device = sequence.shape[0], sequence.device
-        drafts, draft_scores = sequence.new_empty(0), None
         if count:
             self.draft_cache.commit()
             pending = sequence[self.draft_len :][None]
             noise = self.sampler.noise(count, self.target.config.vocab_size, device)
-            chain = self.full_chain if count == self.k else self.draft_chain  # short last rounds run eagerly
-            drafts, draft_scores = chain(pending, _positions(self.draft_len, pending.shape[1], device), noise, count)
-            if chain is self.full_chain and self.compiled:  # CUDA-graph outputs: the verify replay may reuse them
-                drafts, draft_scores = drafts.clone(), draft_scores.clone()
+            full = self.compiled and count == self.k  # the few short rounds at the end run eagerly
+            round_fn = self.full_round if full else self.draft_and_verify
+            positions = _positions(self.draft_len, pending.shape[1], device)
+            drafts, draft_scores, target_scores = round_fn(pending, positions, noise, count)
             self.stats.draft_forwards += count
-        verify_ids = torch.cat([sequence[-1:], drafts])[None]
-        forward = self.verify_step if count == self.k else self.target
-        target_scores = self.sampler.probs(
-            _forward(forward, verify_ids, _positions(length - 1, count + 1, device), self.target_cache)
-        )
+        else:
+            drafts, draft_scores = sequence.new_empty(0), None
+            logits = _forward(self.target, sequence[-1:][None], _positions(length - 1, 1, device), self.target_cache)
+            target_scores = self.sampler.probs(logits)
         accepted, last = self.sampler.accept(drafts, draft_scores, target_scores)
         self.target_cache.rollback(length + accepted)
         if count:
@@ -193,10 +201,13 @@ def _check_inputs(model: nn.Module, draft: nn.Module, input_ids: torch.Tensor, n
         _check_model(draft)
 
 
-def _stop_index(tokens: torch.Tensor, eos: torch.Tensor) -> int | None:
+def _stop_index(tokens: torch.Tensor, eos: set[int]) -> int | None:
     """Index just past the first EOS in ``tokens`` ``[n]``, or None."""
-    hits = torch.isin(tokens, eos).nonzero()
-    return int(hits[0, 0]) + 1 if hits.numel() else None
+    if eos:
+        for index, token in enumerate(tokens.tolist()):
+            if token in eos:
+                return index + 1
+    return None
 
 
 @torch.inference_mode()
@@ -229,7 +240,7 @@ def speculative_generate(
         num_draft_tokens: draft tokens per round ``k``; each round verifies ``k + 1`` positions.
         do_sample, temperature, top_k, top_p: default to the model's generation config.
         generator: random source for sampling (on the model's device).
-        compile: compile the ``k``-step draft chain and the ``k + 1``-token verification forward
+        compile: compile each round's ``k``-step draft chain and ``k + 1``-token verification as one graph
             (``fullgraph=True``, static shapes; ``True``: ``mode="reduce-overhead"``, CUDA graphs on
             a GPU; a dict: these ``torch.compile`` options). Apply `longflow_patch.apply` to the
             models first, or each call re-patches them and recompiles.
@@ -249,7 +260,7 @@ def speculative_generate(
     if max_new_tokens is None:
         max_new_tokens = config.max_new_tokens or max(config.max_length - input_ids.shape[1], 0)
     eos = config.eos_token_id if config.eos_token_id is not None else []
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=prompt.dtype, device=prompt.device)
+    eos = {eos} if isinstance(eos, int) else set(eos)
     draft_cache = DraftCache(make_policy("longflow", budget=budget), draft_model.config.num_hidden_layers,
                              num_draft_tokens + 1)  # fmt: skip
 
