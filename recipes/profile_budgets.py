@@ -6,12 +6,9 @@ sampled query position t, each earlier token's contribution is LongFlow's signal
 weight summed over the head's query group times ``||v||_1``, normalised to a distribution over the
 tokens. Choices (the papers leave them open):
 
-- LU-KV utility curve of a head: rank a trace's tokens by their contribution summed over all
-  sampled queries (their long-term contribution); ``u(b)`` = the mass the ``b`` top-ranked tokens
-  capture, averaged over the queries, then over traces (`fixed_set_utility`). The set is the same
-  for every query, as in a cache that keeps ``b`` tokens; each query's own top ``b`` would be an
-  oracle that rates a head attending sharply, but to tokens that change over time, as satisfied by a
-  few slots. The curve is concave by construction (totals sorted descending);
+- LU-KV utility curve of a head: ``u(b)`` = the contribution mass captured by the ``b`` largest
+  contributions, averaged over all sampled queries of all traces, so a budget is valued by what it
+  keeps for every later step (long-term), not one step. The curve is concave by construction;
   `greedy_allocate` solves the per-head budgets on it.
 - ReasonAlloc layer need: for each head, the mean number of tokens that captures ``--coverage``
   of a query's contribution mass; a layer's need is the sum over its heads (the per-layer
@@ -52,22 +49,6 @@ def head_contributions(model, ids: torch.Tensor, queries: torch.Tensor) -> list[
     return result
 
 
-def fixed_set_utility(contribution: torch.Tensor, length: int) -> torch.Tensor:
-    """LU-KV utility ``[Hkv, length]`` of keeping a fixed token set, from ``[Hkv, Q, T]`` contributions.
-
-    ``u[h, b]`` is the mean over the ``Q`` queries of the contribution mass of the ``b`` tokens with the
-    largest total contribution to head ``h`` (the same ``b`` tokens for every query): ``u[:, 0] = 0``,
-    non-decreasing and concave; budgets beyond ``T`` stay at ``u[:, T]`` (1 for normalised rows).
-    """
-    totals = contribution.double().sum(dim=1).sort(dim=-1, descending=True).values  # [Hkv, T]
-    captured = totals.cumsum(dim=-1) / contribution.shape[1]
-    width = min(length - 1, captured.shape[-1])
-    curve = captured[:, -1:].repeat(1, length)
-    curve[:, 0] = 0.0
-    curve[:, 1 : width + 1] = captured[:, :width]
-    return curve
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model directory (default: the bundled toy reasoner)")
@@ -95,8 +76,12 @@ def main() -> None:
         with torch.no_grad():
             contributions = head_contributions(model, ids, queries)
         for layer, contribution in enumerate(contributions):
-            mass[layer] += len(queries) * fixed_set_utility(contribution, args.curve_length).numpy()
             ranked = contribution.sort(dim=-1, descending=True).values.cumsum(dim=-1)  # [Hkv, Q, T]
+            width = min(args.curve_length - 1, ranked.shape[-1])
+            captured = torch.ones(kv_heads, len(queries), args.curve_length)
+            captured[:, :, 0] = 0.0
+            captured[:, :, 1 : width + 1] = ranked[:, :, :width]
+            mass[layer] += captured.sum(dim=1).numpy()
             need[layer] += ((ranked < args.coverage).sum(dim=-1) + 1).float().sum(dim=1).numpy()
         count += len(queries)
     curves = (mass / count).tolist()

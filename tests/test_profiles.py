@@ -4,12 +4,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from longflow_patch.allocation import greedy_allocate
 from longflow_patch.profiles import BudgetProfile
-
-from recipe_loader import load_recipe
 
 LAYERS, HEADS = 3, 2
 
@@ -96,29 +93,6 @@ def test_golden_file():
         '  "total_budget": 3\n'
         "}\n"
     )
-
-
-def test_lukv_curve_values_one_kept_set_for_all_queries():
-    """Each query puts all its mass on its own token: a fixed set of ``b`` tokens serves ``b`` of the ``Q`` queries."""
-    fixed_set_utility = load_recipe("profile_budgets.py").fixed_set_utility
-    queries, tokens, length = 4, 6, 10
-    sharp = torch.zeros(queries, tokens)
-    sharp[torch.arange(queries), torch.tensor([5, 0, 3, 1])] = 1.0  # a per-query oracle captures 1.0 at b = 1
-    spread = torch.full((queries, tokens), 1 / tokens)
-    curves = fixed_set_utility(torch.stack([sharp, spread]), length)  # heads [sharp, spread]
-    assert curves.shape == (2, length)
-    expected = [[min(b, queries) / queries for b in range(length)], [min(b, tokens) / tokens for b in range(length)]]
-    torch.testing.assert_close(curves, torch.tensor(expected, dtype=curves.dtype))
-
-    rng = torch.Generator().manual_seed(0)
-    contribution = torch.rand(3, 5, 40, generator=rng) ** 4
-    contribution = contribution / contribution.sum(dim=-1, keepdim=True)
-    curves = fixed_set_utility(contribution, 64)
-    steps = curves.diff(dim=-1)
-    assert (curves[:, 0] == 0).all() and (steps >= 0).all() and (steps.diff(dim=-1) <= 1e-12).all()
-    torch.testing.assert_close(curves[:, 40:], torch.ones(3, 24, dtype=curves.dtype))  # flat beyond the trace
-    assert (curves[:, 1] < contribution.max(dim=-1).values.mean(dim=-1)).all()  # below the per-query oracle
-    assert fixed_set_utility(contribution, 8).equal(curves[:, :8])  # a shorter curve is a prefix
 
 
 def valid_lukv() -> dict:
