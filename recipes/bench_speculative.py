@@ -50,9 +50,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--part", choices=["toy", "verify", "all"], default="all")
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096],
                         help="final context lengths (at most ~4.8k: the toy reasoner's trained lengths)")  # fmt: skip
-    parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
-    parser.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 4, 8], help="k values")
-    parser.add_argument("--budgets", type=int, nargs="+", default=[256, 1024], help="draft cache budgets")
+    parser.add_argument("--new-tokens", type=int, default=1024, help="tokens generated per run")
+    parser.add_argument("--draft-tokens", type=int, nargs="+", default=[4, 8], help="k values")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[1024], help="draft cache budgets")
     parser.add_argument("--drafts", choices=["self", "toy"], nargs="+", default=["self", "toy"],
                         help="self: the target as its own draft; toy: the bundled 2-layer draft")  # fmt: skip
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
