@@ -114,8 +114,7 @@ class _Round:
         self.stats = SpeculativeStats()
         # Compiled: a full round (k draft steps, then the k + 1-token verification) is one graph per
         # number of pending tokens (1, or 2 after a round that accepted every draft).
-        self.compiled = compile_options is not None
-        self.full_round = torch.compile(self.draft_and_verify, **compile_options) if self.compiled else None
+        self.full_round = None if compile_options is None else torch.compile(self.draft_and_verify, **compile_options)
 
     def prefill(self, prompt: torch.Tensor, capacity: int) -> torch.Tensor:
         """Fill both caches from the prompt ``[1, L]``; returns the first new token ``[1]``."""
@@ -163,7 +162,7 @@ class _Round:
             self.draft_cache.commit()
             pending = sequence[self.draft_len :][None]
             noise = self.sampler.noise(count, self.target.config.vocab_size, device)
-            full = self.compiled and count == self.k  # the few short rounds at the end run eagerly
+            full = self.full_round is not None and count == self.k  # short rounds at the end run eagerly
             round_fn = self.full_round if full else self.draft_and_verify
             positions = _positions(self.draft_len, pending.shape[1], device)
             drafts, draft_scores, target_scores = round_fn(pending, positions, noise, count)

@@ -134,6 +134,24 @@ def test_model_path_points_at_the_bundled_directory_or_names_the_recipe():
             toy.model_path()
 
 
+def test_bundled_draft_is_a_2_layer_model_that_agrees_with_the_reasoner():
+    """The draft `speculative_generate` benchmarks with: 2 layers, the reasoner's tokenizer, and
+    the reasoner's next token on at least 95% of a reference chain of thought (teacher-forced)."""
+    draft = AutoModelForCausalLM.from_pretrained(toy.draft_path()).eval()
+    target = AutoModelForCausalLM.from_pretrained(toy.model_path()).eval()
+    assert draft.config.num_hidden_layers == 2 and draft.config.vocab_size == target.config.vocab_size
+    assert json.loads((toy.DRAFT_DIR / "tokenizer.json").read_text()) == json.loads(
+        (toy.MODEL_DIR / "tokenizer.json").read_text()
+    )
+    problem = toy.make_problems(1, seed=5, blocks=1, with_solution=True)[0]
+    ids = AutoTokenizer.from_pretrained(toy.model_path())(problem["prompt"] + problem["solution"],
+                                                          return_tensors="pt").input_ids  # fmt: skip
+    start = 1 + len(problem["prompt"])  # score the chain of thought, not the random prompt
+    with torch.no_grad():
+        agree = draft(ids).logits.argmax(-1)[0, start:] == target(ids).logits.argmax(-1)[0, start:]
+    assert agree.float().mean() >= 0.95, f"draft agrees on {agree.float().mean():.3f} of the tokens"
+
+
 def test_training_batches_are_reproducible_and_mask_the_prompt(recipe):
     batches = recipe.TrainBatches(seed=0, steps=100, tokens_per_step=8192, max_blocks=8, curriculum=0.5)
     assert [batches.blocks_limit(step) for step in (0, 25, 49, 50, 99)] == [2, 5, 8, 8, 8]
@@ -153,7 +171,7 @@ def test_training_batches_are_reproducible_and_mask_the_prompt(recipe):
 
 def test_recipe_smoke_run_resumes_and_writes_loadable_files(recipe, tmp_path, capsys):
     out, checkpoint = tmp_path / "model", tmp_path / "checkpoint"
-    common = ["--device", "cpu", "--smoke", "--out", str(out), "--checkpoint-dir", str(checkpoint)]
+    common = ["--device", "cpu", "--smoke", "--layers", "1", "--out", str(out), "--checkpoint-dir", str(checkpoint)]
     recipe.main([*common, "--steps", "2", "--eval-problems", "0"])
     recipe.main([*common, "--steps", "3", "--resume"])
     log = capsys.readouterr().out
@@ -163,7 +181,7 @@ def test_recipe_smoke_run_resumes_and_writes_loadable_files(recipe, tmp_path, ca
     assert all(path.stat().st_size < 16 * 2**20 for path in out.iterdir())
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    assert type(model).__name__ == "Qwen3ForCausalLM"
+    assert type(model).__name__ == "Qwen3ForCausalLM" and model.config.num_hidden_layers == 1  # --layers
     inputs = tokenizer([toy.make_problems(1, 0)[0]["prompt"]], return_tensors="pt")
     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, inputs.input_ids.shape[1] + 4)

@@ -28,17 +28,22 @@ DRAFT_TRAIN_COMMAND = (
 )
 
 
+def _trained(directory: Path, name: str, command: str) -> Path:
+    """``directory`` when it holds ``model.safetensors``; else FileNotFoundError naming ``command``."""
+    if not (directory / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the {name}'s weights ({directory / 'model.safetensors'}) are not there yet; "
+            f"train them with `{command}`, which writes them into that directory"
+        )
+    return directory
+
+
 def model_path() -> Path:
     """The bundled model directory (weights, config, tokenizer), for ``from_pretrained``.
 
     Raises FileNotFoundError while the trained weights are absent.
     """
-    if not (MODEL_DIR / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"the toy reasoner's weights ({MODEL_DIR / 'model.safetensors'}) are not there yet; "
-            f"train them with `{TRAIN_COMMAND}`, which writes them into that directory"
-        )
-    return MODEL_DIR
+    return _trained(MODEL_DIR, "toy reasoner", TRAIN_COMMAND)
 
 
 def draft_path() -> Path:
@@ -48,11 +53,7 @@ def draft_path() -> Path:
 
     Raises FileNotFoundError while its weights are absent.
     """
-    if not (DRAFT_DIR / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"the toy draft's weights are not in {DRAFT_DIR}; train them with `{DRAFT_TRAIN_COMMAND}`"
-        )
-    return DRAFT_DIR
+    return _trained(DRAFT_DIR, "toy draft", DRAFT_TRAIN_COMMAND)
 
 
 __all__ = [
