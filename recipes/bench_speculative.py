@@ -56,7 +56,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--drafts", choices=["self", "toy"], nargs="+", default=["self", "toy"],
                         help="self: the target as its own draft; toy: the bundled 2-layer draft")  # fmt: skip
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    parser.add_argument("--static", action="store_true", help="also time static cache + torch.compile generate")
+    parser.add_argument("--static", action="store_true",
+                        help="also time static-cache generate + compile and a compiled loop")  # fmt: skip
     parser.add_argument(
         "--compile",
         action="store_true",
