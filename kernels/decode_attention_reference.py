@@ -95,8 +95,10 @@ def decode_attention_reference(
     recent_window: int,
     shared: bool,
     score_kind: int,
+    planned_slots: int = 0,
 ) -> torch.Tensor:
-    """Reference decode step; see the module docstring for shapes and semantics."""
+    """Reference decode step; see the module docstring for shapes and semantics.
+    ``planned_slots`` is the kernel's launch-planning hint and has no effect here."""
     batch, kv_heads, slots, head_dim = k_cache.shape
     group = q.shape[1] // kv_heads
     rows = torch.arange(batch, device=q.device)[:, None]

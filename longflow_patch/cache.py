@@ -6,6 +6,8 @@ the new token into the slot chosen at the previous step and chooses the next one
 never grows: memory is flat in output length and every decode step has the same shapes.
 """
 
+import math
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -23,6 +25,8 @@ class LongFlowLayer(CacheLayerMixin):
         slot_pos: ``[B, Hkv, S]`` int32, sequence position held by each slot, -1 if empty
         write_slot: ``[B, Hkv]`` int32, slot the next token goes to
         slot_limit: ``[B, Hkv]`` int32, usable slots per head (all S unless budgets are ragged)
+        planned_slots: mean live slots per head when budgets are ragged, else 0 (sizes the
+            kernel's work split; the per-layer total stays fixed as budget moves between heads)
         accumulated: ``[B, Hsel, S]`` float32 running scores, only for accumulating policies
         recent_queries: ``[B, Hq, W, D]`` ring of the last decode queries, only for compacting policies
     """
@@ -41,6 +45,7 @@ class LongFlowLayer(CacheLayerMixin):
         self.slot_pos: torch.Tensor | None = None
         self.write_slot: torch.Tensor | None = None
         self.slot_limit: torch.Tensor | None = None
+        self.planned_slots = 0
         self.accumulated: torch.Tensor | None = None
         self.recent_queries: torch.Tensor | None = None
 
@@ -54,6 +59,7 @@ class LongFlowLayer(CacheLayerMixin):
             raise ValueError(
                 f"layer {self.layer}: head budgets {limits} do not fit {kv_heads} KV heads x {slots} slots"
             )
+        self.planned_slots = 0 if min(limits) == slots else math.ceil(sum(limits) / kv_heads)
         shape = (batch, kv_heads, slots, key_states.shape[-1])
         if self.is_initialized and self.keys.shape == shape and self.keys.dtype == key_states.dtype:
             # Same shapes: keep the buffers (and their addresses, so captured CUDA graphs stay valid).
@@ -256,6 +262,7 @@ class LongFlowLayer(CacheLayerMixin):
                     policy.recent_window,
                     not policy.per_head,
                     int(policy.score_kind),
+                    self.planned_slots,
                 )
             )
         self.token_count.add_(query.shape[2])

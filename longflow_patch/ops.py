@@ -37,11 +37,14 @@ def decode_attention(
     recent_window: int,
     shared: bool,
     score_kind: int,
+    planned_slots: int = 0,
 ) -> torch.Tensor:
-    """One fused decode step: write the new token, attend, score slots, choose the next slot."""
+    """One fused decode step: write the new token, attend, score slots, choose the next slot.
+    ``planned_slots``: the mean live slots per head when budgets are ragged (a launch hint for
+    the kernel's work split; 0 plans for every slot)."""
     return decode_attention_reference(
         q, k_new, v_new, k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit, accumulated,
-        scale, sink_tokens, recent_window, shared, score_kind,
+        scale, sink_tokens, recent_window, shared, score_kind, planned_slots,
     )  # fmt: skip
 
 

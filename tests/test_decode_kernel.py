@@ -3,6 +3,8 @@
 On a CPU machine the kernel runs in Triton's interpreter; on a GPU, natively (larger shapes too).
 """
 
+import math
+
 import pytest
 import torch
 
@@ -54,7 +56,7 @@ def random_step(batch, kv_heads, group, slots, head_dim, dtype, filled, ragged=F
     )
 
 
-def run_both(step, score_kind, shared, n_splits=None, sink=4, recent=8):
+def run_both(step, score_kind, shared, n_splits=None, sink=4, recent=8, planned_slots=0):
     theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
     settings = dict(
         scale=step["q"].shape[-1] ** -0.5,
@@ -64,7 +66,7 @@ def run_both(step, score_kind, shared, n_splits=None, sink=4, recent=8):
         score_kind=int(score_kind),
     )
     expected = decode_attention_reference(**step, **settings)
-    got = decode_attention_triton(**theirs, **settings, n_splits=n_splits)
+    got = decode_attention_triton(**theirs, **settings, planned_slots=planned_slots, n_splits=n_splits)
     return step, expected, theirs, got
 
 
@@ -114,6 +116,17 @@ def test_kernel_matches_reference(case):
     assert_same_step(*run_both(step, score, shared, n_splits))
 
 
+@pytest.mark.parametrize("score", [ScoreKind.CONTRIBUTION, ScoreKind.ATTENTION])
+def test_ragged_budgets_planned_for_the_mean_match_reference(score):
+    """Splits and score chunks sized for the mean live budget (as the cache plans ragged layers):
+    heads above the mean span more programs, programs past a head's limit exit empty."""
+    step = random_step(2, 4, 4, 600, 64, torch.bfloat16, 600, ragged=True, shared=False, accumulate=True)
+    planned = math.ceil(step["slot_limit"].float().mean().item())
+    if not INTERPRETED:  # the GPU plans for its own SM count; force several splits per head there too
+        planned = min(planned, 256)
+    assert_same_step(*run_both(step, score, False, planned_slots=planned))
+
+
 def test_kernel_over_many_steps_keeps_choosing_like_reference():
     """Chain 40 steps on one cache: both implementations must evict the same slots every step."""
     step = random_step(2, 2, 4, 48, 64, torch.bfloat16, 20, shared=False)
@@ -159,3 +172,14 @@ def test_split_plan_covers_cache(batch, kv_heads, slots):
     n_splits, split_size = plan_splits(batch, kv_heads, slots, 64, 132)
     assert split_size % 64 == 0
     assert (n_splits - 1) * split_size < slots <= n_splits * split_size
+
+
+@pytest.mark.parametrize("batch,budget", [(1, 512), (1, 8192), (8, 2048), (128, 8192)])
+def test_ragged_split_plan_is_no_longer_than_uniform(batch, budget):
+    """Planned for the mean live budget, a ragged layout's splits hold no more slots than the
+    uniform layout's, and together they still cover every physical slot."""
+    physical = budget * 3 // 2
+    _, uniform_size = plan_splits(batch, 8, budget, 128, 132, 1)
+    n_splits, split_size = plan_splits(batch, 8, physical, 128, 132, 1, planned_slots=budget)
+    assert split_size <= uniform_size
+    assert (n_splits - 1) * split_size < physical <= n_splits * split_size
