@@ -10,6 +10,7 @@ from longflow_patch.kernels.verify_attention_reference import merge_attention_st
 from longflow_patch.patch import SUPPORTED_MODELS, apply, new_cache, unapply
 from longflow_patch.policies import (
     POLICIES,
+    SCORERS,
     CompactingPolicy,
     FullCachePolicy,
     H2OPolicy,
@@ -26,6 +27,7 @@ from longflow_patch.speculative_cache import DraftCache, SpeculativeCache
 
 __all__ = [
     "POLICIES",
+    "SCORERS",
     "SUPPORTED_MODELS",
     "CompactingPolicy",
     "DraftCache",

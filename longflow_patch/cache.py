@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from longflow_patch.kernels.decode_attention_reference import rank_slots
 from longflow_patch.ops import decode_attention
-from longflow_patch.policies import CompactingPolicy, Policy, ReasonAllocPolicy
+from longflow_patch.policies import Policy, ReasonAllocPolicy, window_attention
 
 
 class LongFlowLayer(CacheLayerMixin):
@@ -46,6 +46,7 @@ class LongFlowLayer(CacheLayerMixin):
         self.write_slot: torch.Tensor | None = None
         self.slot_limit: torch.Tensor | None = None
         self.planned_slots = 0
+        self.initial_limits: list[int] = []  # live slots per KV head at prefill (host copy of slot_limit)
         self.accumulated: torch.Tensor | None = None
         self.recent_queries: torch.Tensor | None = None
 
@@ -59,6 +60,7 @@ class LongFlowLayer(CacheLayerMixin):
             raise ValueError(
                 f"layer {self.layer}: head budgets {limits} do not fit {kv_heads} KV heads x {slots} slots"
             )
+        self.initial_limits = limits
         self.planned_slots = 0 if min(limits) == slots else math.ceil(sum(limits) / kv_heads)
         shape = (batch, kv_heads, slots, key_states.shape[-1])
         if self.is_initialized and self.keys.shape == shape and self.keys.dtype == key_states.dtype:
@@ -166,30 +168,32 @@ class LongFlowLayer(CacheLayerMixin):
 
         ``query`` ``[B, Hq, T, D]``; ``keys``/``values`` ``[B, Hkv, T, D]``; ``is_token`` ``[B, T]``
         bool (False for padding); ``positions`` ``[B, T]`` sequence positions. When the prompt
-        is longer than ``policy.keep_on_select``, the policy's prompt scores pick which tokens
-        stay; sinks and the recent window always do.
+        is longer than a head's live slots less ``policy.reserve``, the policy's prompt scores
+        pick which tokens stay; sinks and the recent window always do.
         """
         self.lazy_initialization(keys, values)
         batch, kv_heads, length, _ = keys.shape
         positions = positions.to(torch.int32)
         token_pos = torch.where(is_token, positions, -1)[:, None, :].expand(batch, kv_heads, length)
-        keep = min(self.policy.keep_on_select, self.keys.shape[2])
-        if length <= keep:
+        keep = [limit - self.policy.reserve for limit in self.initial_limits]
+        if length <= min(keep):
             score = torch.zeros(batch, kv_heads, length, device=keys.device)
         else:
             score = self.policy.prompt_scores(query, keys, values, is_token, positions, scale)
-        self._store_best(keys, values, token_pos, score, positions[:, -1], min(length, keep))
+        self._store_best(keys, values, token_pos, score, positions[:, -1], min(length, max(keep)))
         self.token_count.fill_(length)
         self.prefilled = True
-        self.free_slots = self.keys.shape[2] - min(length, keep)
+        # Free slots of the head that runs out first (compacting policies re-select then).
+        self.free_slots = min(limit - min(length, kept) for limit, kept in zip(self.initial_limits, keep, strict=True))
         self.ring_index = 0
-        if isinstance(self.policy, CompactingPolicy):
+        if self.policy.compacting:
             window = self.policy.observation_window
             self.recent_queries = query.new_zeros(*query.shape[:2], window, query.shape[-1])
 
     def _store_best(self, keys, values, token_pos, score, position, count: int) -> None:
         """Write the ``count`` best-ranked tokens into slots ``[0, count)``, clear the rest, and
-        choose the first slot to write.
+        choose the first slot to write. A head keeps at most its live limit less
+        ``policy.reserve`` of them (its best ones).
 
         ``keys``/``values`` ``[B, Hkv, T, D]`` and ``token_pos``/``score`` ``[B, Hkv, T]`` describe
         the candidates (prompt tokens, or the cache itself when compacting); ``position`` ``[B]``
@@ -202,11 +206,12 @@ class LongFlowLayer(CacheLayerMixin):
         usable = torch.ones_like(score, dtype=torch.bool)
         rank = rank_slots(score, token_pos[:, : score.shape[1]], usable, position, policy.sink_tokens,
                           policy.recent_window)  # fmt: skip
-        # The ``count`` best (protected tokens first, empty padding last). A head whose live limit is
-        # below ``count`` keeps its best ``limit`` of them; the slots past its limit are cleared.
+        # The ``count`` best (protected tokens first, empty padding last). A head whose live limit less
+        # the reserve is below ``count`` keeps its best that many; its other slots are cleared.
         # Kept tokens go in position order, as the model saw them: attention sums in the same order.
         best = rank.topk(count, dim=-1).indices.expand(batch, kv_heads, count)
-        overflow = torch.arange(count, device=keys.device) >= self.slot_limit[..., None]
+        kept = self.slot_limit - policy.reserve
+        overflow = torch.arange(count, device=keys.device) >= kept[..., None]
         chosen = best.gather(-1, (best + overflow * keys.shape[2]).argsort(dim=-1))
         kept_keys = keys.gather(2, chosen[..., None].expand(-1, -1, -1, keys.shape[-1]))
         kept_values = values.gather(2, chosen[..., None].expand(-1, -1, -1, values.shape[-1]))
@@ -238,9 +243,9 @@ class LongFlowLayer(CacheLayerMixin):
         positions = positions.to(torch.int32)
         outputs = []
         for step in range(query.shape[2]):
-            if isinstance(policy, CompactingPolicy):
+            if policy.compacting:
                 self._before_compacting_step(query[:, :, step], positions[:, step], scale)
-            if isinstance(policy, ReasonAllocPolicy):
+            elif isinstance(policy, ReasonAllocPolicy):
                 self.ring_index += 1
                 if self.ring_index % policy.rebalance_every == 0:
                     self._rebalance_heads(query[:, :, step], positions[:, step], scale)
@@ -269,17 +274,56 @@ class LongFlowLayer(CacheLayerMixin):
         return torch.stack(outputs, dim=1)
 
     def _before_compacting_step(self, query: torch.Tensor, position: torch.Tensor, scale: float) -> None:
-        """Record the query; when no free slot is left, re-select the cache by the policy's scores."""
+        """Record the query; when a head has no free slot left, re-select the cache by the
+        policy's scores (ReasonAlloc first moves budget between heads): every head keeps its live
+        limit less the buffer, so each has ``policy.reserve`` free slots again."""
         window = self.recent_queries.shape[2]
         self.recent_queries[:, :, self.ring_index % window] = query
         self.ring_index += 1
         if self.free_slots == 0:
             observed = self.recent_queries[:, :, : min(window, self.ring_index)]
             score = self.policy.compaction_scores(self.keys, self.slot_pos, observed, scale)
-            keep = self.policy.keep_on_select
-            self._store_best(self.keys.clone(), self.values.clone(), self.slot_pos.clone(), score, position - 1, keep)
-            self.free_slots = self.keys.shape[2] - keep
+            if isinstance(self.policy, ReasonAllocPolicy):
+                self._reallocate_at_selection(score, observed, position - 1, scale)
+            count = int(self.slot_limit.max()) - self.policy.reserve
+            self._store_best(self.keys.clone(), self.values.clone(), self.slot_pos.clone(), score, position - 1, count)
+            self.free_slots = self.policy.reserve
         self.free_slots -= 1
+
+    def _reallocate_at_selection(
+        self, score: torch.Tensor, observed: torch.Tensor, position: torch.Tensor, scale: float
+    ) -> None:
+        """ReasonAlloc's online step for compacting scorers, just before a re-selection: in every
+        row, move ``slots_to_move`` slots from the KV head whose last kept tokens draw the least
+        attention from the recent queries to the head whose first dropped tokens draw the most,
+        if the move gains attention. "Kept" follows the scorer's ranking of each head's tokens.
+
+        ``score`` ``[B, Hkv, S]`` the scorer's importance; ``observed`` ``[B, Hq, W, D]`` the
+        recent queries; ``position`` ``[B]`` the newest token's.
+        """
+        policy = self.policy
+        slots = self.keys.shape[2]
+        move = policy.slots_to_move(self.layer)
+        usable = torch.arange(slots, device=score.device) < self.slot_limit[..., None]
+        valid = usable & (self.slot_pos >= 0)
+        rank = rank_slots(score, self.slot_pos, usable, position, policy.sink_tokens, policy.recent_window)
+        order = torch.where(valid, rank, -torch.inf).argsort(dim=-1, descending=True, stable=True)
+        attention = window_attention(self.keys, self.slot_pos, observed, scale).gather(-1, order)
+        cumulative = torch.nn.functional.pad(attention.cumsum(dim=-1), (1, 0))  # [B, Hkv, S + 1]: mass of the best k
+
+        def mass_of_best(count: torch.Tensor) -> torch.Tensor:
+            return cumulative.gather(-1, count.clamp(0, slots).long()[..., None])[..., 0]
+
+        kept = self.slot_limit - policy.reserve
+        loss = mass_of_best(kept) - mass_of_best(kept - move)  # giving up `move` slots
+        gain = mass_of_best(kept + move) - mass_of_best(kept)  # receiving `move` slots
+        loss = loss.masked_fill(self.slot_limit - move < policy.minimum_budget, torch.inf)
+        gain = gain.masked_fill(self.slot_limit + move > slots, -torch.inf)
+        rows = torch.arange(score.shape[0], device=score.device)
+        donor, recipient = loss.argmin(dim=-1), gain.argmax(dim=-1)
+        moves = (donor != recipient) & (gain[rows, recipient] > loss[rows, donor])
+        self.slot_limit[rows, donor] -= (moves * move).to(torch.int32)
+        self.slot_limit[rows, recipient] += (moves * move).to(torch.int32)
 
     def _rebalance_heads(self, query: torch.Tensor, position: torch.Tensor, scale: float) -> None:
         """ReasonAlloc's online step: in every row, move slots from the KV head whose cheapest

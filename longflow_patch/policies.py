@@ -7,7 +7,8 @@ Two families share the cache and the fused op:
   unprotected slot receives the next token. Static shapes: these compile and capture.
 - compacting policies (SnapKV in its decode-time form, R-KV, random): new tokens fill a buffer of
   free slots; when it is full, the cache is re-selected at once by the policy's
-  ``compaction_scores``, keeping ``budget - buffer`` tokens. These run eagerly.
+  ``compaction_scores``, keeping ``budget - buffer`` tokens (a head with its own budget: that less
+  the buffer). These run eagerly.
 
 Every policy also scores the prompt when it is longer than the budget (``prompt_scores``).
 """
@@ -71,9 +72,15 @@ class Policy:
         return "sink_tokens + recent_window + 1"
 
     @property
-    def keep_on_select(self) -> int:
-        """Tokens kept when the prompt (or, for compacting policies, the cache) is re-selected."""
-        return self.budget
+    def compacting(self) -> bool:
+        """Whether the cache is re-selected at once when a buffer of new tokens is full (else one
+        slot is chosen per step)."""
+        return False
+
+    @property
+    def reserve(self) -> int:
+        """Slots per KV head left free when the prompt or the cache is re-selected."""
+        return 0
 
     def layer_slots(self, layer: int) -> int:
         """Physical slots per sequence and KV head of ``layer`` (allocated once)."""
@@ -86,7 +93,7 @@ class Policy:
     @property
     def compileable(self) -> bool:
         """Whether decoding keeps static shapes and no host decisions (compile and CUDA graphs)."""
-        return not isinstance(self, CompactingPolicy)
+        return not self.compacting
 
     def prompt_scores(self, query, keys, values, is_token, positions, scale) -> torch.Tensor:
         """Importance of each prompt token, ``[B, Hkv, T]`` float32 (higher is kept).
@@ -154,8 +161,12 @@ class CompactingPolicy(Policy):
         return "sink_tokens + recent_window + buffer + 1"
 
     @property
-    def keep_on_select(self) -> int:
-        return self.budget - self.buffer
+    def compacting(self) -> bool:
+        return True
+
+    @property
+    def reserve(self) -> int:
+        return self.buffer
 
     def compaction_scores(self, keys, slot_pos, queries, scale) -> torch.Tensor:
         """Importance of each cached slot, ``[B, Hkv, S]`` float32 (higher is kept).
@@ -227,28 +238,84 @@ class RandomPolicy(CompactingPolicy):
         return torch.rand(slot_pos.shape, generator=generator, device=keys.device)
 
 
+SCORERS = ("longflow", "rkv")
+
+
 @dataclass(frozen=True)
-class ProfiledPolicy(LongFlowPolicy):
-    """LongFlow scoring with budgets that differ across layers and KV heads, from an offline
-    profile (`longflow_patch.profiles.BudgetProfile`, written by ``recipes/profile_budgets.py``).
+class ProfiledPolicy(Policy):
+    """Budgets that differ across layers and KV heads, from an offline profile
+    (`longflow_patch.profiles.BudgetProfile`, written by ``recipes/profile_budgets.py``), over a
+    token scorer: which tokens a head keeps within its budget.
 
     ``budget`` keeps its meaning: the average slots per KV head per layer, so the total KV memory
-    equals uniform LongFlow's at the same ``budget``; the profile is re-solved for that total.
+    equals a uniform policy's at the same ``budget``; the profile is re-solved for that total.
     Eviction is per KV head (``per_head`` is forced on).
+
+    Both papers allocate over an existing scorer (ReasonAlloc's over R-KV, LU-KV's budgets are
+    "metric-universal"), so the scorer is a setting: ``"longflow"`` (default) scores every step in
+    the fused op and compiles; ``"rkv"`` re-selects each head at once by R-KV's importance minus
+    redundancy when ``buffer`` new tokens have arrived (eager, as uniform R-KV).
 
     Attributes:
         profile: path of the profile JSON.
+        scorer: the token scorer, one of ``SCORERS``.
+        buffer: free slots per head opened by each re-selection (compacting scorers only).
     """
 
     profile: str | Path | None = None
     per_head: bool = True
+    scorer: str = "longflow"
+    buffer: int = 64
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.profile is None:
             raise ValueError(f"policy {self.name!r} needs profile=PATH (a JSON from recipes/profile_budgets.py)")
         if not self.per_head:
             raise ValueError(f"policy {self.name!r} evicts per KV head: per_head must stay True")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"policy {self.name!r}: unknown scorer {self.scorer!r}; available: {SCORERS}")
+        try:
+            self.token_scorer  # noqa: B018  (builds and validates the scorer's settings)
+        except ValueError as error:
+            raise ValueError(f"policy {self.name!r} over scorer {self.scorer!r}: {error}") from None
+        super().__post_init__()
+
+    @cached_property
+    def token_scorer(self) -> Policy:
+        """The uniform policy whose scoring rule this allocation runs, with the same settings."""
+        scorer = POLICIES[self.scorer]
+        settings = dict(budget=self.budget, sink_tokens=self.sink_tokens, recent_window=self.recent_window,
+                        per_head=True, observation_window=self.observation_window,
+                        pooling_kernel=self.pooling_kernel)  # fmt: skip
+        if issubclass(scorer, CompactingPolicy):
+            settings["buffer"] = self.buffer
+        return scorer(**settings)
+
+    @property
+    def score_kind(self) -> ScoreKind:
+        return self.token_scorer.score_kind
+
+    @property
+    def compacting(self) -> bool:
+        return self.token_scorer.compacting
+
+    @property
+    def reserve(self) -> int:
+        return self.token_scorer.reserve
+
+    @property
+    def minimum_budget(self) -> int:
+        return self.token_scorer.minimum_budget
+
+    @property
+    def minimum_budget_rule(self) -> str:
+        return self.token_scorer.minimum_budget_rule
+
+    def prompt_scores(self, query, keys, values, is_token, positions, scale) -> torch.Tensor:
+        return self.token_scorer.prompt_scores(query, keys, values, is_token, positions, scale)
+
+    def compaction_scores(self, keys, slot_pos, queries, scale) -> torch.Tensor:
+        return self.token_scorer.compaction_scores(keys, slot_pos, queries, scale)
 
     @cached_property
     def head_table(self) -> list[list[int]]:
@@ -270,7 +337,8 @@ class ProfiledPolicy(LongFlowPolicy):
 
 class LUKVPolicy(ProfiledPolicy):
     """LU-KV: per-head budgets that maximise the profiled marginal utility of keeping tokens
-    (greedy on the concave envelope of each head's utility curve), fixed during decoding."""
+    (greedy on the concave envelope of each head's utility curve), fixed during decoding.
+    Each head keeps its own budget's worth under the chosen scorer."""
 
     name = "lukv"
 
@@ -283,15 +351,19 @@ class ReasonAllocPolicy(ProfiledPolicy):
     """ReasonAlloc: layer budgets pre-allocated from the profile (the layer-wise 'reasoning wave'),
     re-allocated online between the heads of a layer.
 
-    Every ``rebalance_every`` steps each layer moves ``rebalance_slots`` slots (default: a
-    sixteenth of the per-head share) from the head whose cheapest evictable tokens are worth least
-    to the head whose cheapest tokens are worth most, scoring slots with the current query's
-    contribution (the fused op's signal). A head keeps at least the policy's minimum budget and
-    at most ``capacity`` times the layer's per-head share (the physical allocation).
+    Each re-allocation moves ``rebalance_slots`` slots (default: a sixteenth of the per-head
+    share) between two heads of a layer, in every row. With the LongFlow scorer it runs every
+    ``rebalance_every`` steps: from the head whose cheapest evictable tokens are worth least to
+    the head whose cheapest are worth most, scoring slots with the current query's contribution
+    (the fused op's signal). With a compacting scorer it runs at each re-selection: from the head
+    whose last kept tokens draw the least attention from the recent queries to the head whose
+    first dropped tokens draw the most, when that gains attention. A head keeps at least the
+    policy's minimum budget and at most ``capacity`` times the layer's per-head share (the
+    physical allocation).
 
     Attributes:
         capacity: physical slots per head as a multiple of the layer's per-head share.
-        rebalance_every: decode steps between re-allocations.
+        rebalance_every: decode steps between re-allocations (LongFlow scorer).
         rebalance_slots: slots moved per re-allocation (0: share // 16).
     """
 

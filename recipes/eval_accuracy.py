@@ -28,8 +28,13 @@ from longflow_patch import toy
 from common import environment
 
 DEFAULT_BUDGETS = ["5%", "10%", "20%", "40%", "128", "256", "512"]
-COMPARED = ["longflow", "streamingllm", "h2o", "snapkv", "rkv", "random", "lukv", "reasonalloc"]
+COMPARED = ["longflow", "streamingllm", "h2o", "snapkv", "rkv", "random", "lukv", "reasonalloc", "lukv+rkv",
+            "reasonalloc+rkv"]  # fmt: skip
 PROFILED = ("lukv", "reasonalloc")
+# A policy is a registered name, an allocator over a token scorer ("lukv+rkv": LU-KV's budgets over
+# R-KV), or a uniform policy evicting per KV head ("rkv:per_head", the uniform baseline of an allocator).
+CHOICES = (sorted(longflow_patch.POLICIES) + [f"{a}+{s}" for a in PROFILED for s in longflow_patch.SCORERS]
+           + [f"{name}:per_head" for name in sorted(longflow_patch.POLICIES) if name not in PROFILED])  # fmt: skip
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -42,15 +47,18 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def policy_settings(policy: str, budget: int) -> dict:
-    """Per-policy settings at a budget: compacting policies get a buffer of an eighth of it, the
-    allocators the toy reasoner's bundled profile."""
-    settings = {"budget": budget}
-    if issubclass(longflow_patch.POLICIES[policy], longflow_patch.CompactingPolicy):
+def make_policy(spec: str, budget: int) -> longflow_patch.Policy:
+    """The policy named by ``spec`` (``name``, ``allocator+scorer`` or ``name:per_head``) at a budget:
+    compacting scorers get a buffer of an eighth of it, the allocators the toy reasoner's bundled profile."""
+    spec, _, per_head = spec.partition(":")
+    name, _, scorer = spec.partition("+")
+    settings = {"budget": budget, "per_head": True} if per_head else {"budget": budget}
+    if issubclass(longflow_patch.POLICIES[scorer or name], longflow_patch.CompactingPolicy):
         settings["buffer"] = max(8, budget // 8)
-    if policy in PROFILED:
-        settings["profile"] = Path(toy.model_path()) / "profiles" / f"{policy}.json"
-    return settings
+    if name in PROFILED:
+        settings["profile"] = Path(toy.model_path()) / "profiles" / f"{name}.json"
+        settings["scorer"] = scorer or "longflow"
+    return longflow_patch.make_policy(name, **settings)
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -115,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=400)
     parser.add_argument("--seed", type=int, default=20261122, help="problem seed (fresh: not the training seeds)")
-    parser.add_argument("--policies", nargs="*", default=COMPARED, choices=sorted(longflow_patch.POLICIES))
+    parser.add_argument("--policies", nargs="*", default=COMPARED, choices=CHOICES)
     parser.add_argument("--budgets", nargs="+", default=DEFAULT_BUDGETS)
     parser.add_argument("--kl-problems", type=int, default=32, help="traces used for the KL fidelity metric")
     parser.add_argument("--batch-size", type=int, default=512)
@@ -163,9 +171,8 @@ def main() -> None:
     for policy in args.policies:
         for label in args.budgets:
             budget = round(float(label[:-1]) / 100 * mean_trace) if label.endswith("%") else int(label)
-            settings = policy_settings(policy, budget)
             try:
-                chosen = longflow_patch.make_policy(policy, **settings)
+                chosen = make_policy(policy, budget)
             except ValueError as error:  # budget below the policy's minimum
                 print(f"skip {policy} at {label}: {error}")
                 continue

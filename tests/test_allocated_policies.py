@@ -1,5 +1,7 @@
 """LU-KV and ReasonAlloc: ragged per-head budgets from a profile, on the shared cache and op."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -93,3 +95,142 @@ def test_profiled_policies_need_a_matching_profile(profiles):
     longflow_patch.apply(model, policy="lukv", budget=40, profile=profiles["reasonalloc"])
     with pytest.raises(ValueError, match="is a 'reasonalloc' profile"):
         longflow_patch.new_cache(model).layers[0].policy.head_table  # noqa: B018
+
+
+def test_lukv_over_rkv_keeps_each_head_within_its_budget_between_re_selections(profiles):
+    """Each head re-selected by R-KV keeps its own budget less the buffer, then fills the buffer."""
+    model, buffer = tiny_model("qwen3", "gqa"), 8
+    longflow_patch.apply(model, policy="lukv", budget=40, profile=profiles["lukv"], scorer="rkv", buffer=buffer)
+    policy = model._longflow_policy
+    assert policy.compacting and not policy.compileable, "R-KV re-selects on the host: compacting, eager"
+    table = policy.head_table
+    assert sum(map(sum, table)) == 2 * 2 * 40 and table[0][1] > table[0][0], "equal total, later head gets more"
+    cache = run(model)
+    for index, layer in enumerate(cache.layers):
+        assert layer.slot_limit.tolist() == [table[index]] * 2, "LU-KV's budgets never move"
+        assert layer.keys.shape[2] == max(table[index]) and not layer.is_compileable
+        assert_consistent(layer)
+        held = (layer.slot_pos >= 0).sum(-1).tolist()
+        for row in held:
+            for tokens, limit in zip(row, table[index], strict=True):
+                assert limit - buffer <= tokens <= limit, f"layer {index}: {tokens} tokens under a limit of {limit}"
+
+
+def test_profiled_policy_over_rkv_needs_room_for_the_buffer(profiles):
+    """The scorer's own floor applies, and the error says which policy over which scorer."""
+    minimum = 4 + 8 + 8 + 1  # sink_tokens + recent_window + buffer + 1
+    longflow_patch.make_policy("lukv", budget=minimum, profile=profiles["lukv"], scorer="rkv", buffer=8)
+    with pytest.raises(ValueError) as error:
+        longflow_patch.make_policy("lukv", budget=minimum - 1, profile=profiles["lukv"], scorer="rkv", buffer=8)
+    assert "'lukv'" in str(error.value) and "'rkv'" in str(error.value), f"names policy and scorer: {error.value}"
+
+
+def test_reasonalloc_over_rkv_trades_slots_at_re_selections(profiles):
+    """Re-selections move slots between the heads of a layer, within the layer's total and the minimum."""
+    model = tiny_model("qwen3", "gqa")
+    longflow_patch.apply(model, policy="reasonalloc", budget=40, profile=profiles["reasonalloc"], scorer="rkv",
+                         buffer=8, rebalance_slots=3)  # fmt: skip
+    policy = model._longflow_policy
+    assert policy.compacting and not policy.compileable, "R-KV re-selects on the host: compacting, eager"
+    table = policy.head_table
+    cache = run(model, new_tokens=120)
+    moved = False
+    for index, layer in enumerate(cache.layers):
+        assert_consistent(layer)
+        assert layer.slot_limit.sum(-1).tolist() == [sum(table[index])] * 2, "a layer's total never changes"
+        assert int(layer.slot_limit.min()) >= policy.minimum_budget, "a head fell below the minimum budget"
+        moved |= layer.slot_limit[:, 0].tolist() != [table[index][0]] * 2
+    assert moved, "no head traded slots"
+
+
+def test_lukv_over_rkv_with_a_flat_profile_generates_as_uniform_rkv(tmp_path):
+    """Equal budgets for every head: the allocation is a no-op, so tokens match uniform per-head R-KV."""
+    curves = [[1 - np.exp(-np.arange(200) / 20.0)] * 2] * 2
+    profile = BudgetProfile.from_curves("lukv", "tiny", curves, total_budget=4 * 40, num_kv_heads=2, minimum=13)
+    profile.save(tmp_path / "flat.json")
+    ids, mask = left_padded_prompts(batch=2, length=50)  # longer than a head keeps: the prompt is scored too
+    outputs, flat = [], {"profile": tmp_path / "flat.json", "scorer": "rkv"}
+    for policy, settings in (("rkv", {"per_head": True}), ("lukv", flat)):
+        model = tiny_model("qwen3", "gqa")
+        longflow_patch.apply(model, policy=policy, budget=40, buffer=8, **settings)
+        outputs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=60, min_new_tokens=60,
+                                      do_sample=False, pad_token_id=0))  # fmt: skip
+    assert model._longflow_policy.head_table == [[40, 40], [40, 40]], "the flat profile is not flat"
+    assert torch.equal(outputs[0], outputs[1]), "LU-KV over R-KV at equal budgets differs from uniform R-KV"
+
+
+# A ReasonAlloc + R-KV layer 0 (2 KV heads of 31 live slots, 47 physical) filled by hand: every query
+# of the observation window is QUERY_SIZE * e0, so a key ln(w) / (QUERY_SIZE * SCALE) * e0 draws
+# attention in proportion to w. Positions 0-3 (sinks) and 23-30 (recent) are protected; of the 19
+# others, the 11 best are kept (31 - buffer 8) and moves take the 3 around that cut.
+HEAD_DIM, QUERY_SIZE = 4, 4.0
+SCALE = HEAD_DIM**-0.5
+PROTECTED = [*range(4), *range(23, 31)]
+
+
+def keys_drawing(weights):
+    """Keys ``[T, HEAD_DIM]`` whose attention from the observed queries is proportional to ``weights``."""
+    keys = torch.zeros(len(weights), HEAD_DIM)
+    keys[:, 0] = torch.tensor(weights, dtype=torch.float64).log().float() / (QUERY_SIZE * SCALE)
+    return keys
+
+
+def graded(protected, kept, dropped):
+    """Weights of 31 tokens: ``protected`` on sinks and recent ones, ``kept`` on the best 11 others
+    (positions 4-14), ``dropped`` on the rest; all above 1 (parallel keys: R-KV ranks by attention)."""
+    return [protected if p in PROTECTED else kept if p < 15 else dropped for p in range(31)]
+
+
+HEADS = {
+    "concentrated": [math.exp(8)] + [math.exp(-8)] * 30,  # the sink takes all attention
+    "uniform": [2.0] * 31,  # identical keys
+    # every token of `rich` draws attention, but `lean`'s last kept tokens draw more than `rich`'s first dropped
+    "rich": graded(100.0, 8.0, 4.0),
+    "lean": graded(100.0, 6.0, 2.0),
+}
+
+
+def selection_layer(profiles, heads, **settings):
+    """Layer 0 of a ReasonAlloc + R-KV cache just before a re-selection: its 2 KV heads full (31 tokens,
+    positions 0-30) with the keys of ``HEADS[heads[0]]`` and ``HEADS[heads[1]]``; the prompt fills all
+    but the buffer, decode steps the rest."""
+    settings = dict(budget=40, profile=profiles["reasonalloc"], scorer="rkv", buffer=8, rebalance_slots=3) | settings
+    policy = longflow_patch.make_policy("reasonalloc", **settings)
+    layer = longflow_patch.LongFlowLayer(policy, layer=0)
+    assert policy.head_table[0] == [31, 31] and policy.minimum_budget == 21
+    keys = torch.stack([keys_drawing(HEADS[name]) for name in heads])[None]
+    values = torch.randn(keys.shape, generator=torch.Generator().manual_seed(0))
+    query = torch.zeros(1, 4, 31, HEAD_DIM)
+    positions = torch.arange(31)[None]
+    prompt = 31 - policy.buffer
+    layer.prefill(query[:, :, :prompt], keys[:, :, :prompt], values[:, :, :prompt],
+                  torch.ones(1, prompt, dtype=torch.bool), positions[:, :prompt], SCALE)  # fmt: skip
+    layer.decode(query[:, :, prompt:], keys[:, :, prompt:], values[:, :, prompt:], positions[:, prompt:], SCALE)
+    assert layer.slot_pos[0, :, :31].tolist() == [list(range(31))] * 2 and layer.free_slots == 0, "heads not full"
+    assert torch.equal(layer.keys[:, :, :31], keys), "the crafted keys are not the cached ones"
+    return layer
+
+
+@pytest.mark.parametrize(
+    "heads, settings, limits",
+    [
+        (("concentrated", "uniform"), {}, [28, 34]),
+        (("uniform", "concentrated"), {}, [34, 28]),
+        (("uniform", "uniform"), {}, [31, 31]),
+        (("lean", "rich"), {}, [31, 31]),
+        (("rich", "lean"), {}, [31, 31]),
+        (("concentrated", "uniform"), {"rebalance_slots": 11}, [31, 31]),
+        (("concentrated", "uniform"), {"capacity": 1.0}, [31, 31]),
+    ],
+    ids=["to-head-1", "to-head-0", "identical", "net-loss", "net-loss-mirrored", "donor-at-floor", "no-spare-slots"],
+)
+def test_reasonalloc_moves_slots_at_a_selection_only_where_attention_gains(profiles, heads, settings, limits):
+    """Slots go from the head whose marginal kept tokens draw ~no attention to the one whose first
+    dropped tokens draw real attention; not when that loses attention, leaves a head under the
+    minimum budget (31 - 11 < 21) or over its physical slots (capacity 1: 31)."""
+    layer = selection_layer(profiles, heads, **settings)
+    observed = torch.zeros(1, 4, 2, HEAD_DIM)
+    observed[..., 0] = QUERY_SIZE
+    score = layer.policy.compaction_scores(layer.keys, layer.slot_pos, observed, SCALE)
+    layer._reallocate_at_selection(score, observed, torch.tensor([30]), SCALE)
+    assert layer.slot_limit.tolist() == [limits], f"heads {heads}: limits {layer.slot_limit.tolist()}, not {limits}"
