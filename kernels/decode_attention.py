@@ -353,9 +353,10 @@ def decode_attention_triton(
     block_g = max(16, triton.next_power_of_2(group))
     launch = launch or AttendLaunch()
     block_s = launch.block_s if head_dim <= 128 else launch.block_s // 2
+    num_sms = multiprocessor_count(q.device)
     if n_splits is None:
         n_splits, split_size = plan_splits(
-            batch, kv_heads, slots, block_s, multiprocessor_count(q.device), launch.min_tiles_per_split, planned_slots
+            batch, kv_heads, slots, block_s, num_sms, launch.min_tiles_per_split, planned_slots
         )
     else:
         split_size = math.ceil(math.ceil(slots / n_splits) / block_s) * block_s
@@ -383,7 +384,6 @@ def decode_attention_triton(
     heads = kv_heads if shared else 1
     block_h, score_g = triton.next_power_of_2(heads), max(2, triton.next_power_of_2(group))
     score_block = min(SCORE_BLOCK, max(16, 4096 // (block_h * score_g)))
-    num_sms = multiprocessor_count(q.device)
     chunk_size, n_chunks = _plan_chunks(batch * n_sel, slots, score_block, num_sms, planned_slots)
     chunk_min = torch.empty((batch, n_sel, n_chunks), **f32)
     chunk_arg = torch.empty((batch, n_sel, n_chunks), dtype=torch.int32, device=q.device)
