@@ -206,6 +206,10 @@ class RKVPolicy(CompactingPolicy):
     cached slots of a head (importance by its sum, redundancy by a softmax of each key's mean
     cosine similarity to the other valid keys), and ``score = importance_weight * importance -
     (1 - importance_weight) * redundancy`` with the paper's weight 0.1.
+
+    The mean similarity needs no ``[S, S]`` matrix: a unit key's dot product with the sum of all
+    valid unit keys, less its product with itself, over the count of the others. Memory stays ``O(S)`` per head,
+    so re-selecting a large batch of long caches fits beside the model.
     """
 
     name = "rkv"
@@ -215,11 +219,10 @@ class RKVPolicy(CompactingPolicy):
         valid = slot_pos >= 0
         importance = window_attention(keys, slot_pos, queries, scale)
         importance = importance / importance.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-        unit = torch.nn.functional.normalize(keys.float(), dim=-1)
-        similarity = torch.einsum("bhsd,bhtd->bhst", unit, unit)
-        pair = valid[..., :, None] & valid[..., None, :]
-        pair &= ~torch.eye(keys.shape[2], dtype=torch.bool, device=keys.device)
-        mean_similarity = (similarity * pair).sum(-1) / pair.sum(-1).clamp_min(1)
+        unit = torch.nn.functional.normalize(keys.float(), dim=-1) * valid[..., None]
+        others = (valid.sum(dim=-1, keepdim=True) - 1).clamp_min(1)
+        self_similarity = unit.square().sum(dim=-1)
+        mean_similarity = (torch.einsum("bhsd,bhd->bhs", unit, unit.sum(dim=2)) - self_similarity) / others
         redundancy = torch.softmax(mean_similarity.masked_fill(~valid, -torch.inf), dim=-1).nan_to_num_(0.0)
         weight = self.importance_weight
         return weight * importance - (1 - weight) * redundancy

@@ -88,3 +88,30 @@ def test_compacting_budget_must_hold_buffer():
     model = tiny_model()
     with pytest.raises(ValueError, match=r"sink_tokens \+ recent_window \+ buffer \+ 1 = 77"):
         longflow_patch.apply(model, policy="snapkv", budget=70, buffer=64)
+
+
+def pairwise_rkv_scores(keys, slot_pos, queries, scale, importance_weight=0.1):
+    """R-KV's score written from its definition, with the full ``[S, S]`` cosine-similarity matrix."""
+    valid = slot_pos >= 0
+    importance = longflow_patch.policies.window_attention(keys, slot_pos, queries, scale)
+    importance = importance / importance.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+    similarity = unit @ unit.transpose(-1, -2)
+    pair = valid[..., :, None] & valid[..., None, :] & ~torch.eye(keys.shape[2], dtype=torch.bool)
+    mean_similarity = (similarity * pair).sum(-1) / pair.sum(-1).clamp_min(1)
+    redundancy = torch.softmax(mean_similarity.masked_fill(~valid, -torch.inf), dim=-1).nan_to_num(0.0)
+    return importance_weight * importance - (1 - importance_weight) * redundancy
+
+
+@pytest.mark.parametrize("empty", [0, 5, 23], ids=["full", "some-empty", "one-valid"])
+def test_rkv_scores_match_the_pairwise_definition(empty):
+    torch.manual_seed(empty)
+    batch, kv_heads, group, slots, dim = 3, 2, 4, 24, 16
+    keys = torch.randn(batch, kv_heads, slots, dim)
+    keys[:, :, :4] = keys[:, :, 4:5] + 0.01 * torch.randn(batch, kv_heads, 4, dim)  # near-duplicates
+    slot_pos = torch.randperm(500)[: batch * kv_heads * slots].view(batch, kv_heads, slots).int()
+    slot_pos[0, :, :empty] = -1  # row 0 has empty slots
+    queries = torch.randn(batch, kv_heads * group, 6, dim)
+    policy = longflow_patch.make_policy("rkv", budget=64, buffer=16)
+    scores = policy.compaction_scores(keys, slot_pos, queries, dim**-0.5)
+    torch.testing.assert_close(scores, pairwise_rkv_scores(keys, slot_pos, queries, dim**-0.5), rtol=1e-5, atol=1e-6)
