@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from longflow_patch.kernels.decode_attention_reference import rank_slots
 from longflow_patch.ops import decode_attention
-from longflow_patch.policies import Policy, ReasonAllocPolicy, window_attention
+from longflow_patch.policies import Policy, window_attention
 
 
 class LongFlowLayer(CacheLayerMixin):
@@ -245,7 +245,7 @@ class LongFlowLayer(CacheLayerMixin):
         for step in range(query.shape[2]):
             if policy.compacting:
                 self._before_compacting_step(query[:, :, step], positions[:, step], scale)
-            elif isinstance(policy, ReasonAllocPolicy):
+            elif policy.reallocates_heads:
                 self.ring_index += 1
                 if self.ring_index % policy.rebalance_every == 0:
                     self._rebalance_heads(query[:, :, step], positions[:, step], scale)
@@ -283,7 +283,7 @@ class LongFlowLayer(CacheLayerMixin):
         if self.free_slots == 0:
             observed = self.recent_queries[:, :, : min(window, self.ring_index)]
             score = self.policy.compaction_scores(self.keys, self.slot_pos, observed, scale)
-            if isinstance(self.policy, ReasonAllocPolicy):
+            if self.policy.reallocates_heads:
                 self._reallocate_at_selection(score, observed, position - 1, scale)
             count = int(self.slot_limit.max()) - self.policy.reserve
             self._store_best(self.keys.clone(), self.values.clone(), self.slot_pos.clone(), score, position - 1, count)

@@ -91,6 +91,11 @@ class Policy:
         return None
 
     @property
+    def reallocates_heads(self) -> bool:
+        """Whether budget moves between the KV heads of a layer during decoding (ReasonAlloc)."""
+        return False
+
+    @property
     def compileable(self) -> bool:
         """Whether decoding keeps static shapes and no host decisions (compile and CUDA graphs)."""
         return not self.compacting
@@ -252,7 +257,9 @@ class ProfiledPolicy(Policy):
 
     ``budget`` keeps its meaning: the average slots per KV head per layer, so the total KV memory
     equals a uniform policy's at the same ``budget``; the profile is re-solved for that total.
-    Eviction is per KV head (``per_head`` is forced on).
+    Eviction is per KV head by default. With ``per_head=False`` the allocation is layer-wise only:
+    the heads of a layer share eviction and its budget (the mean of its heads' solved budgets,
+    rounded down, so the total never exceeds uniform's), and ReasonAlloc's head step is off.
 
     Both papers allocate over an existing scorer (ReasonAlloc's over R-KV, LU-KV's budgets are
     "metric-universal"), so the scorer is a setting: ``"longflow"`` (default) scores every step in
@@ -273,8 +280,6 @@ class ProfiledPolicy(Policy):
     def __post_init__(self) -> None:
         if self.profile is None:
             raise ValueError(f"policy {self.name!r} needs profile=PATH (a JSON from recipes/profile_budgets.py)")
-        if not self.per_head:
-            raise ValueError(f"policy {self.name!r} evicts per KV head: per_head must stay True")
         if self.scorer not in SCORERS:
             raise ValueError(f"policy {self.name!r}: unknown scorer {self.scorer!r}; available: {SCORERS}")
         try:
@@ -288,7 +293,7 @@ class ProfiledPolicy(Policy):
         """The uniform policy whose scoring rule this allocation runs, with the same settings."""
         scorer = POLICIES[self.scorer]
         settings = dict(budget=self.budget, sink_tokens=self.sink_tokens, recent_window=self.recent_window,
-                        per_head=True, observation_window=self.observation_window,
+                        per_head=self.per_head, observation_window=self.observation_window,
                         pooling_kernel=self.pooling_kernel)  # fmt: skip
         if issubclass(scorer, CompactingPolicy):
             settings["buffer"] = self.buffer
@@ -334,8 +339,12 @@ class ProfiledPolicy(Policy):
                                            profile.num_kv_heads, minimum, profile.metadata)  # fmt: skip
         return solved.head_budget_table()
 
+    def layer_share(self, layer: int) -> int:
+        """Slots per KV head of ``layer`` when its heads share eviction."""
+        return sum(self.head_table[layer]) // len(self.head_table[layer])
+
     def head_limits(self, layer: int) -> list[int] | None:
-        return self.head_table[layer]
+        return self.head_table[layer] if self.per_head else None
 
 
 class LUKVPolicy(ProfiledPolicy):
@@ -346,7 +355,7 @@ class LUKVPolicy(ProfiledPolicy):
     name = "lukv"
 
     def layer_slots(self, layer: int) -> int:
-        return max(self.head_table[layer])
+        return max(self.head_table[layer]) if self.per_head else self.layer_share(layer)
 
 
 @dataclass(frozen=True)
@@ -376,14 +385,20 @@ class ReasonAllocPolicy(ProfiledPolicy):
     rebalance_slots: int = 0
 
     def layer_slots(self, layer: int) -> int:
+        if not self.per_head:
+            return self.layer_share(layer)
         return math.ceil(self.capacity * max(self.head_table[layer]))
 
     def slots_to_move(self, layer: int) -> int:
         return self.rebalance_slots or max(1, max(self.head_table[layer]) // 16)
 
     @property
+    def reallocates_heads(self) -> bool:
+        return self.per_head
+
+    @property
     def compileable(self) -> bool:
-        return False
+        return not self.reallocates_heads and super().compileable
 
 
 POLICIES: dict[str, type[Policy]] = {

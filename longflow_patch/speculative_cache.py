@@ -18,7 +18,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from longflow_patch.cache import LongFlowCache, LongFlowLayer
-from longflow_patch.policies import Policy, ReasonAllocPolicy
+from longflow_patch.policies import Policy
 from longflow_patch.verify_ops import verify_attention
 
 
@@ -186,7 +186,7 @@ class DraftCache(LongFlowCache):
     """
 
     def __init__(self, policy: Policy, num_layers: int, max_steps: int):
-        if policy.accumulate or not policy.compileable or isinstance(policy, ReasonAllocPolicy):
+        if policy.accumulate or not policy.compileable:
             raise ValueError(f"policy {policy.name!r} keeps state across steps; a draft cache cannot undo its steps")
         Cache.__init__(self, layers=[DraftLayer(policy, layer, max_steps) for layer in range(num_layers)])
         self.policy = policy

@@ -32,8 +32,10 @@ COMPARED = ["longflow", "streamingllm", "h2o", "snapkv", "rkv", "random", "lukv"
             "reasonalloc+rkv"]  # fmt: skip
 PROFILED = ("lukv", "reasonalloc")
 # A policy is a registered name, an allocator over a token scorer ("lukv+rkv": LU-KV's budgets over
-# R-KV), or a uniform policy evicting per KV head ("rkv:per_head", the uniform baseline of an allocator).
-CHOICES = (sorted(longflow_patch.POLICIES) + [f"{a}+{s}" for a in PROFILED for s in longflow_patch.SCORERS]
+# R-KV), a uniform policy evicting per KV head ("rkv:per_head", the uniform baseline of an allocator),
+# or an allocator whose layer's heads share eviction ("lukv+rkv:shared": layer-wise budgets only).
+ALLOCATORS = [f"{a}+{s}" for a in PROFILED for s in longflow_patch.SCORERS]
+CHOICES = (sorted(longflow_patch.POLICIES) + ALLOCATORS + [f"{spec}:shared" for spec in [*PROFILED, *ALLOCATORS]]
            + [f"{name}:per_head" for name in sorted(longflow_patch.POLICIES) if name not in PROFILED])  # fmt: skip
 
 
@@ -48,11 +50,12 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
 
 
 def make_policy(spec: str, budget: int) -> longflow_patch.Policy:
-    """The policy named by ``spec`` (``name``, ``allocator+scorer`` or ``name:per_head``) at a budget:
-    compacting scorers get a buffer of an eighth of it, the allocators the toy reasoner's bundled profile."""
-    spec, _, per_head = spec.partition(":")
+    """The policy named by ``spec`` (``name``, ``allocator+scorer``, ``name:per_head`` or
+    ``allocator:shared``) at a budget: compacting scorers get a buffer of an eighth of it, the
+    allocators the toy reasoner's bundled profile."""
+    spec, _, eviction = spec.partition(":")
     name, _, scorer = spec.partition("+")
-    settings = {"budget": budget, "per_head": True} if per_head else {"budget": budget}
+    settings = {"budget": budget, "per_head": eviction == "per_head"} if eviction else {"budget": budget}
     if issubclass(longflow_patch.POLICIES[scorer or name], longflow_patch.CompactingPolicy):
         settings["buffer"] = max(8, budget // 8)
     if name in PROFILED:

@@ -143,20 +143,45 @@ def test_reasonalloc_over_rkv_trades_slots_at_re_selections(profiles):
     assert moved, "no head traded slots"
 
 
-def test_lukv_over_rkv_with_a_flat_profile_generates_as_uniform_rkv(tmp_path):
-    """Equal budgets for every head: the allocation is a no-op, so tokens match uniform per-head R-KV."""
+@pytest.mark.parametrize("per_head", [True, False], ids=["per-head", "shared"])
+def test_lukv_over_rkv_with_a_flat_profile_generates_as_uniform_rkv(tmp_path, per_head):
+    """Equal budgets for every head: the allocation is a no-op, so tokens match uniform R-KV evicting
+    the same way (per KV head, or shared by a layer's heads)."""
     curves = [[1 - np.exp(-np.arange(200) / 20.0)] * 2] * 2
     profile = BudgetProfile.from_curves("lukv", "tiny", curves, total_budget=4 * 40, num_kv_heads=2, minimum=13)
     profile.save(tmp_path / "flat.json")
     ids, mask = left_padded_prompts(batch=2, length=50)  # longer than a head keeps: the prompt is scored too
-    outputs, flat = [], {"profile": tmp_path / "flat.json", "scorer": "rkv"}
-    for policy, settings in (("rkv", {"per_head": True}), ("lukv", flat)):
+    outputs, flat = [], {"profile": tmp_path / "flat.json", "scorer": "rkv", "per_head": per_head}
+    for policy, settings in (("rkv", {"per_head": per_head}), ("lukv", flat)):
         model = tiny_model("qwen3", "gqa")
         longflow_patch.apply(model, policy=policy, budget=40, buffer=8, **settings)
         outputs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=60, min_new_tokens=60,
                                       do_sample=False, pad_token_id=0))  # fmt: skip
     assert model._longflow_policy.head_table == [[40, 40], [40, 40]], "the flat profile is not flat"
     assert torch.equal(outputs[0], outputs[1]), "LU-KV over R-KV at equal budgets differs from uniform R-KV"
+
+
+@pytest.mark.parametrize("scorer", ["longflow", "rkv"])
+@pytest.mark.parametrize("method", ["lukv", "reasonalloc"])
+def test_shared_allocation_gives_each_layer_the_mean_of_its_heads(profiles, method, scorer):
+    """per_head=False: layer-wise budgets only. A layer's heads share its mean budget and hold the same
+    tokens; the total stays within uniform's; no budget moves during decoding."""
+    model = tiny_model("qwen3", "gqa")
+    settings = {"buffer": 8} if scorer == "rkv" else {}
+    longflow_patch.apply(model, policy=method, budget=40, profile=profiles[method], scorer=scorer, per_head=False,
+                         **settings)  # fmt: skip
+    policy = model._longflow_policy
+    shares = [sum(row) // 2 for row in policy.head_table]
+    assert len(set(shares)) > 1, "the profile gives the layers different budgets"
+    assert sum(shares) <= 2 * 40 and not policy.reallocates_heads
+    assert policy.compileable == (scorer == "longflow"), "only a compacting scorer needs eager decoding"
+    cache = run(model, new_tokens=120)
+    for share, layer in zip(shares, cache.layers, strict=True):
+        assert layer.keys.shape[2] == share and layer.slot_limit.unique().tolist() == [share]
+        assert torch.equal(layer.slot_pos[:, 0], layer.slot_pos[:, 1]), "the heads of a layer share eviction"
+        assert_consistent(layer)
+        held = (layer.slot_pos[:, 0] >= 0).sum(-1)
+        assert (held >= share - settings.get("buffer", 0)).all(), f"a layer holds {held.tolist()} of {share}"
 
 
 # A ReasonAlloc + R-KV layer 0 (2 KV heads of 31 live slots, 47 physical) filled by hand: every query

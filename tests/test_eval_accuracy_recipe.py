@@ -48,3 +48,21 @@ def test_merge_keeps_the_last_measurement_of_each_configuration(tmp_path):
     other.write_text(json.dumps({**header, "seed": 2, "rows": [row("full", "full", 1.0)]}))
     with pytest.raises(ValueError, match="other problems"):
         eval_accuracy.merge([old, other], out)
+
+
+def test_policy_specs_build_the_policy_they_name():
+    eval_accuracy = load_recipe("eval_accuracy.py")
+    expected = {  # spec: (class name, per_head, scorer)
+        "longflow": ("longflow", False, None),
+        "rkv:per_head": ("rkv", True, None),
+        "lukv": ("lukv", True, "longflow"),
+        "reasonalloc+rkv": ("reasonalloc", True, "rkv"),
+        "lukv+rkv:shared": ("lukv", False, "rkv"),
+        "reasonalloc:shared": ("reasonalloc", False, "longflow"),
+    }
+    for spec, (name, per_head, scorer) in expected.items():
+        assert spec in eval_accuracy.CHOICES
+        policy = eval_accuracy.make_policy(spec, 256)
+        assert (policy.name, policy.per_head, getattr(policy, "scorer", None)) == (name, per_head, scorer), spec
+        assert policy.budget == 256 and policy.compacting == (scorer == "rkv" or name == "rkv")
+        assert not policy.compacting or policy.reserve == 32, "compacting scorers get a buffer of budget // 8"
