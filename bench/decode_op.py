@@ -12,6 +12,7 @@ runs, and also eager (``eager``: Python launch overhead included). Medians after
 
     python bench/decode_op.py                 # the table of the issue
     python bench/decode_op.py --sweep         # also sweep the attention pass's launch shape
+    python bench/decode_op.py --score-sweep   # also time the scoring pass's launch shapes side by side
 """
 
 import argparse
@@ -20,11 +21,13 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from longflow_patch.kernels.decode_attention import AttendLaunch, decode_attention_triton
+from longflow_patch.kernels.decode_attention import AttendLaunch, ScoreLaunch, decode_attention_triton
 
 from common import copy_bandwidth_gbs, environment, graph_median_ms, median_ms, print_table, write_results
 
 QUERY_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+# Scoring-pass launch shapes timed by --score-sweep: the default first, the earlier one (256, 8) second.
+SCORE_LAUNCHES = [ScoreLaunch(), ScoreLaunch(256, 8), ScoreLaunch(256, 4), ScoreLaunch(512, 8), ScoreLaunch(1024, 4)]
 
 
 def make_inputs(batch: int, slots: int, limits: torch.Tensor | None = None) -> dict:
@@ -49,11 +52,12 @@ def make_inputs(batch: int, slots: int, limits: torch.Tensor | None = None) -> d
     )
 
 
-def fused_call(inputs: dict, launch: AttendLaunch | None = None):
-    settings = dict(scale=HEAD_DIM**-0.5, sink_tokens=4, recent_window=8, shared=True, score_kind=0)
-    if launch is None:
+def fused_call(inputs: dict, launch: AttendLaunch | None = None, score_launch: ScoreLaunch | None = None,
+               shared: bool = True):  # fmt: skip
+    settings = dict(scale=HEAD_DIM**-0.5, sink_tokens=4, recent_window=8, shared=shared, score_kind=0)
+    if launch is None and score_launch is None:
         return lambda: torch.ops.longflow.decode_attention(*inputs.values(), *settings.values())
-    return lambda: decode_attention_triton(**inputs, **settings, launch=launch)
+    return lambda: decode_attention_triton(**inputs, **settings, launch=launch, score_launch=score_launch)
 
 
 def sdpa_call(inputs: dict):
@@ -83,6 +87,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--slots", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--sweep", action="store_true", help="time launch-shape variants of the attention pass")
+    parser.add_argument(
+        "--score-sweep",
+        action="store_true",
+        help="time the scoring pass's launch shapes, shared and per-head eviction, side by side",
+    )
     parser.add_argument("--profile", action="store_true", help="print GPU time per kernel (torch.profiler)")
     parser.add_argument("--out", default="bench/results/decode_op.json")
     args = parser.parse_args()
@@ -90,7 +99,7 @@ def main() -> None:
 
     bandwidth = copy_bandwidth_gbs()
     print(f"device copy bandwidth: {bandwidth:.0f} GB/s (read + write)")
-    rows, sweep_rows = [], []
+    rows, sweep_rows, score_rows = [], [], []
     for batch, slots in itertools.product(args.batches, args.slots):
         inputs = make_inputs(batch, slots)
         kv_bytes = 2 * inputs["k_cache"].numel() * inputs["k_cache"].element_size()
@@ -129,6 +138,13 @@ def main() -> None:
                         "vs_floor": ms / row["floor_ms"],
                     }
                 )
+        if args.score_sweep:  # whole-step time; vs_default is against the first (default) launch
+            for shared in (True, False):
+                times = [graph_median_ms(fused_call(inputs, score_launch=launch, shared=shared))
+                         for launch in SCORE_LAUNCHES]  # fmt: skip
+                score_rows += [{"batch": batch, "slots": slots, "shared": shared, "block": launch.block,
+                                "warps": launch.num_warps, "ms": ms, "vs_default": ms / times[0]}
+                               for launch, ms in zip(SCORE_LAUNCHES, times, strict=True)]  # fmt: skip
         del inputs
         torch.cuda.empty_cache()
 
@@ -138,6 +154,9 @@ def main() -> None:
         for shape in sorted({(r["batch"], r["slots"]) for r in sweep_rows}):
             best += sorted((r for r in sweep_rows if (r["batch"], r["slots"]) == shape), key=lambda r: r["ms"])[:3]
         print_table(best, ["batch", "slots", "block_s", "warps", "stages", "min_tiles", "ms", "vs_floor"])
+    if score_rows:
+        print("\nscoring-pass launch shapes (whole step, ms; vs_default: against block 512, 4 warps)")
+        print_table(score_rows, ["batch", "slots", "shared", "block", "warps", "ms", "vs_default"])
     print()
     print_table(
         rows,
@@ -164,6 +183,7 @@ def main() -> None:
             "shape": {"query_heads": QUERY_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
             "rows": rows,
             "sweep": sweep_rows,
+            "score_sweep": score_rows,
         },
     )
 

@@ -47,9 +47,6 @@ from .online_softmax import merge_split_partials, online_softmax_step
 LOG2E = 1.4426950408889634
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
-# Most slots scored by one program of the scoring pass (fewer when many query heads share a tile).
-SCORE_BLOCK = 256
-
 
 @dataclass(frozen=True)
 class AttendLaunch:
@@ -61,6 +58,17 @@ class AttendLaunch:
     num_warps: int = 4
     num_stages: int = 2
     min_tiles_per_split: int = 1
+
+
+@dataclass(frozen=True)
+class ScoreLaunch:
+    """Launch shape of the scoring pass: the most slots per tile (fewer when many query heads
+    share a tile: at most 4096 logits per tile) and warps. Defaults from the H100 sweep in
+    ``bench/decode_op.py --score-sweep`` (512 and 4 against the earlier 256 and 8: the whole
+    step 5-17% faster with per-head eviction, 3-11% shared, at batch 1-128)."""
+
+    block: int = 512
+    num_warps: int = 4
 
 
 @triton.jit
@@ -338,13 +346,15 @@ def decode_attention_triton(
     planned_slots: int = 0,
     n_splits: int | None = None,
     launch: AttendLaunch | None = None,
+    score_launch: ScoreLaunch | None = None,
 ) -> torch.Tensor:
     """Triton implementation of `decode_attention_reference` (same arguments and result).
 
     ``planned_slots`` (the mean live budget per head when budgets are ragged, 0 otherwise) sizes
     the splits and score chunks (`plan_splits`); it never changes the result.
     ``n_splits`` overrides the split-K heuristic (tests use it to exercise many splits);
-    ``launch`` overrides the attention pass's launch shape (the benchmark sweeps it).
+    ``launch`` and ``score_launch`` override the attention and scoring passes' launch shapes
+    (the benchmark sweeps them).
     Requires ``q`` / caches in float16 or bfloat16, ``D`` a power of two >= 16, last dims
     contiguous, and contiguous ``slot_pos`` / ``write_slot`` / ``slot_limit`` / ``position``.
     """
@@ -383,7 +393,8 @@ def decode_attention_triton(
     n_sel = 1 if shared else kv_heads
     heads = kv_heads if shared else 1
     block_h, score_g = triton.next_power_of_2(heads), max(2, triton.next_power_of_2(group))
-    score_block = min(SCORE_BLOCK, max(16, 4096 // (block_h * score_g)))
+    score_launch = score_launch or ScoreLaunch()
+    score_block = min(score_launch.block, max(16, 4096 // (block_h * score_g)))
     chunk_size, n_chunks = _plan_chunks(batch * n_sel, slots, score_block, num_sms, planned_slots)
     chunk_min = torch.empty((batch, n_sel, n_chunks), **f32)
     chunk_arg = torch.empty((batch, n_sel, n_chunks), dtype=torch.int32, device=q.device)
@@ -395,7 +406,7 @@ def decode_attention_triton(
         n_splits, split_size, slots, kv_heads, n_chunks, chunk_size, sink_tokens, recent_window,
         G=group, HEADS=heads, BLOCK_H=block_h, BLOCK_G=score_g, BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)),
         BLOCK=score_block, SHARED=shared, SCORE_KIND=int(score_kind), ACCUMULATE=accumulated is not None,
-        num_warps=8,
+        num_warps=score_launch.num_warps,
     )  # fmt: skip
 
     out = torch.empty_like(q)
