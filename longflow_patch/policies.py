@@ -10,7 +10,8 @@ Two families share the cache and the fused op:
   ``compaction_scores``, keeping ``budget - buffer`` tokens (a head with its own budget: that less
   the buffer). These run eagerly.
 
-Every policy also scores the prompt when it is longer than the budget (``prompt_scores``).
+Every policy also scores the prompt when it is longer than the budget (``prompt_scores``); the
+compacting ones by their own re-selection rule, observed by the last prompt queries.
 """
 
 import math
@@ -180,6 +181,12 @@ class CompactingPolicy(Policy):
         ``[B, Hq, W, D]``, the most recent decode queries.
         """
         raise NotImplementedError
+
+    def prompt_scores(self, query, keys, values, is_token, positions, scale) -> torch.Tensor:
+        """The re-selection rule over the prompt, with its last ``observation_window`` queries as
+        the recent ones (padding is an empty slot). Recency alone would drop the prompt's start."""
+        slot_pos = torch.where(is_token, positions, -1)[:, None, :].expand(-1, keys.shape[1], -1)
+        return self.compaction_scores(keys, slot_pos, query[:, :, -self.observation_window :], scale)
 
 
 def window_attention(keys: torch.Tensor, slot_pos: torch.Tensor, queries: torch.Tensor, scale: float) -> torch.Tensor:

@@ -115,3 +115,29 @@ def test_rkv_scores_match_the_pairwise_definition(empty):
     policy = longflow_patch.make_policy("rkv", budget=64, buffer=16)
     scores = policy.compaction_scores(keys, slot_pos, queries, dim**-0.5)
     torch.testing.assert_close(scores, pairwise_rkv_scores(keys, slot_pos, queries, dim**-0.5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "rkv"])
+def test_compacting_policies_select_a_long_prompt_by_their_own_rule(policy):
+    """A prompt longer than the budget less the buffer keeps the sinks, the recent window and the
+    tokens the policy's re-selection rule ranks highest over the prompt, not the newest ones."""
+    model = tiny_model("qwen3", "gqa", layers=1)
+    longflow_patch.apply(model, policy=policy, budget=40, buffer=8, sink_tokens=2, recent_window=6)
+    chosen = model._longflow_policy
+    captured = {}
+    original = chosen.prompt_scores
+
+    def record(*args):
+        captured["scores"] = original(*args)
+        return captured["scores"]
+
+    object.__setattr__(chosen, "prompt_scores", record)
+    ids = torch.randint(3, 128, (1, 60))
+    cache = longflow_patch.new_cache(model)
+    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    kept = set(cache.layers[0].slot_pos[0, 0].tolist()) - {-1}
+    protected = {0, 1, *range(54, 60)}
+    ranked = captured["scores"][0].sum(dim=0).argsort(descending=True).tolist()
+    best = [p for p in ranked if p not in protected][: 32 - len(protected)]
+    assert kept == protected | set(best)
+    assert kept != {0, 1, *range(34, 60)}, "the newest tokens alone were kept"
