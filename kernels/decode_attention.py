@@ -64,8 +64,8 @@ class AttendLaunch:
 class ScoreLaunch:
     """Launch shape of the scoring pass: the most slots per tile (fewer when many query heads
     share a tile: at most 4096 logits per tile) and warps. Defaults from the H100 sweep in
-    ``bench/decode_op.py --score-sweep`` (512 and 4 against the earlier 256 and 8: the whole
-    step 5-17% faster with per-head eviction, 3-11% shared, at batch 1-128)."""
+    ``bench/decode_op.py --score-sweep``: with the earlier 256 and 8 the whole step took
+    1.05-1.11x as long with shared eviction and 1.07-1.18x per KV head, at batch 1-128."""
 
     block: int = 512
     num_warps: int = 4

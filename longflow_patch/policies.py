@@ -220,8 +220,8 @@ class RKVPolicy(CompactingPolicy):
     (1 - importance_weight) * redundancy`` with the paper's weight 0.1.
 
     The mean similarity needs no ``[S, S]`` matrix: a unit key's dot product with the sum of all
-    valid unit keys, less its product with itself, over the count of the others. Memory stays ``O(S)`` per head,
-    so re-selecting a large batch of long caches fits beside the model.
+    valid unit keys, less its product with itself, over the count of the others. Memory stays
+    ``O(S)`` per head, so re-selecting a large batch of long caches fits beside the model.
     """
 
     name = "rkv"
