@@ -346,9 +346,14 @@ class ProfiledPolicy(Policy):
                                            profile.num_kv_heads, minimum, profile.metadata)  # fmt: skip
         return solved.head_budget_table()
 
-    def layer_share(self, layer: int) -> int:
-        """Slots per KV head of ``layer`` when its heads share eviction."""
-        return sum(self.head_table[layer]) // len(self.head_table[layer])
+    def layer_slots(self, layer: int) -> int:
+        if not self.per_head:  # the heads share eviction and the mean of their budgets
+            return sum(self.head_table[layer]) // len(self.head_table[layer])
+        return self.per_head_slots(layer)
+
+    def per_head_slots(self, layer: int) -> int:
+        """Physical slots per KV head of ``layer`` when each head evicts on its own."""
+        return max(self.head_table[layer])
 
     def head_limits(self, layer: int) -> list[int] | None:
         return self.head_table[layer] if self.per_head else None
@@ -360,9 +365,6 @@ class LUKVPolicy(ProfiledPolicy):
     Each head keeps its own budget's worth under the chosen scorer."""
 
     name = "lukv"
-
-    def layer_slots(self, layer: int) -> int:
-        return max(self.head_table[layer]) if self.per_head else self.layer_share(layer)
 
 
 @dataclass(frozen=True)
@@ -391,10 +393,8 @@ class ReasonAllocPolicy(ProfiledPolicy):
     rebalance_every: int = 32
     rebalance_slots: int = 0
 
-    def layer_slots(self, layer: int) -> int:
-        if not self.per_head:
-            return self.layer_share(layer)
-        return math.ceil(self.capacity * max(self.head_table[layer]))
+    def per_head_slots(self, layer: int) -> int:
+        return math.ceil(self.capacity * super().per_head_slots(layer))
 
     def slots_to_move(self, layer: int) -> int:
         return self.rebalance_slots or max(1, max(self.head_table[layer]) // 16)
