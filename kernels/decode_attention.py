@@ -22,8 +22,9 @@ and the tensor shapes; this module computes the same thing in three Triton launc
    weights (contribution scores: ``log2 p + log2 ||v_s||_1`` combined by a log-sum-exp over the
    heads, the reference's log-space ranking; attention scores: summed weights), masks
    empty / protected / unusable slots and writes the chunk's minimum and its index.
-3. ``_combine_kernel`` (grid ``Hkv x B``). Merges the split partials into the final output, a
-   chunk of splits at a time, and reduces the chunk minima to the slot the next step overwrites.
+3. ``_combine_kernel`` (grid ``Hkv x B x D / 32``). Merges the split partials into the final
+   output, each program a 32-column slice of it, and (the first slice's program) reduces the
+   chunk minima to the slot the next step overwrites.
 
 Ragged budgets (a different live limit per KV head in one physical allocation): splits and score
 chunks are sized for the mean live budget (``planned_slots``) and launched over all physical
@@ -45,6 +46,12 @@ import triton.language as tl
 from .online_softmax import merge_split_partials, online_softmax_step
 
 LOG2E = 1.4426950408889634
+# Output columns merged by one program of the combine pass: each (row, KV head) is merged by
+# head_dim / 32 programs, so a small batch still spreads over the GPU and all of a head's splits
+# fit one load. Against one program per head, timed side by side on an H100 over the 12 shapes of
+# `bench/ragged_overhead.py`: uniform steps 2.4% faster (geomean), and the combine pass of ragged
+# budgets as fast as uniform's (it took 1.45x as long at batch 1, 8192 slots per head).
+COMBINE_D_SLICE = 32
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
@@ -65,7 +72,7 @@ class ScoreLaunch:
     """Launch shape of the scoring pass: the most slots per tile (fewer when many query heads
     share a tile: at most 4096 logits per tile) and warps. Defaults from the H100 sweep in
     ``bench/decode_op.py --score-sweep``: with the earlier 256 and 8 the whole step took
-    1.05-1.11x as long with shared eviction and 1.07-1.18x per KV head, at batch 1-128."""
+    1.04-1.12x as long with shared eviction and 1.06-1.18x per KV head, at batch 1-128."""
 
     block: int = 512
     num_warps: int = 4
@@ -250,25 +257,28 @@ def _combine_kernel(
     Out, Out_part, M_part, L_part, Chunk_min, Chunk_arg, Write_slot, Slot_limit,
     stride_ob, stride_oh,
     n_splits, split_size, n_chunks, chunk_size,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
-    BLOCK_CHUNKS: tl.constexpr, SHARED: tl.constexpr,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, D_SLICE: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, SHARED: tl.constexpr,
 ):  # fmt: skip
     head = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
+    d_slice = tl.program_id(2)
     kv_heads = tl.num_programs(0)
     offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = d_slice * D_SLICE + tl.arange(0, D_SLICE)
     g_mask = offs_g < G
 
     # Only the splits and score chunks below each head's live limit wrote anything.
     live_splits = tl.cdiv(tl.load(Slot_limit + row * kv_heads + head), split_size)
     parts = (row * kv_heads + head) * n_splits
-    _, l_run, acc = merge_split_partials(Out_part, M_part, L_part, parts, live_splits, offs_g, g_mask,
-                                         G, BLOCK_G, HEAD_DIM, SPLIT_CHUNK)  # fmt: skip
+    _, l_run, acc = merge_split_partials(Out_part, M_part, L_part, parts, live_splits, offs_g, g_mask, offs_d,
+                                         G, BLOCK_G, HEAD_DIM, D_SLICE, SPLIT_CHUNK)  # fmt: skip
     l_run = tl.where(g_mask, l_run, 1.0)
     out = acc / l_run[:, None]
     tl.store(Out + row * stride_ob + (head * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=g_mask[:, None])  # fmt: skip
+    if d_slice != 0:
+        return
 
     # The next write slot: the minimum over the chunk minima of this head's selection scope.
     sel = 0 if SHARED else head
@@ -411,7 +421,8 @@ def decode_attention_triton(
 
     out = torch.empty_like(q)
     combine_g = max(2, triton.next_power_of_2(group))  # no tl.dot here: no padding to 16 rows
-    _combine_kernel[(kv_heads, batch)](
+    d_slice = min(COMBINE_D_SLICE, head_dim)
+    _combine_kernel[(kv_heads, batch, head_dim // d_slice)](
         out,
         out_part,
         m_part,
@@ -429,10 +440,12 @@ def decode_attention_triton(
         G=group,
         BLOCK_G=combine_g,
         HEAD_DIM=head_dim,
-        # All splits in one load where registers allow, so a head above the mean budget costs no
-        # extra trip. Four warps and no pipelining: one or two trips of a latency-bound loop
-        # (measured 10-15% faster for the whole op at batch 1 on an H100 than eight warps).
-        SPLIT_CHUNK=min(triton.next_power_of_2(n_splits), max(1, 16384 // (combine_g * head_dim))),
+        D_SLICE=d_slice,
+        # All splits in one load (up to 8192 floats: 64 registers a thread), so a head above the
+        # mean budget costs no extra trip. Four warps and no pipelining: one or two trips of a
+        # latency-bound loop (measured 10-15% faster for the whole op at batch 1 on an H100 than
+        # eight warps).
+        SPLIT_CHUNK=min(triton.next_power_of_2(n_splits), max(1, 8192 // (combine_g * d_slice))),
         BLOCK_CHUNKS=max(2, triton.next_power_of_2(n_chunks)),
         SHARED=shared,
         num_warps=4,

@@ -24,21 +24,22 @@ def online_softmax_step(m_i, l_i, acc, qk, v):
 
 @triton.jit
 def merge_split_partials(
-    Out_part, M_part, L_part, parts, n_splits, offs_r, r_mask,
-    ROWS: tl.constexpr, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    Out_part, M_part, L_part, parts, n_splits, offs_r, r_mask, offs_d,
+    ROWS: tl.constexpr, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
 ):  # fmt: skip
     """Merge the split-K partials of one (row, KV head) into one running state ``(m, l, acc)``.
 
     Split ``s`` of the program stored ``ROWS`` query rows at ``(parts + s) * ROWS + r`` in
     ``M_part`` / ``L_part`` (and times ``HEAD_DIM`` in ``Out_part``); ``offs_r`` ``[BLOCK_R]``
-    picks the rows, ``r_mask`` the real ones. ``SPLIT_CHUNK`` splits are loaded at a time
-    (``[SPLIT_CHUNK, BLOCK_R, D]`` loads in flight together).
+    picks the rows, ``r_mask`` the real ones, ``offs_d`` ``[BLOCK_D]`` the output columns merged
+    (all ``HEAD_DIM``, or a slice of them). ``SPLIT_CHUNK`` splits are loaded at a time
+    (``[SPLIT_CHUNK, BLOCK_R, BLOCK_D]`` loads in flight together); ``acc`` is ``[BLOCK_R, BLOCK_D]``.
     """
-    offs_d = tl.arange(0, HEAD_DIM)
     offs_c = tl.arange(0, SPLIT_CHUNK)
     m_run = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_run = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for s0 in range(0, n_splits, SPLIT_CHUNK):
         split = s0 + offs_c
         mask = (split < n_splits)[:, None] & r_mask[None, :]

@@ -95,8 +95,8 @@ def _combine_kernel(
 
     # Prefix part: merge the split partials.
     parts = (row * kv_heads + head) * n_splits
-    m_run, l_run, acc = merge_split_partials(Out_part, M_part, L_part, parts, n_splits, offs_m, m_mask,
-                                             BLOCK_M, BLOCK_M, HEAD_DIM, SPLIT_CHUNK)  # fmt: skip
+    m_run, l_run, acc = merge_split_partials(Out_part, M_part, L_part, parts, n_splits, offs_m, m_mask, offs_d,
+                                             BLOCK_M, BLOCK_M, HEAD_DIM, HEAD_DIM, SPLIT_CHUNK)  # fmt: skip
 
     # Draft part: the T draft keys of this KV head under the draft mask, folded into the same state.
     q_rows = (head * G + offs_m // T) * stride_qh + query_t * stride_qt

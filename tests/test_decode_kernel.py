@@ -93,6 +93,9 @@ CASES = [
     (2, 2, 4, 160, 64, torch.bfloat16, 160, False, ScoreKind.CONTRIBUTION, 2, True, False),
     (1, 1, 4, 16, 64, torch.bfloat16, 16, True, ScoreKind.CONTRIBUTION, 1, False, False),
     (2, 2, 16, 70, 32, torch.float16, 40, True, ScoreKind.CONTRIBUTION, 1, False, False),
+    # the combine pass merges 32-column slices: one narrower slice (16), eight slices (256)
+    (2, 1, 4, 40, 16, torch.float16, 30, True, ScoreKind.ATTENTION, 2, False, False),
+    (1, 2, 2, 48, 256, torch.bfloat16, 48, False, ScoreKind.CONTRIBUTION, 2, True, False),
 ]
 if not INTERPRETED:
     CASES += [
