@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks: CUDA-event medians, graph replay, environment record."""
+"""Shared by the benchmarks: CUDA-event medians, graph replay, environment record, and
+random-weight models of real shapes (weights do not change speed)."""
 
 import json
 import platform
@@ -7,6 +8,28 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+SHAPES = {
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True),
+}  # fmt: skip
+
+
+def build_model(shape: str, device: str) -> Qwen3ForCausalLM:
+    """A random-weight Qwen3 of one of ``SHAPES`` (bf16 on a GPU, float32 on the CPU), SDPA prompt
+    attention, no end-of-sequence token (so ``generate`` always runs its full length)."""
+    config = Qwen3Config(**SHAPES[shape], max_position_embeddings=40960, rope_theta=1e6)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
 
 
 def environment() -> dict:

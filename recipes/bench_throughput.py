@@ -33,40 +33,15 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
 import torch
 from tqdm import tqdm
-from transformers import (
-    DynamicCache,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-    StaticCache,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import DynamicCache, StaticCache, StoppingCriteria, StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
 from longflow_patch.progress import TokenProgress
 
-from common import copy_bandwidth_gbs, environment, print_table, write_results
+from common import SHAPES, build_model, copy_bandwidth_gbs, environment, print_table, write_results
 
-SHAPES = {
-    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True),
-}  # fmt: skip
 CONFIGS = ("default", "static", "longflow", "longflow-compiled")
-
-
-def build_model(shape: str, device: str) -> Qwen3ForCausalLM:
-    config = Qwen3Config(**SHAPES[shape], max_position_embeddings=40960, rope_theta=1e6)
-    config._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = Qwen3ForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
 
 
 def kv_bytes_per_token(config) -> int:

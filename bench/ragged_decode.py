@@ -1,0 +1,126 @@
+"""Whole-model decode step with ragged per-head budgets (LU-KV) against uniform LongFlow at the
+same total budget. Target: ragged within 5% of uniform decode time.
+
+A random-weight Qwen3-8B shape (36 layers, 32 query / 8 KV heads, head_dim 128; weights do not
+change speed), bf16, patched by `longflow_patch.apply` three ways for each batch x budget ``b``
+(the mean slots per KV head per layer):
+
+- ``uniform``: LongFlow, every KV head ``b`` slots, per-KV-head eviction (the allocators' granularity);
+- ``ragged``: LU-KV from a synthetic profile whose solved per-head budgets lie in ``[b/4, 1.5 b]``
+  and sum to ``8 b`` per layer (drawn as in `ragged_overhead.py`), through the real path:
+  profile JSON -> greedy solver -> cache (physical slots: the layer's largest head budget) -> op;
+- ``shared``: LongFlow as shipped by default (the heads of a layer share eviction), for reference.
+
+Each decode step (the model's forward for one new token per sequence, logits included) is
+captured in a CUDA graph after a 16-token prompt and replayed; the time is the median of CUDA
+events. The op's cost does not depend on how full the cache is (it reads every live slot), so
+the short prompt times the same step as a full cache. Shapes whose ragged cache would not fit
+beside the weights are skipped and listed.
+
+    python bench/ragged_decode.py
+"""
+
+import argparse
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+from ragged_overhead import CAPACITY, ragged_limits
+
+import longflow_patch
+from longflow_patch.profiles import BudgetProfile
+
+from common import SHAPES, build_model, environment, graph_median_ms, print_table, write_results
+
+PROMPT = 16
+
+
+def synthetic_lukv_profile(path: Path, layers: int, kv_heads: int, budget: int, seed: int) -> list[list[int]]:
+    """Write an LU-KV profile whose solution at ``budget`` slots per head is a ragged table
+    ``[layers][kv_heads]`` (returned): head ``h``'s utility curve rises by one per slot up to its
+    drawn budget and ends there, so the greedy solver hands every head exactly its drawn budget."""
+    generator = torch.Generator().manual_seed(seed)
+    table = ragged_limits(layers, budget, math.ceil(CAPACITY * budget), generator, kv_heads).tolist()
+    curves = [[list(range(limit + 1)) for limit in row] for row in table]
+    BudgetProfile.from_curves("lukv", "synthetic ragged", curves, sum(map(sum, table)), kv_heads).save(path)
+    return table
+
+
+def decode_step_ms(model, batch: int) -> float:
+    """Median time of one captured decode step of the patched ``model`` at ``batch`` sequences."""
+    device, vocab = model.device, model.config.vocab_size
+    cache = longflow_patch.new_cache(model)
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, vocab, (batch, PROMPT), device=device), past_key_values=cache)
+        token = torch.randint(3, vocab, (batch, 1), device=device)
+        position = torch.full((batch, 1), PROMPT, device=device)
+        cache_position = torch.tensor([PROMPT], device=device)
+
+        def step():
+            return model(input_ids=token, position_ids=position, cache_position=cache_position, past_key_values=cache)
+
+        return graph_median_ms(step, calls_per_graph=10, repeats=11)
+
+
+def fits(model, batch: int, physical_slots: int, cap_gb: float) -> bool:
+    """Whether weights + a cache of ``physical_slots`` per KV head per layer stay under ``cap_gb``."""
+    config = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cache = batch * config.num_hidden_layers * config.num_key_value_heads * physical_slots * config.head_dim * 2 * 2
+    return (weights + cache) / 2**30 <= cap_gb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[512, 2048, 8192], help="mean slots per KV head")
+    parser.add_argument("--memory-cap-gb", type=float, default=64.0, help="skip shapes whose weights + cache exceed it")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/results/ragged_decode.json")
+    args = parser.parse_args()
+
+    model = build_model(args.shape, "cuda")
+    config = model.config
+    rows, skipped = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        for budget in args.budgets:
+            profile = Path(folder) / f"lukv_{budget}.json"
+            layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+            table = synthetic_lukv_profile(profile, layers, kv_heads, budget, args.seed)
+            physical = max(map(max, table))
+            layouts = {  # name: apply() arguments
+                "uniform": dict(policy="longflow", budget=budget, per_head=True),
+                "ragged": dict(policy="lukv", budget=budget, per_head=True, profile=str(profile)),
+                "shared": dict(policy="longflow", budget=budget),
+            }
+            for batch in args.batches:
+                if not fits(model, batch, physical, args.memory_cap_gb):
+                    skipped.append({"batch": batch, "budget": budget, "physical_slots": physical})
+                    print(f"batch {batch:>3} budget {budget:>5}: skipped (over {args.memory_cap_gb} GiB)", flush=True)
+                    continue
+                row = {"batch": batch, "budget": budget, "ragged_physical_slots": physical}
+                for name, settings in layouts.items():
+                    longflow_patch.apply(model, **settings)
+                    row[f"{name}_ms"] = decode_step_ms(model, batch)
+                    torch.cuda.empty_cache()
+                row["ragged/uniform"] = row["ragged_ms"] / row["uniform_ms"]
+                row["ragged/shared"] = row["ragged_ms"] / row["shared_ms"]
+                rows.append(row)
+                print(f"batch {batch:>3} budget {budget:>5}: ragged/uniform {row['ragged/uniform']:.3f}", flush=True)
+    longflow_patch.unapply(model)
+
+    print_table(rows, ["batch", "budget", "uniform_ms", "ragged_ms", "shared_ms", "ragged/uniform", "ragged/shared"])
+    worst = max(row["ragged/uniform"] for row in rows)
+    print(f"worst ragged/uniform {worst:.3f} (target <= 1.05); skipped: {skipped or 'none'}")
+    write_results(args.out, {
+        "benchmark": "ragged_decode", "environment": environment(),
+        "model": {"shape": args.shape, **SHAPES[args.shape]}, "dtype": "bfloat16", "prompt": PROMPT,
+        "capacity": CAPACITY, "seed": args.seed,
+        "memory_cap_gb": args.memory_cap_gb, "worst_ragged_over_uniform": worst, "skipped": skipped, "rows": rows,
+    })  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

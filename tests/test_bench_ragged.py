@@ -1,0 +1,40 @@
+"""``bench/ragged_decode.py``: its synthetic LU-KV profile reaches the cache as the drawn ragged table."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import longflow_patch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import ragged_decode
+
+
+@pytest.mark.parametrize("budget", [64, 200])
+def test_synthetic_profile_solves_to_the_drawn_ragged_table(tmp_path, budget):
+    layers, kv_heads = 3, 4
+    profile = tmp_path / "lukv.json"
+    table = ragged_decode.synthetic_lukv_profile(profile, layers, kv_heads, budget, seed=1)
+
+    assert len(table) == layers and all(sum(row) == kv_heads * budget for row in table)
+    assert all(budget // 4 <= limit <= 1.5 * budget for row in table for limit in row)
+    assert any(len(set(row)) > 1 for row in table)  # ragged, not uniform
+
+    policy = longflow_patch.make_policy("lukv", budget=budget, per_head=True, profile=str(profile))
+    assert policy.head_table == table
+    assert [policy.layer_slots(layer) for layer in range(layers)] == [max(row) for row in table]
+
+
+def test_decode_step_runs_on_the_synthetic_allocation(tmp_path):
+    model = ragged_decode.build_model("tiny", "cpu")
+    profile = tmp_path / "lukv.json"
+    table = ragged_decode.synthetic_lukv_profile(profile, 2, 2, 64, seed=0)
+    longflow_patch.apply(model, policy="lukv", budget=64, per_head=True, profile=str(profile))
+    cache = longflow_patch.new_cache(model)
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 512, (2, ragged_decode.PROMPT)), past_key_values=cache)
+    for layer, row in zip(cache.layers, table, strict=True):
+        assert layer.slot_limit.tolist() == [row, row]
+        assert layer.keys.shape[2] == max(row)
