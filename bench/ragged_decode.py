@@ -9,6 +9,10 @@ change speed), bf16, patched by `longflow_patch.apply` three ways for each batch
 - ``ragged``: LU-KV from a synthetic profile whose solved per-head budgets lie in ``[b/4, 1.5 b]``
   and sum to ``8 b`` per layer (drawn as in `ragged_overhead.py`), through the real path:
   profile JSON -> greedy solver -> cache (physical slots: the layer's largest head budget) -> op;
+- ``moved``: ReasonAlloc (even layer budgets from a flat profile, ``1.5 b`` physical slots per
+  head) with every layer's head limits then set to a fresh ragged draw summing to ``8 b``, the
+  state after online re-allocation has moved budget between heads (the periodic re-allocation
+  itself, a host-side step every ``rebalance_every`` tokens, is not in the timed step);
 - ``shared``: LongFlow as shipped by default (the heads of a layer share eviction), for reference.
 
 Each decode step (the model's forward for one new token per sequence, logits included) is
@@ -47,12 +51,29 @@ def synthetic_lukv_profile(path: Path, layers: int, kv_heads: int, budget: int, 
     return table
 
 
-def decode_step_ms(model, batch: int) -> float:
-    """Median time of one captured decode step of the patched ``model`` at ``batch`` sequences."""
+def flat_reasonalloc_profile(path: Path, layers: int, kv_heads: int, budget: int) -> None:
+    """Write a ReasonAlloc profile whose layers all need the same: ``budget`` slots per head each."""
+    BudgetProfile.from_curves("reasonalloc", "flat", [1.0] * layers, layers * kv_heads * budget, kv_heads).save(path)
+
+
+def move_budgets(cache, budget: int, seed: int) -> None:
+    """Set every layer's head limits to a ragged draw in ``[budget / 4, 1.5 budget]`` summing to
+    ``kv_heads * budget`` per row: where ReasonAlloc's online moves may take a layer."""
+    generator = torch.Generator().manual_seed(seed)
+    for layer in cache.layers:
+        batch, kv_heads, slots = layer.keys.shape[:3]
+        layer.slot_limit.copy_(ragged_limits(batch, budget, slots, generator, kv_heads))
+
+
+def decode_step_ms(model, batch: int, after_prompt=None) -> float:
+    """Median time of one captured decode step of the patched ``model`` at ``batch`` sequences;
+    ``after_prompt(cache)`` runs between the prompt and the first decode step."""
     device, vocab = model.device, model.config.vocab_size
     cache = longflow_patch.new_cache(model)
     with torch.no_grad():
         model(input_ids=torch.randint(3, vocab, (batch, PROMPT), device=device), past_key_values=cache)
+        if after_prompt is not None:
+            after_prompt(cache)
         token = torch.randint(3, vocab, (batch, 1), device=device)
         position = torch.full((batch, 1), PROMPT, device=device)
         cache_position = torch.tensor([PROMPT], device=device)
@@ -86,39 +107,49 @@ def main() -> None:
     rows, skipped = [], []
     with tempfile.TemporaryDirectory() as folder:
         for budget in args.budgets:
-            profile = Path(folder) / f"lukv_{budget}.json"
+            lukv, reasonalloc = Path(folder) / f"lukv_{budget}.json", Path(folder) / f"reasonalloc_{budget}.json"
             layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
-            table = synthetic_lukv_profile(profile, layers, kv_heads, budget, args.seed)
-            physical = max(map(max, table))
-            layouts = {  # name: apply() arguments
-                "uniform": dict(policy="longflow", budget=budget, per_head=True),
-                "ragged": dict(policy="lukv", budget=budget, per_head=True, profile=str(profile)),
-                "shared": dict(policy="longflow", budget=budget),
+            synthetic_lukv_profile(lukv, layers, kv_heads, budget, args.seed)
+            flat_reasonalloc_profile(reasonalloc, layers, kv_heads, budget)
+            physical = math.ceil(CAPACITY * budget)  # ReasonAlloc's; LU-KV's largest head budget is at most this
+            reasonalloc_settings = dict(profile=str(reasonalloc), rebalance_every=2**31)
+
+            def move(cache, budget=budget):
+                move_budgets(cache, budget, args.seed)
+
+            layouts = {  # name: (apply() arguments, what runs after the prompt)
+                "uniform": (dict(policy="longflow", budget=budget, per_head=True), None),
+                "ragged": (dict(policy="lukv", budget=budget, per_head=True, profile=str(lukv)), None),
+                "moved": (dict(policy="reasonalloc", budget=budget, per_head=True, **reasonalloc_settings), move),
+                "shared": (dict(policy="longflow", budget=budget), None),
             }
             for batch in args.batches:
                 if not fits(model, batch, physical, args.memory_cap_gb):
                     skipped.append({"batch": batch, "budget": budget, "physical_slots": physical})
                     print(f"batch {batch:>3} budget {budget:>5}: skipped (over {args.memory_cap_gb} GiB)", flush=True)
                     continue
-                row = {"batch": batch, "budget": budget, "ragged_physical_slots": physical}
-                for name, settings in layouts.items():
+                row = {"batch": batch, "budget": budget, "physical_slots": physical}
+                for name, (settings, after_prompt) in layouts.items():
                     longflow_patch.apply(model, **settings)
-                    row[f"{name}_ms"] = decode_step_ms(model, batch)
+                    row[f"{name}_ms"] = decode_step_ms(model, batch, after_prompt)
                     torch.cuda.empty_cache()
                 row["ragged/uniform"] = row["ragged_ms"] / row["uniform_ms"]
+                row["moved/uniform"] = row["moved_ms"] / row["uniform_ms"]
                 row["ragged/shared"] = row["ragged_ms"] / row["shared_ms"]
                 rows.append(row)
-                print(f"batch {batch:>3} budget {budget:>5}: ragged/uniform {row['ragged/uniform']:.3f}", flush=True)
+                print(f"batch {batch:>3} budget {budget:>5}: ragged/uniform {row['ragged/uniform']:.3f} "
+                      f"moved/uniform {row['moved/uniform']:.3f}", flush=True)  # fmt: skip
     longflow_patch.unapply(model)
 
-    print_table(rows, ["batch", "budget", "uniform_ms", "ragged_ms", "shared_ms", "ragged/uniform", "ragged/shared"])
-    worst = max(row["ragged/uniform"] for row in rows)
-    print(f"worst ragged/uniform {worst:.3f} (target <= 1.05); skipped: {skipped or 'none'}")
+    columns = ["uniform_ms", "ragged_ms", "moved_ms", "shared_ms", "ragged/uniform", "moved/uniform", "ragged/shared"]
+    print_table(rows, ["batch", "budget", *columns])
+    worst = max(max(row["ragged/uniform"], row["moved/uniform"]) for row in rows)
+    print(f"worst ragged or moved / uniform {worst:.3f} (target <= 1.05); skipped: {skipped or 'none'}")
     write_results(args.out, {
         "benchmark": "ragged_decode", "environment": environment(),
         "model": {"shape": args.shape, **SHAPES[args.shape]}, "dtype": "bfloat16", "prompt": PROMPT,
         "capacity": CAPACITY, "seed": args.seed,
-        "memory_cap_gb": args.memory_cap_gb, "worst_ragged_over_uniform": worst, "skipped": skipped, "rows": rows,
+        "memory_cap_gb": args.memory_cap_gb, "worst_over_uniform": worst, "skipped": skipped, "rows": rows,
     })  # fmt: skip
 
 

@@ -38,3 +38,20 @@ def test_decode_step_runs_on_the_synthetic_allocation(tmp_path):
     for layer, row in zip(cache.layers, table, strict=True):
         assert layer.slot_limit.tolist() == [row, row]
         assert layer.keys.shape[2] == max(row)
+
+
+def test_moved_reasonalloc_layout_keeps_each_layers_total(tmp_path):
+    model = ragged_decode.build_model("tiny", "cpu")
+    profile = tmp_path / "reasonalloc.json"
+    ragged_decode.flat_reasonalloc_profile(profile, 2, 2, 64)
+    longflow_patch.apply(model, policy="reasonalloc", budget=64, per_head=True, profile=str(profile))
+    cache = longflow_patch.new_cache(model)
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 512, (3, ragged_decode.PROMPT)), past_key_values=cache)
+    assert all(layer.slot_limit.tolist() == [[64, 64]] * 3 for layer in cache.layers)
+    ragged_decode.move_budgets(cache, 64, seed=0)
+    for layer in cache.layers:
+        assert layer.keys.shape[2] == 96  # 1.5x the share: ReasonAlloc's physical allocation
+        assert layer.slot_limit.sum(dim=1).tolist() == [128] * 3
+        assert 16 <= layer.slot_limit.min() and layer.slot_limit.max() <= 96
+        assert len(set(layer.slot_limit.flatten().tolist())) > 1
