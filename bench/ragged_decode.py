@@ -1,8 +1,8 @@
-"""Whole-model decode step with ragged per-head budgets (LU-KV) against uniform LongFlow at the
-same total budget. Target: ragged within 5% of uniform decode time.
+"""Whole-model decode step with ragged per-head budgets (LU-KV, ReasonAlloc) against uniform
+LongFlow at the same total budget. Target: ragged within 5% of uniform decode time.
 
 A random-weight Qwen3-8B shape (36 layers, 32 query / 8 KV heads, head_dim 128; weights do not
-change speed), bf16, patched by `longflow_patch.apply` three ways for each batch x budget ``b``
+change speed), bf16, patched by `longflow_patch.apply` four ways for each batch x budget ``b``
 (the mean slots per KV head per layer):
 
 - ``uniform``: LongFlow, every KV head ``b`` slots, per-KV-head eviction (the allocators' granularity);
