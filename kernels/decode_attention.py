@@ -50,7 +50,7 @@ LOG2E = 1.4426950408889634
 # head_dim / 32 programs, so a small batch still spreads over the GPU and all of a head's splits
 # fit one load. Against one program per head, `bench/ragged_overhead.py` on an H100 (committed
 # results before and after): uniform steps 2.8% faster (geomean of 12 shapes, 5-10% at batch
-# 1-8), and ragged / uniform at batch 1 with 8192 slots per head 1.13 -> 1.04 (the ragged combine
+# 1), and ragged / uniform at batch 1 with 8192 slots per head 1.13 -> 1.04 (the ragged combine
 # pass had taken 1.45x uniform's time there).
 COMBINE_D_SLICE = 32
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
