@@ -103,34 +103,35 @@ def main() -> None:
     args = parser.parse_args()
 
     model = build_model(args.shape, "cuda")
-    config = model.config
+    layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    make_policy = longflow_patch.make_policy
     rows, skipped = [], []
     with tempfile.TemporaryDirectory() as folder:
         for budget in args.budgets:
             lukv, reasonalloc = Path(folder) / f"lukv_{budget}.json", Path(folder) / f"reasonalloc_{budget}.json"
-            layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
             synthetic_lukv_profile(lukv, layers, kv_heads, budget, args.seed)
             flat_reasonalloc_profile(reasonalloc, layers, kv_heads, budget)
             physical = math.ceil(CAPACITY * budget)  # ReasonAlloc's; LU-KV's largest head budget is at most this
-            reasonalloc_settings = dict(profile=str(reasonalloc), rebalance_every=2**31)
 
             def move(cache, budget=budget):
                 move_budgets(cache, budget, args.seed)
 
-            layouts = {  # name: (apply() arguments, what runs after the prompt)
-                "uniform": (dict(policy="longflow", budget=budget, per_head=True), None),
-                "ragged": (dict(policy="lukv", budget=budget, per_head=True, profile=str(lukv)), None),
-                "moved": (dict(policy="reasonalloc", budget=budget, per_head=True, **reasonalloc_settings), move),
-                "shared": (dict(policy="longflow", budget=budget), None),
-            }
+            # Built once per budget, so each profile is loaded and solved once (the policy caches it).
+            layouts = {  # name: (policy, what runs after the prompt)
+                "uniform": (make_policy("longflow", budget=budget, per_head=True), None),
+                "ragged": (make_policy("lukv", budget=budget, per_head=True, profile=lukv), None),
+                "moved": (make_policy("reasonalloc", budget=budget, per_head=True, profile=reasonalloc,
+                                      rebalance_every=2**31), move),
+                "shared": (make_policy("longflow", budget=budget), None),
+            }  # fmt: skip
             for batch in args.batches:
                 if not fits(model, batch, physical, args.memory_cap_gb):
                     skipped.append({"batch": batch, "budget": budget, "physical_slots": physical})
                     print(f"batch {batch:>3} budget {budget:>5}: skipped (over {args.memory_cap_gb} GiB)", flush=True)
                     continue
                 row = {"batch": batch, "budget": budget, "physical_slots": physical}
-                for name, (settings, after_prompt) in layouts.items():
-                    longflow_patch.apply(model, **settings)
+                for name, (policy, after_prompt) in layouts.items():
+                    longflow_patch.apply(model, policy)
                     row[f"{name}_ms"] = decode_step_ms(model, batch, after_prompt)
                     torch.cuda.empty_cache()
                 row["ragged/uniform"] = row["ragged_ms"] / row["uniform_ms"]
