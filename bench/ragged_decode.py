@@ -43,11 +43,10 @@ PROMPT = 16
 def synthetic_lukv_profile(path: Path, layers: int, kv_heads: int, budget: int, seed: int) -> list[list[int]]:
     """Write an LU-KV profile whose solution at ``budget`` slots per head is a ragged table
     ``[layers][kv_heads]`` (returned): head ``h``'s utility curve rises by one per slot up to its
-    drawn budget and ends there, so the greedy solver hands every head exactly its drawn budget."""
+    drawn budget and ends there (`BudgetProfile.fixed`)."""
     generator = torch.Generator().manual_seed(seed)
     table = ragged_limits(layers, budget, math.ceil(CAPACITY * budget), generator, kv_heads).tolist()
-    curves = [[list(range(limit + 1)) for limit in row] for row in table]
-    BudgetProfile.from_curves("lukv", "synthetic ragged", curves, sum(map(sum, table)), kv_heads).save(path)
+    BudgetProfile.fixed(table, "synthetic ragged").save(path)
     return table
 
 
@@ -119,7 +118,7 @@ def main() -> None:
             # Built once per budget, so each profile is loaded and solved once (the policy caches it).
             layouts = {  # name: (policy, what runs after the prompt)
                 "uniform": (make_policy("longflow", budget=budget, per_head=True), None),
-                "ragged": (make_policy("lukv", budget=budget, per_head=True, profile=lukv), None),
+                "ragged": (make_policy("lukv", budget=budget, profile=lukv, floor_share=0.0), None),
                 "moved": (make_policy("reasonalloc", budget=budget, per_head=True, profile=reasonalloc,
                                       rebalance_every=2**31), move),
                 "shared": (make_policy("longflow", budget=budget), None),

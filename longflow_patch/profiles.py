@@ -139,6 +139,15 @@ class BudgetProfile:
             metadata=dict(metadata or {}),
         )
 
+    @classmethod
+    def fixed(cls, table: list[list[int]], model: str) -> "BudgetProfile":
+        """An ``lukv`` profile that solves to exactly ``table`` (tokens per layer per KV head) at its
+        total: head ``h``'s curve rises by one per slot up to its budget and ends there, so the greedy
+        solver hands every head its budget. A hand-set or drawn allocation then takes the real path
+        (profile, solver, cache, op)."""
+        curves = [[list(range(limit + 1)) for limit in row] for row in table]
+        return cls.from_curves("lukv", model, curves, sum(map(sum, table)), len(table[0]))
+
     def rescale(self, total_budget: int) -> "BudgetProfile":
         """The same profile re-solved from its ``curves`` for another total (see :meth:`from_curves`)."""
         if self.curves is None:

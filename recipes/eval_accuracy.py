@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
 from longflow_patch import toy
+from longflow_patch.fidelity import mean_kl, trace_log_probs
 
 from common import environment
 
@@ -72,30 +73,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
         completions += tokenizer.batch_decode(out[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
     return completions
-
-
-def trace_log_probs(model, tokenizer, prompts: list[str], traces: list[str], new_cache=None, chunk: int = 4) -> tuple:
-    """Log-probabilities ``[N, T, V]`` of each next trace token, teacher-forced, and the mask of real
-    trace positions. With ``new_cache`` None the model sees the whole sequence (full attention);
-    else ``new_cache()`` gives each chunk of ``chunk`` traces a fresh compressed cache. Chunks keep
-    the full-attention forward's ``[chunk, heads, T, T]`` scores small."""
-    encoded = tokenizer([p + t for p, t in zip(prompts, traces, strict=True)], return_tensors="pt", padding=True)
-    prompt_length = max(len(tokenizer(p).input_ids) for p in prompts)
-    log_probs = []
-    for start in range(0, len(prompts), chunk):
-        ids = encoded.input_ids[start : start + chunk].to(model.device)
-        mask = encoded.attention_mask[start : start + chunk].to(model.device)
-        if new_cache is None:
-            logits = model(input_ids=ids, attention_mask=mask).logits
-        else:  # prompt first (prompt selection), then the whole trace through the decode path in one call
-            cache = new_cache()
-            model(input_ids=ids[:, :prompt_length], attention_mask=mask[:, :prompt_length], past_key_values=cache)
-            positions = (mask.cumsum(-1) - 1)[:, prompt_length:]
-            tail = model(input_ids=ids[:, prompt_length:], attention_mask=mask, position_ids=positions,
-                         past_key_values=cache).logits  # fmt: skip
-            logits = torch.cat([torch.zeros_like(tail[:, :prompt_length]), tail], dim=1)
-        log_probs.append(torch.log_softmax(logits[:, prompt_length - 1 : -1].float(), dim=-1))
-    return torch.cat(log_probs), encoded.attention_mask[:, prompt_length:].bool().to(model.device)
 
 
 def reference_completions(model, tokenizer, problems: list[dict], longest: int, args, device: str) -> list[str]:
@@ -188,7 +165,7 @@ def main() -> None:
                 log_probs, _ = trace_log_probs(
                     model, tokenizer, kl_prompts, kl_traces, lambda: longflow_patch.new_cache(model)
                 )
-            kl = (full_log_probs.exp() * (full_log_probs - log_probs)).sum(-1)[kl_mask].mean().item()
+            kl = mean_kl(full_log_probs, log_probs, kl_mask)
             release(model)
             rows.append({"policy": policy, "budget_label": label, "budget": budget, "accuracy": correct / len(problems),
                          "ci": wilson_interval(correct, len(problems)),

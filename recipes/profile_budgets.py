@@ -1,52 +1,123 @@
 """Profile a model's KV needs per layer and head and write ReasonAlloc and LU-KV budget profiles.
 
-Calibration: full-attention forwards over reference traces (the toy reasoner's own problems and
-solutions by default), eager attention so the weights are visible. For every layer, KV head and
-sampled query position t, each earlier token's contribution is LongFlow's signal, the softmax
-weight summed over the head's query group times ``||v||_1``, normalised to a distribution over the
-tokens. Choices (the papers leave them open):
+Calibration traces (the toy reasoner's own problems with their reference solutions by default) run
+teacher-forced through the patched decode path with one KV head at a time held to a budget ``b``
+under a token scorer (R-KV by default), every other head keeping the whole trace. That head's
+utility at ``b`` is minus the mean KL divergence of the model's next-token distribution from the
+full cache's, over every trace position: how much of the model's predictions the budget preserves
+through the whole eviction history (long-term), with the tokens the scorer actually keeps.
+Choices (the papers leave them open):
 
-- LU-KV utility curve of a head: ``u(b)`` = the contribution mass captured by the ``b`` largest
-  contributions, averaged over all sampled queries of all traces, so a budget is valued by what it
-  keeps for every later step (long-term), not one step. The curve is concave by construction;
-  `greedy_allocate` solves the per-head budgets on it.
-- ReasonAlloc layer need: for each head, the mean number of tokens that captures ``--coverage``
-  of a query's contribution mass; a layer's need is the sum over its heads (the per-layer
-  'reasoning wave'); `layer_budgets_from_profile` turns needs into layer budgets.
+- LU-KV utility curve of a head: ``u(b) = -KL(b)``, measured at the ``--grid`` budgets, linear in
+  between, flat below the smallest, and 0 from the budget that holds the longest calibration
+  sequence (nothing is evicted). Heads are measured one at a time, so utilities are taken as
+  separable, as the solver assumes; `greedy_allocate` solves per-head budgets on their envelopes.
+- ReasonAlloc layer need: per head, the smallest measured budget whose KL is within
+  ``--tolerance`` nats per token (the longest sequence if none is); a layer's need is the sum over
+  its heads (the per-layer 'reasoning wave'); `layer_budgets_from_profile` turns needs into layer
+  budgets.
+
+Why output fidelity and not attention mass (this recipe's first signal): on the toy reasoner one
+layer does the table look-ups (its heads put 99% of their attention on the prompt at a look-up),
+yet its attention-mass curves looked like every other layer's, so mass-based budgets gave it no
+more slots than the rest, and every scorer lost the table at small budgets.
+
+Cost: (layers x KV heads x grid points) teacher-forced passes; on the toy reasoner 12 x 12.
 
     python recipes/profile_budgets.py --out-dir longflow_patch/toy/model/profiles
 """
 
 import argparse
+import multiprocessing
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import longflow_patch
 from longflow_patch import toy
+from longflow_patch.fidelity import mean_kl, trace_log_probs
 from longflow_patch.profiles import BudgetProfile
 
+DEFAULT_GRID = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536)
 
-def head_contributions(model, ids: torch.Tensor, queries: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer, ``[Hkv, Q, T]`` normalised contributions of every token to each sampled query."""
+
+def isolated_head_table(layers: int, kv_heads: int, layer: int, head: int, budget: int, whole: int) -> list[list[int]]:
+    """Tokens per layer per KV head: ``budget`` for one head, at least ``whole`` for every other
+    (raised so the total is a whole number of slots per head, as a policy's ``budget`` must be)."""
+    heads = layers * kv_heads
+    others = whole + (-(budget + (heads - 1) * whole)) % heads
+    table = [[others] * kv_heads for _ in range(layers)]
+    table[layer][head] = budget
+    return table
+
+
+def head_kl(model, tokenizer, prompts: list[str], traces: list[str], reference: tuple, table: list[list[int]],
+            scorer: str, buffer: int) -> float:  # fmt: skip
+    """Mean KL (nats per token) of ``model`` from its full-cache ``reference`` (`trace_log_probs`:
+    log-probabilities and mask) when its KV heads keep ``table`` tokens under ``scorer``."""
     config = model.config
-    kv_heads, head_dim = config.num_key_value_heads, config.head_dim
-    norms = []
-    hooks = [layer.self_attn.v_proj.register_forward_hook(
-        lambda module, inputs, output: norms.append(output[0].float().view(-1, kv_heads, head_dim).abs().sum(-1)))
-        for layer in model.model.layers]  # fmt: skip
-    try:
-        attentions = model(input_ids=ids, output_attentions=True, use_cache=False).attentions
-    finally:
-        for hook in hooks:
-            hook.remove()
-    result = []
-    for attention, norm in zip(attentions, norms, strict=True):
-        weights = attention[0, :, queries].float().view(kv_heads, -1, len(queries), ids.shape[1]).sum(dim=1)
-        contribution = weights * norm.T[:, None, :]
-        result.append(contribution / contribution.sum(dim=-1, keepdim=True).clamp_min(1e-30))
-    return result
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "lukv.json"
+        BudgetProfile.fixed(table, "isolated head").save(path)
+        budget = sum(map(sum, table)) // (config.num_hidden_layers * config.num_key_value_heads)
+        # floor_share 0: the table is the allocation, held heads included
+        policy = longflow_patch.make_policy("lukv", budget=budget, profile=path, scorer=scorer, buffer=buffer,
+                                            floor_share=0.0)  # fmt: skip
+        longflow_patch.apply(model, policy=policy)
+        try:
+            with torch.no_grad():
+                new_cache = partial(longflow_patch.new_cache, model)
+                log_probs, _ = trace_log_probs(model, tokenizer, prompts, traces, new_cache, chunk=len(prompts))
+        finally:
+            longflow_patch.unapply(model)
+    return mean_kl(reference[0], log_probs, reference[1])
+
+
+def utility_curves(kl: np.ndarray, grid: list[int], length: int) -> list[list[list[float]]]:
+    """``[L][H][length]`` utilities at budgets ``0..length-1`` from ``kl`` ``[L, H, G]`` measured at
+    ``grid``: ``-KL`` linear between grid points (to 6 decimals), flat below the first, 0 at ``length - 1``."""
+    budgets = np.arange(length)
+    points = [*grid, length - 1]
+    return [[np.interp(budgets, points, [*(-row), 0.0]).round(6).tolist() for row in layer] for layer in kl]
+
+
+def head_needs(kl: np.ndarray, grid: list[int], tolerance: float, length: int) -> list[list[int]]:
+    """``[L][H]``: the smallest grid budget whose KL is within ``tolerance``, else ``length``."""
+    return [[next((b for b, value in zip(grid, row, strict=True) if value <= tolerance), length) for row in layer]
+            for layer in kl]  # fmt: skip
+
+
+def measure(args: argparse.Namespace, heads: list[tuple[int, int]]) -> tuple[list[list[float]], list[int], int]:
+    """Load the model and calibration traces named by ``args`` and measure each ``(layer, head)``
+    alone at every grid budget. Returns the KL rows (one per head), the grid (``--grid`` budgets
+    below the longest sequence) and the curve length (the longest sequence plus one)."""
+    path = args.model or toy.model_path()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    config = model.config
+    problems = toy.make_problems(args.problems, args.seed, blocks=tuple(args.blocks), with_solution=True)
+    prompts, traces = [p["prompt"] for p in problems], [p["solution"] for p in problems]
+    length = max(len(tokenizer(p + t).input_ids) for p, t in zip(prompts, traces, strict=True)) + 1
+    grid = sorted(b for b in set(args.grid) if b < length - 1)
+    whole = length + args.buffer + 1  # a head this large never evicts (its re-selection keeps all)
+    with torch.no_grad():
+        reference = trace_log_probs(model, tokenizer, prompts, traces, chunk=len(prompts))
+    rows = []
+    for layer, head in heads:
+        rows.append([])
+        for budget in grid:
+            table = isolated_head_table(config.num_hidden_layers, config.num_key_value_heads, layer, head, budget,
+                                        whole)  # fmt: skip
+            rows[-1].append(head_kl(model, tokenizer, prompts, traces, reference, table, args.scorer, args.buffer))
+        print(f"layer {layer} head {head}: KL at {grid}:", np.round(rows[-1], 4).tolist(), flush=True)
+    return rows, grid, length
 
 
 def main() -> None:
@@ -54,51 +125,48 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model directory (default: the bundled toy reasoner)")
     parser.add_argument("--problems", type=int, default=8, help="calibration traces")
     parser.add_argument("--seed", type=str, default="calibration")
-    parser.add_argument("--query-stride", type=int, default=8, help="profile every n-th query position")
-    parser.add_argument("--curve-length", type=int, default=2048, help="budgets 0..n-1 in each utility curve")
-    parser.add_argument("--coverage", type=float, default=0.9, help="mass a ReasonAlloc need must cover")
+    parser.add_argument("--blocks", type=int, nargs=2, default=[2, 6], help="calibration problem length range")
+    parser.add_argument("--scorer", choices=longflow_patch.SCORERS, default="rkv", help="token scorer profiled")
+    parser.add_argument("--buffer", type=int, default=16, help="re-selection buffer of a compacting scorer")
+    parser.add_argument("--grid", type=int, nargs="+", default=list(DEFAULT_GRID), help="budgets measured")
+    parser.add_argument("--tolerance", type=float, default=0.02, help="KL (nats/token) a ReasonAlloc need allows")
     parser.add_argument("--budget", type=int, default=256, help="slots per head per layer the profiles are solved at")
     parser.add_argument("--minimum", type=int, default=16, help="floor of any head's budget")
+    parser.add_argument("--jobs", type=int, default=1, help="processes measuring heads side by side")
     parser.add_argument("--out-dir", type=Path, default=Path("longflow_patch/toy/model/profiles"))
     args = parser.parse_args()
 
     path = args.model or toy.model_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    config = model.config
+    config = AutoConfig.from_pretrained(path)
     layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
-    mass = np.zeros((layers, kv_heads, args.curve_length))
-    need = np.zeros((layers, kv_heads))
-    count = 0
-    for problem in toy.make_problems(args.problems, args.seed, blocks=(2, 3), with_solution=True):
-        ids = tokenizer(problem["prompt"] + problem["solution"], return_tensors="pt").input_ids
-        queries = torch.arange(64, ids.shape[1], args.query_stride)
-        with torch.no_grad():
-            contributions = head_contributions(model, ids, queries)
-        for layer, contribution in enumerate(contributions):
-            ranked = contribution.sort(dim=-1, descending=True).values.cumsum(dim=-1)  # [Hkv, Q, T]
-            width = min(args.curve_length - 1, ranked.shape[-1])
-            captured = torch.ones(kv_heads, len(queries), args.curve_length)
-            captured[:, :, 0] = 0.0
-            captured[:, :, 1 : width + 1] = ranked[:, :, :width]
-            mass[layer] += captured.sum(dim=1).numpy()
-            need[layer] += ((ranked < args.coverage).sum(dim=-1) + 1).float().sum(dim=1).numpy()
-        count += len(queries)
-    curves = (mass / count).tolist()
-    needs = (need / count).tolist()
+    heads = [(layer, head) for layer in range(layers) for head in range(kv_heads)]
+    shares = [heads[job :: args.jobs] for job in range(args.jobs)]
+    if args.jobs == 1:
+        results = [measure(args, heads)]
+    else:  # a small model leaves most of a GPU idle: measure shares of the heads side by side
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(measure, [args] * args.jobs, shares))
+    measured = [zip(share, rows, strict=True) for share, (rows, _, _) in zip(shares, results, strict=True)]
+    by_head = {pair: row for pairs in measured for pair, row in pairs}
+    kl = np.asarray([by_head[pair] for pair in heads]).reshape(layers, kv_heads, -1)
+    _, grid, length = results[0]
+
     total = args.budget * layers * kv_heads
-    name = str(path)
     metadata = {
-        "calibration": f"{args.problems} toy traces, seed {args.seed!r}, every {args.query_stride}th query",
-        "signal": "softmax weight summed over the query group x ||v||_1",
-        "coverage": args.coverage,
+        "calibration": f"{args.problems} toy traces ({args.blocks[0]}-{args.blocks[1]} blocks), seed {args.seed!r}",
+        "signal": f"-KL(full || one head held to b under {args.scorer}, buffer {args.buffer}), nats per token",
+        "grid": grid,
+        "kl": kl.tolist(),
+        "tolerance": args.tolerance,
     }
+    curves = utility_curves(kl, grid, length)
+    needs = head_needs(kl, grid, args.tolerance, length)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    lukv = BudgetProfile.from_curves("lukv", name, curves, total, kv_heads, args.minimum, metadata)
-    reasonalloc = BudgetProfile.from_curves("reasonalloc", name, needs, total, kv_heads, args.minimum, metadata)
+    lukv = BudgetProfile.from_curves("lukv", str(path), curves, total, kv_heads, args.minimum, metadata)
+    reasonalloc = BudgetProfile.from_curves("reasonalloc", str(path), needs, total, kv_heads, args.minimum, metadata)
     lukv.save(args.out_dir / "lukv.json")
     reasonalloc.save(args.out_dir / "reasonalloc.json")
-    print("layer needs (tokens for", args.coverage, "of the mass):", [round(sum(n), 1) for n in needs])
+    print("head needs (tokens for KL within", args.tolerance, "):", needs)
     print("LU-KV head budgets at", args.budget, "per head:", lukv.head_budgets)
     print("ReasonAlloc layer budgets:", reasonalloc.layer_budgets)
     print(f"wrote {args.out_dir / 'lukv.json'} and {args.out_dir / 'reasonalloc.json'}")

@@ -22,7 +22,7 @@ def test_synthetic_profile_solves_to_the_drawn_ragged_table(tmp_path, budget):
     assert all(budget // 4 <= limit <= 1.5 * budget for row in table for limit in row)
     assert any(len(set(row)) > 1 for row in table)  # ragged, not uniform
 
-    policy = longflow_patch.make_policy("lukv", budget=budget, per_head=True, profile=str(profile))
+    policy = longflow_patch.make_policy("lukv", budget=budget, profile=str(profile), floor_share=0.0)
     assert policy.head_table == table
     assert [policy.layer_slots(layer) for layer in range(layers)] == [max(row) for row in table]
 
@@ -31,7 +31,7 @@ def test_decode_step_runs_on_the_synthetic_allocation(tmp_path):
     model = ragged_decode.build_model("tiny", "cpu")
     profile = tmp_path / "lukv.json"
     table = ragged_decode.synthetic_lukv_profile(profile, 2, 2, 64, seed=0)
-    longflow_patch.apply(model, policy="lukv", budget=64, per_head=True, profile=str(profile))
+    longflow_patch.apply(model, policy="lukv", budget=64, profile=str(profile), floor_share=0.0)
     cache = longflow_patch.new_cache(model)
     with torch.no_grad():
         model(input_ids=torch.randint(3, 512, (2, ragged_decode.PROMPT)), past_key_values=cache)
