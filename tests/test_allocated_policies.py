@@ -259,3 +259,16 @@ def test_reasonalloc_moves_slots_at_a_selection_only_where_attention_gains(profi
     score = layer.policy.compaction_scores(layer.keys, layer.slot_pos, observed, SCALE)
     layer._reallocate_at_selection(score, observed, torch.tensor([30]), SCALE)
     assert layer.slot_limit.tolist() == [limits], f"heads {heads}: limits {layer.slot_limit.tolist()}, not {limits}"
+
+
+def test_lukv_floor_keeps_every_head_at_a_share_of_the_average(profiles):
+    def table(**settings):
+        return longflow_patch.make_policy("lukv", budget=40, profile=profiles["lukv"], **settings).head_table
+
+    unfloored, floored = table(floor_share=0.0), table(floor_share=0.75)
+    assert min(map(min, unfloored)) < 30, "without a floor the short-reach head gets little"
+    assert min(map(min, floored)) >= 30 and min(map(min, table())) >= 20, "a head keeps floor_share x the average"
+    assert sum(map(sum, floored)) == sum(map(sum, unfloored)) == 2 * 2 * 40
+    assert floored[0][1] == max(map(max, floored)), "the long-reach head still gets the most"
+    with pytest.raises(ValueError, match="floor_share"):
+        table(floor_share=1.5)
