@@ -95,7 +95,7 @@ def head_needs(kl: np.ndarray, grid: list[int], tolerance: float, length: int) -
 def measure(args: argparse.Namespace, heads: list[tuple[int, int]]) -> tuple[list[list[float]], list[int], int]:
     """Load the model and calibration traces named by ``args`` and measure each ``(layer, head)``
     alone at every grid budget. Returns the KL rows (one per head), the grid (``--grid`` budgets
-    below the longest sequence) and the curve length (the longest sequence plus one)."""
+    below the longest row) and the curve length (the longest padded row plus one)."""
     path = args.model or toy.model_path()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -104,11 +104,12 @@ def measure(args: argparse.Namespace, heads: list[tuple[int, int]]) -> tuple[lis
     config = model.config
     problems = toy.make_problems(args.problems, args.seed, blocks=tuple(args.blocks), with_solution=True)
     prompts, traces = [p["prompt"] for p in problems], [p["solution"] for p in problems]
-    length = max(len(tokenizer(p + t).input_ids) for p, t in zip(prompts, traces, strict=True)) + 1
-    grid = sorted(b for b in set(args.grid) if b < length - 1)
-    whole = length + args.buffer + 1  # a head this large never evicts (its re-selection keeps all)
     with torch.no_grad():
         reference = trace_log_probs(model, tokenizer, prompts, traces, chunk=len(prompts))
+    # The rows trace_log_probs builds: the padded prompts (their pads take slots too), then the traces.
+    length = len(tokenizer(prompts, padding=True).input_ids[0]) + reference[0].shape[1] + 1
+    grid = sorted(b for b in set(args.grid) if b < length - 1)
+    whole = length + args.buffer + 1  # a head this large never evicts (its re-selection keeps all)
     rows = []
     for layer, head in heads:
         rows.append([])
