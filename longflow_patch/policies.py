@@ -18,12 +18,15 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from longflow_patch.kernels.decode_attention_reference import ScoreKind
 from longflow_patch.prefill import score_prompt
+
+if TYPE_CHECKING:
+    from longflow_patch.profiles import BudgetProfile
 
 
 @dataclass(frozen=True)
@@ -274,14 +277,16 @@ class ProfiledPolicy(Policy):
     redundancy when ``buffer`` new tokens have arrived (eager, as uniform R-KV).
 
     Attributes:
-        profile: path of the profile JSON.
+        profile: path of the profile JSON, or several paths of profiles of this method measured at
+            different operating points (their ``context_budget``): the policy solves with the one
+            nearest its ``budget`` in ratio (ties: the first given).
         scorer: the token scorer, one of ``SCORERS``.
         buffer: free slots per head opened by each re-selection (compacting scorers only).
         floor_share: every head keeps at least this fraction of ``budget`` (on top of the
             profile's and the scorer's minimum).
     """
 
-    profile: str | Path | None = None
+    profile: str | Path | tuple[str | Path, ...] | None = None
     per_head: bool = True
     scorer: str = "longflow"
     buffer: int = 64
@@ -290,6 +295,8 @@ class ProfiledPolicy(Policy):
     def __post_init__(self) -> None:
         if self.profile is None:
             raise ValueError(f"policy {self.name!r} needs profile=PATH (a JSON from recipes/profile_budgets.py)")
+        if not isinstance(self.profile, str | Path):
+            object.__setattr__(self, "profile", tuple(self.profile))  # hashable, as a frozen policy must be
         if self.scorer not in SCORERS:
             raise ValueError(f"policy {self.name!r}: unknown scorer {self.scorer!r}; available: {SCORERS}")
         if not 0.0 <= self.floor_share <= 1.0:
@@ -338,13 +345,30 @@ class ProfiledPolicy(Policy):
         return self.token_scorer.compaction_scores(keys, slot_pos, queries, scale)
 
     @cached_property
+    def budget_profile(self) -> "BudgetProfile":
+        """The profile this policy solves: the one given, or of several the one whose
+        ``context_budget`` is nearest ``budget`` in ratio."""
+        from longflow_patch.profiles import BudgetProfile
+
+        paths = [self.profile] if isinstance(self.profile, str | Path) else list(self.profile)
+        profiles = [BudgetProfile.load(path) for path in paths]
+        for path, profile in zip(paths, profiles, strict=True):
+            if profile.method != self.name:
+                raise ValueError(f"{path} is a {profile.method!r} profile, not {self.name!r}")
+        if len(profiles) == 1:
+            return profiles[0]
+        unplaced = [str(path) for path, profile in zip(paths, profiles, strict=True) if profile.context_budget is None]
+        if unplaced:
+            raise ValueError(f"policy {self.name!r} cannot choose among {len(paths)} profiles: {unplaced} record no "
+                             "context_budget (the operating point they were measured at)")  # fmt: skip
+        return min(profiles, key=lambda profile: abs(math.log(profile.context_budget / self.budget)))
+
+    @cached_property
     def head_table(self) -> list[list[int]]:
         """Live slots per layer per KV head at this policy's total budget."""
         from longflow_patch.profiles import BudgetProfile
 
-        profile = BudgetProfile.load(self.profile)
-        if profile.method != self.name:
-            raise ValueError(f"{self.profile} is a {profile.method!r} profile, not {self.name!r}")
+        profile = self.budget_profile
         total = self.budget * profile.num_layers * profile.num_kv_heads
         minimum = max(profile.minimum, self.minimum_budget, int(self.floor_share * self.budget))
         solved = BudgetProfile.from_curves(profile.method, profile.model, profile.curves, total,
@@ -373,8 +397,9 @@ class LUKVPolicy(ProfiledPolicy):
     Every head keeps at least half the average budget (``floor_share=0.5``): the curves are
     measured one head at a time, so they miss how losses compound when many heads are cut at
     once, and without a floor the solver starves heads whose loss alone looks small. On the toy
-    reasoner over R-KV the floor took blocks solved at 128 slots from 0.1% to 2.9% and accuracy
-    at 40% of the trace from 15.2% to 64.2% (``bench/results/accuracy_toy_allocation.json``)."""
+    reasoner over R-KV, with an earlier profile measured against whole others, the floor took
+    accuracy at 40% of the trace from 15.2% to 64.2% (the note of
+    ``bench/results/accuracy_toy_allocation.json``)."""
 
     name = "lukv"
     floor_share: float = 0.5

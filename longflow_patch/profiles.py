@@ -15,11 +15,15 @@ over its KV heads, ``head_budgets[l][h]`` the tokens KV head ``h`` of layer ``l`
     budgets ``0..n-1`` tokens (lengths may differ).
 
 ``minimum`` is the floor in tokens per KV head used by the solver (and checked on every budget).
+``context_budget`` is the operating point the calibration describes: the slots every other KV head
+kept while one head was measured (``recipes/profile_budgets.py``); None when not recorded. A
+policy given several profiles of a method solves with the one measured nearest its budget.
 
 JSON schema: keys sorted, two-space indents, innermost number lists on one line. An ``lukv`` profile
 (``reasonalloc`` ones have ``"head_budgets": null`` or a table, and ``curves`` of shape [L] or [L][H])::
 
     {
+      "context_budget": 128,
       "curves": [
         [
           [0.0, 0.5, 0.7],
@@ -73,6 +77,7 @@ class BudgetProfile:
         curves: calibration data to re-solve at another total (see the module docstring), or None.
         minimum: floor in tokens per KV head.
         metadata: calibration settings; JSON types only (tuples come back as lists).
+        context_budget: slots every other KV head kept while the curves were measured, or None.
     """
 
     method: Method
@@ -85,6 +90,7 @@ class BudgetProfile:
     curves: list[Any] | None = None
     minimum: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    context_budget: int | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -99,6 +105,7 @@ class BudgetProfile:
         num_kv_heads: int,
         minimum: int = 0,
         metadata: dict[str, Any] | None = None,
+        context_budget: int | None = None,
     ) -> "BudgetProfile":
         """Solve budgets from calibration data.
 
@@ -137,6 +144,7 @@ class BudgetProfile:
             curves=curves,
             minimum=minimum,
             metadata=dict(metadata or {}),
+            context_budget=context_budget,
         )
 
     @classmethod
@@ -152,9 +160,8 @@ class BudgetProfile:
         """The same profile re-solved from its ``curves`` for another total (see :meth:`from_curves`)."""
         if self.curves is None:
             raise ValueError("this profile stores no curves, so it cannot be re-solved at another total")
-        return self.from_curves(
-            self.method, self.model, self.curves, total_budget, self.num_kv_heads, self.minimum, self.metadata
-        )
+        return self.from_curves(self.method, self.model, self.curves, total_budget, self.num_kv_heads,
+                                self.minimum, self.metadata, self.context_budget)  # fmt: skip
 
     def head_budget_table(self) -> list[list[int]]:
         """Tokens per layer per KV head: ``head_budgets``, or each layer split evenly over its heads."""
@@ -208,6 +215,8 @@ def _validate(profile: BudgetProfile) -> None:
             raise ValueError(f"{name} must be a positive integer, got {getattr(profile, name)!r}")
     if not _is_int(profile.minimum) or profile.minimum < 0:
         raise ValueError(f"minimum must be a non-negative integer, got {profile.minimum!r}")
+    if profile.context_budget is not None and (not _is_int(profile.context_budget) or profile.context_budget < 1):
+        raise ValueError(f"context_budget must be a positive integer or null, got {profile.context_budget!r}")
     if not _is_int(profile.total_budget):
         raise ValueError(f"total_budget must be an integer, got {profile.total_budget!r}")
     layers, heads = profile.num_layers, profile.num_kv_heads

@@ -7,6 +7,10 @@ patched attention runs the fused decode step token by token inside it, so this i
 sequential decoding with eviction). Budgets are given as slots (``256``) or as a percentage of the
 mean full-cache trace length (``10%``). Results: JSON rows plus a PNG plot beside it.
 
+``--tables`` adds hand-set per-head allocations over R-KV (buffer 16), to bound what any allocation
+can do: ``4:whole/128`` keeps every KV head of layer 4 whole (it never evicts) and every other head
+at 128 slots (a few one more, for a whole average); ``4:256/102`` is an average of 128.
+
     python recipes/eval_accuracy.py --problems 400 --out bench/results/accuracy_toy.json
     python recipes/eval_accuracy.py --problems 4 --policies longflow --budgets 20% --blocks 1 1   # smoke
 """
@@ -15,16 +19,22 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_budgets import held_table
+
 import longflow_patch
 from longflow_patch import toy
 from longflow_patch.fidelity import mean_kl, trace_log_probs
+from longflow_patch.profiles import BudgetProfile
 
 from common import environment
 
@@ -53,16 +63,30 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
 def make_policy(spec: str, budget: int) -> longflow_patch.Policy:
     """The policy named by ``spec`` (``name``, ``allocator+scorer``, ``name:per_head`` or
     ``allocator:shared``) at a budget: compacting scorers get a buffer of an eighth of it, the
-    allocators the toy reasoner's bundled profile."""
+    allocators the toy reasoner's bundled profiles (each solves with the one nearest its budget)."""
     spec, _, eviction = spec.partition(":")
     name, _, scorer = spec.partition("+")
     settings = {"budget": budget, "per_head": eviction == "per_head"} if eviction else {"budget": budget}
     if issubclass(longflow_patch.POLICIES[scorer or name], longflow_patch.CompactingPolicy):
         settings["buffer"] = max(8, budget // 8)
     if name in PROFILED:
-        settings["profile"] = Path(toy.model_path()) / "profiles" / f"{name}.json"
+        settings["profile"] = toy.profile_paths(name)
         settings["scorer"] = scorer or "longflow"
     return longflow_patch.make_policy(name, **settings)
+
+
+def table_policy(spec: str, whole: int, folder: Path) -> longflow_patch.Policy:
+    """LU-KV over R-KV (buffer 16) solving to exactly the hand-set table ``spec``
+    (``LAYER:BUDGET/REST``, ``whole`` for ``whole`` slots), its profile written into ``folder``."""
+    config = toy.model_config()
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    layer, _, budgets = spec.partition(":")
+    held, others = (whole if text == "whole" else int(text) for text in budgets.split("/"))
+    table = held_table(layers, kv_heads, {(int(layer), head): held for head in range(kv_heads)}, others)
+    path = folder / f"table {spec.replace('/', ' ')}.json"
+    BudgetProfile.fixed(table, f"hand-set {spec}").save(path)
+    average = sum(map(sum, table)) // (layers * kv_heads)
+    return longflow_patch.make_policy("lukv", budget=average, profile=path, scorer="rkv", buffer=16, floor_share=0.0)
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -105,6 +129,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=20261122, help="problem seed (fresh: not the training seeds)")
     parser.add_argument("--policies", nargs="*", default=COMPARED, choices=CHOICES)
     parser.add_argument("--budgets", nargs="+", default=DEFAULT_BUDGETS)
+    parser.add_argument("--tables", nargs="*", default=[], help="hand-set allocations LAYER:BUDGET/REST")
     parser.add_argument("--kl-problems", type=int, default=32, help="traces used for the KL fidelity metric")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--blocks", type=int, nargs=2, default=[2, 6], help="problem length range (blocks)")
@@ -148,33 +173,38 @@ def main() -> None:
     header = {"benchmark": "accuracy_toy", "environment": environment(), "problems": args.problems,
               "seed": args.seed, "blocks": args.blocks, "mean_trace_tokens": mean_trace,
               "kl_problems": len(kl_prompts), "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
-    for policy in args.policies:
-        for label in args.budgets:
-            budget = round(float(label[:-1]) / 100 * mean_trace) if label.endswith("%") else int(label)
-            try:
-                chosen = make_policy(policy, budget)
-            except ValueError as error:  # budget below the policy's minimum
-                print(f"skip {policy} at {label}: {error}")
-                continue
-            compiled = device == "cuda" and not args.no_compile and chosen.compileable
-            longflow_patch.apply(model, policy=chosen, compile=compiled)
-            began = time.perf_counter()
-            completions = generate(model, tokenizer, prompts, longest, args.batch_size)
-            correct = sum(toy.is_correct(c, p["answer"]) for c, p in zip(completions, problems, strict=True))
-            with torch.no_grad():
-                log_probs, _ = trace_log_probs(
-                    model, tokenizer, kl_prompts, kl_traces, lambda: longflow_patch.new_cache(model)
-                )
-            kl = mean_kl(full_log_probs, log_probs, kl_mask)
-            release(model)
-            rows.append({"policy": policy, "budget_label": label, "budget": budget, "accuracy": correct / len(problems),
-                         "ci": wilson_interval(correct, len(problems)),
-                         "blocks_solved": mean_blocks_solved(completions, problems), "kl": kl,
-                         "compiled": compiled})  # fmt: skip
-            print(f"{policy:>12} {label:>5} ({budget:>4} slots): accuracy {correct / len(problems):.3f} "
-                  f"blocks solved {rows[-1]['blocks_solved']:.3f} KL {kl:.4f} ({time.perf_counter() - began:.0f} s)",
-                  flush=True)  # fmt: skip
-            write(out, {**header, "rows": rows})  # after every configuration: a cut-off run keeps its rows
+    budgets = {label: round(float(label[:-1]) / 100 * mean_trace) if label.endswith("%") else int(label)
+               for label in args.budgets}  # fmt: skip
+    whole = len(tokenizer(prompts, padding=True).input_ids[0]) + longest + 16 + 1  # never evicts (buffer 16)
+    folder = Path(tempfile.mkdtemp())
+    runs = [(policy, label, partial(make_policy, policy, budget)) for policy in args.policies
+            for label, budget in budgets.items()]  # fmt: skip
+    runs += [(f"table {spec}", "table", partial(table_policy, spec, whole, folder)) for spec in args.tables]
+    for policy, label, build in runs:
+        try:
+            chosen = build()
+        except ValueError as error:  # budget below the policy's minimum
+            print(f"skip {policy} at {label}: {error}")
+            continue
+        compiled = device == "cuda" and not args.no_compile and chosen.compileable
+        longflow_patch.apply(model, policy=chosen, compile=compiled)
+        began = time.perf_counter()
+        completions = generate(model, tokenizer, prompts, longest, args.batch_size)
+        correct = sum(toy.is_correct(c, p["answer"]) for c, p in zip(completions, problems, strict=True))
+        with torch.no_grad():
+            log_probs, _ = trace_log_probs(
+                model, tokenizer, kl_prompts, kl_traces, lambda: longflow_patch.new_cache(model)
+            )
+        kl = mean_kl(full_log_probs, log_probs, kl_mask)
+        release(model)
+        rows.append({"policy": policy, "budget_label": label, "budget": chosen.budget,
+                     "accuracy": correct / len(problems), "ci": wilson_interval(correct, len(problems)),
+                     "blocks_solved": mean_blocks_solved(completions, problems), "kl": kl, "compiled": compiled,
+                     **({"head_table": chosen.head_table} if label == "table" else {})})  # fmt: skip
+        print(f"{policy:>12} {label:>5} ({chosen.budget:>4} slots): accuracy {correct / len(problems):.3f} "
+              f"blocks solved {rows[-1]['blocks_solved']:.3f} KL {kl:.4f} ({time.perf_counter() - began:.0f} s)",
+              flush=True)  # fmt: skip
+        write(out, {**header, "rows": rows})  # after every configuration: a cut-off run keeps its rows
     write(out, {**header, "rows": rows})
     plot(rows, mean_trace, out.with_suffix(".png"))
     print(f"wrote {out}")
@@ -217,7 +247,7 @@ def plot(rows: list[dict], mean_trace: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (accuracy, partial, fidelity) = plt.subplots(1, 3, figsize=(16, 4.2))
+    figure, (accuracy, blocks, fidelity) = plt.subplots(1, 3, figsize=(16, 4.2))
     full = next(r for r in rows if r["policy"] == "full")
     for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"):
         points = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["budget"])
@@ -226,16 +256,16 @@ def plot(rows: list[dict], mean_trace: float, path: Path) -> None:
         above = [r["ci"][1] - r["accuracy"] for r in points]
         accuracy.errorbar(budgets, [r["accuracy"] for r in points], yerr=[below, above], marker="o", capsize=2,
                           label=policy)  # fmt: skip
-        partial.plot(budgets, [r.get("blocks_solved", 0.0) for r in points], marker="o", label=policy)
+        blocks.plot(budgets, [r.get("blocks_solved", 0.0) for r in points], marker="o", label=policy)
         fidelity.plot(budgets, [max(r["kl"], 1e-6) for r in points], marker="o", label=policy)
     accuracy.axhline(full["accuracy"], color="black", linestyle="--", label="full cache")
-    partial.axhline(full.get("blocks_solved", 1.0), color="black", linestyle="--", label="full cache")
-    for axis in (accuracy, partial, fidelity):
+    blocks.axhline(full.get("blocks_solved", 1.0), color="black", linestyle="--", label="full cache")
+    for axis in (accuracy, blocks, fidelity):
         axis.set_xscale("log", base=2)
         axis.set_xlabel(f"KV budget (slots; mean trace {mean_trace:.0f} tokens)")
         axis.grid(alpha=0.3)
     accuracy.set_ylabel("accuracy (95% CI)")
-    partial.set_ylabel("blocks solved before the first error")
+    blocks.set_ylabel("blocks solved before the first error")
     fidelity.set_ylabel("mean KL(full || policy) per token")
     fidelity.set_yscale("log")
     accuracy.legend(fontsize=8)

@@ -2,29 +2,37 @@
 
 Calibration traces (the toy reasoner's own problems with their reference solutions by default) run
 teacher-forced through the patched decode path with one KV head at a time held to a budget ``b``
-under a token scorer (R-KV by default), every other head keeping the whole trace. That head's
-utility at ``b`` is minus the mean KL divergence of the model's next-token distribution from the
-full cache's, over every trace position: how much of the model's predictions the budget preserves
-through the whole eviction history (long-term), with the tokens the scorer actually keeps.
+under a token scorer (R-KV by default). Every other head either keeps the whole trace (isolated,
+the default) or is held to ``--context-budget`` slots under the same scorer (in context: the
+operating point of a tight uniform cache). The held head's utility at ``b`` is minus the mean KL
+divergence of the model's next-token distribution from the full cache's, over every trace
+position: how much of the model's predictions the budget preserves through the whole eviction
+history (long-term), with the tokens the scorer actually keeps.
 Choices (the papers leave them open):
 
 - LU-KV utility curve of a head: ``u(b) = -KL(b)``, measured at the ``--grid`` budgets, linear in
-  between, flat below the smallest, and 0 from the budget that holds the longest calibration
-  sequence (nothing is evicted). Heads are measured one at a time, so utilities are taken as
-  separable, as the solver assumes; `greedy_allocate` solves per-head budgets on their envelopes.
+  between, flat below the smallest; at the budget that holds the longest calibration sequence it
+  is 0 when isolated (nothing is evicted), and flat from the largest grid budget in context.
+  Heads are measured one at a time, so utilities are taken as separable, as the solver assumes;
+  `greedy_allocate` solves per-head budgets on their envelopes.
 - ReasonAlloc layer need: per head, the smallest measured budget whose KL is within
-  ``--tolerance`` nats per token (the longest sequence if none is); a layer's need is the sum over
-  its heads (the per-layer 'reasoning wave'); `layer_budgets_from_profile` turns needs into layer
-  budgets.
+  ``--tolerance`` nats per token of its KL at the largest grid budget; a layer's need is the sum
+  over its heads (the per-layer 'reasoning wave'); `layer_budgets_from_profile` turns needs into
+  layer budgets.
 
 Why output fidelity and not attention mass (this recipe's first signal): on the toy reasoner one
 layer does the table look-ups (its heads put 99% of their attention on the prompt at a look-up),
 yet its attention-mass curves looked like every other layer's, so mass-based budgets gave it no
 more slots than the rest, and every scorer lost the table at small budgets.
 
+Why in context: heads measured in isolation miss how losses compound when every head is cut at
+once: with every other head at the operating point, a head's marginal value is measured where
+the budget is tight.
+
 Cost: (layers x KV heads x grid points) teacher-forced passes; on the toy reasoner 12 x 12.
 
-    python recipes/profile_budgets.py --out-dir longflow_patch/toy/model/profiles
+    python recipes/profile_budgets.py --problems 12 --jobs 12                       # lukv.json, reasonalloc.json
+    python recipes/profile_budgets.py --problems 12 --jobs 16 --context-budget 128  # lukv-context128.json, ...
 """
 
 import argparse
@@ -46,14 +54,15 @@ from longflow_patch.profiles import BudgetProfile
 DEFAULT_GRID = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536)
 
 
-def isolated_head_table(layers: int, kv_heads: int, layer: int, head: int, budget: int, whole: int) -> list[list[int]]:
-    """Tokens per layer per KV head: ``budget`` for one head, at least ``whole`` for every other
-    (raised so the total is a whole number of slots per head, as a policy's ``budget`` must be)."""
-    heads = layers * kv_heads
-    others = whole + (-(budget + (heads - 1) * whole)) % heads
-    table = [[others] * kv_heads for _ in range(layers)]
-    table[layer][head] = budget
-    return table
+def held_table(layers: int, kv_heads: int, held: dict[tuple[int, int], int], others: int) -> list[list[int]]:
+    """Tokens per layer per KV head: ``held[(layer, head)]`` for the held heads, about ``others``
+    for every other head: the fewest extra slots, spread one at a time from the first of them, that
+    make the total a whole number of slots per head (as a policy's ``budget`` must be)."""
+    free = layers * kv_heads - len(held)
+    short = -(sum(held.values()) + free * others) % (layers * kv_heads)
+    limits = iter([others + short // free + (i < short % free) for i in range(free)])
+    return [[held[row, column] if (row, column) in held else next(limits) for column in range(kv_heads)]
+            for row in range(layers)]  # fmt: skip
 
 
 def head_kl(model, tokenizer, prompts: list[str], traces: list[str], reference: tuple, table: list[list[int]],
@@ -63,7 +72,7 @@ def head_kl(model, tokenizer, prompts: list[str], traces: list[str], reference: 
     config = model.config
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "lukv.json"
-        BudgetProfile.fixed(table, "isolated head").save(path)
+        BudgetProfile.fixed(table, "held head").save(path)
         budget = sum(map(sum, table)) // (config.num_hidden_layers * config.num_key_value_heads)
         # floor_share 0: the table is the allocation, held heads included
         policy = longflow_patch.make_policy("lukv", budget=budget, profile=path, scorer=scorer, buffer=buffer,
@@ -78,24 +87,34 @@ def head_kl(model, tokenizer, prompts: list[str], traces: list[str], reference: 
     return mean_kl(reference[0], log_probs, reference[1])
 
 
-def utility_curves(kl: np.ndarray, grid: list[int], length: int) -> list[list[list[float]]]:
+def utility_curves(kl: np.ndarray, grid: list[int], length: int, isolated: bool) -> list[list[list[float]]]:
     """``[L][H][length]`` utilities at budgets ``0..length-1`` from ``kl`` ``[L, H, G]`` measured at
-    ``grid``: ``-KL`` linear between grid points (to 6 decimals), flat below the first, 0 at ``length - 1``."""
+    ``grid``: ``-KL`` linear between grid points (to 6 decimals), flat below the first; at
+    ``length - 1`` 0 when ``isolated`` (nothing is evicted), else the last grid point's."""
     budgets = np.arange(length)
     points = [*grid, length - 1]
-    return [[np.interp(budgets, points, [*(-row), 0.0]).round(6).tolist() for row in layer] for layer in kl]
-
-
-def head_needs(kl: np.ndarray, grid: list[int], tolerance: float, length: int) -> list[list[int]]:
-    """``[L][H]``: the smallest grid budget whose KL is within ``tolerance``, else ``length``."""
-    return [[next((b for b, value in zip(grid, row, strict=True) if value <= tolerance), length) for row in layer]
+    return [[np.interp(budgets, points, [*(-row), -row[-1] * (not isolated)]).round(6).tolist() for row in layer]
             for layer in kl]  # fmt: skip
+
+
+def head_needs(kl: np.ndarray, grid: list[int], tolerance: float) -> list[list[int]]:
+    """``[L][H]``: the smallest grid budget whose KL is within ``tolerance`` of the KL at the largest
+    grid budget (that budget at worst)."""
+    return [[next(b for b, value in zip(grid, row, strict=True) if value <= row[-1] + tolerance) for row in layer]
+            for layer in kl]  # fmt: skip
+
+
+def other_heads_budget(args: argparse.Namespace, length: int) -> int:
+    """Slots every head but the measured one keeps: ``--context-budget``, else ``length + buffer + 1``
+    (such a head never evicts: its re-selection keeps all)."""
+    return args.context_budget or length + args.buffer + 1
 
 
 def measure(args: argparse.Namespace, heads: list[tuple[int, int]]) -> tuple[list[list[float]], list[int], int]:
     """Load the model and calibration traces named by ``args`` and measure each ``(layer, head)``
-    alone at every grid budget. Returns the KL rows (one per head), the grid (``--grid`` budgets
-    below the longest row) and the curve length (the longest padded row plus one)."""
+    held at every grid budget, the other heads whole or at ``--context-budget``. Returns the KL
+    rows (one per head), the grid (``--grid`` budgets below the longest row) and the curve length
+    (the longest padded row plus one)."""
     path = args.model or toy.model_path()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -109,13 +128,12 @@ def measure(args: argparse.Namespace, heads: list[tuple[int, int]]) -> tuple[lis
     # The rows trace_log_probs builds: the padded prompts (their pads take slots too), then the traces.
     length = len(tokenizer(prompts, padding=True).input_ids[0]) + reference[0].shape[1] + 1
     grid = sorted(b for b in set(args.grid) if b < length - 1)
-    whole = length + args.buffer + 1  # a head this large never evicts (its re-selection keeps all)
+    others = other_heads_budget(args, length)
     rows = []
     for layer, head in heads:
         rows.append([])
         for budget in grid:
-            table = isolated_head_table(config.num_hidden_layers, config.num_key_value_heads, layer, head, budget,
-                                        whole)  # fmt: skip
+            table = held_table(config.num_hidden_layers, config.num_key_value_heads, {(layer, head): budget}, others)
             rows[-1].append(head_kl(model, tokenizer, prompts, traces, reference, table, args.scorer, args.buffer))
         print(f"layer {layer} head {head}: KL at {grid}:", np.round(rows[-1], 4).tolist(), flush=True)
     return rows, grid, length
@@ -129,6 +147,12 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs=2, default=[2, 6], help="calibration problem length range")
     parser.add_argument("--scorer", choices=longflow_patch.SCORERS, default="rkv", help="token scorer profiled")
     parser.add_argument("--buffer", type=int, default=16, help="re-selection buffer of a compacting scorer")
+    parser.add_argument(
+        "--context-budget",
+        type=int,
+        default=None,
+        help="slots every other head keeps while one is measured (default: the whole trace)",
+    )
     parser.add_argument("--grid", type=int, nargs="+", default=list(DEFAULT_GRID), help="budgets measured")
     parser.add_argument("--tolerance", type=float, default=0.02, help="KL (nats/token) a ReasonAlloc need allows")
     parser.add_argument("--budget", type=int, default=256, help="slots per head per layer the profiles are solved at")
@@ -153,24 +177,27 @@ def main() -> None:
     _, grid, length = results[0]
 
     total = args.budget * layers * kv_heads
+    context = f"every other head at {args.context_budget}" if args.context_budget else "the others whole"
     metadata = {
         "calibration": f"{args.problems} toy traces ({args.blocks[0]}-{args.blocks[1]} blocks), seed {args.seed!r}",
-        "signal": f"-KL(full || one head held to b under {args.scorer}, buffer {args.buffer}), nats per token",
+        "signal": f"-KL(full || one head held to b under {args.scorer}, buffer {args.buffer}, {context}), "
+        "nats per token",
         "grid": grid,
         "kl": kl.tolist(),
         "tolerance": args.tolerance,
     }
-    curves = utility_curves(kl, grid, length)
-    needs = head_needs(kl, grid, args.tolerance, length)
+    curves = utility_curves(kl, grid, length, isolated=args.context_budget is None)
+    needs = head_needs(kl, grid, args.tolerance)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    lukv = BudgetProfile.from_curves("lukv", str(path), curves, total, kv_heads, args.minimum, metadata)
-    reasonalloc = BudgetProfile.from_curves("reasonalloc", str(path), needs, total, kv_heads, args.minimum, metadata)
-    lukv.save(args.out_dir / "lukv.json")
-    reasonalloc.save(args.out_dir / "reasonalloc.json")
+    written = []
+    for method, data in (("lukv", curves), ("reasonalloc", needs)):
+        profile = BudgetProfile.from_curves(method, str(path), data, total, kv_heads, args.minimum, metadata,
+                                            other_heads_budget(args, length))  # fmt: skip
+        written.append(args.out_dir / f"{method}{f'-context{args.context_budget}' if args.context_budget else ''}.json")
+        profile.save(written[-1])
+        print(f"{method} at {args.budget} per head:", profile.head_budget_table())
     print("head needs (tokens for KL within", args.tolerance, "):", needs)
-    print("LU-KV head budgets at", args.budget, "per head:", lukv.head_budgets)
-    print("ReasonAlloc layer budgets:", reasonalloc.layer_budgets)
-    print(f"wrote {args.out_dir / 'lukv.json'} and {args.out_dir / 'reasonalloc.json'}")
+    print("wrote", *written)
 
 
 if __name__ == "__main__":

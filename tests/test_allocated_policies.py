@@ -97,6 +97,26 @@ def test_profiled_policies_need_a_matching_profile(profiles):
         longflow_patch.new_cache(model).layers[0].policy.head_table  # noqa: B018
 
 
+def test_several_profiles_solve_with_the_one_measured_nearest_the_budget(tmp_path):
+    """Profiles of one method measured at different operating points (their ``context_budget``):
+    each budget solves with the nearest in ratio; unrecorded points cannot be chosen between."""
+    paths = []
+    for context, favoured in ((32, 0), (512, 3)):
+        curves = [[np.minimum(np.arange(400), 50 + 150 * (2 * layer + head == favoured)) for head in range(2)]
+                  for layer in range(2)]  # fmt: skip
+        paths.append(tmp_path / f"lukv-context{context}.json")
+        BudgetProfile.from_curves("lukv", "tiny", curves, 160, 2, 13, context_budget=context).save(paths[-1])
+    for budget, context in ((24, 32), (100, 32), (140, 512), (300, 512)):
+        policy = longflow_patch.make_policy("lukv", budget=budget, profile=paths, floor_share=0.0)
+        assert policy.budget_profile.context_budget == context, budget
+        assert policy.head_table == BudgetProfile.load(paths[context == 512]).rescale(4 * budget).head_budgets
+    assert longflow_patch.make_policy("lukv", budget=40, profile=paths[1]).budget_profile.context_budget == 512
+    BudgetProfile.fixed([[40, 40], [40, 40]], "tiny").save(tmp_path / "unplaced.json")
+    policy = longflow_patch.make_policy("lukv", budget=40, profile=[paths[0], tmp_path / "unplaced.json"])
+    with pytest.raises(ValueError, match=r"cannot choose among 2 profiles: \[.*unplaced.json'\] record no"):
+        policy.head_table  # noqa: B018
+
+
 def test_lukv_over_rkv_keeps_each_head_within_its_budget_between_re_selections(profiles):
     """Each head re-selected by R-KV keeps its own budget less the buffer, then fills the buffer."""
     model, buffer = tiny_model("qwen3", "gqa"), 8

@@ -66,3 +66,16 @@ def test_policy_specs_build_the_policy_they_name():
         assert (policy.name, policy.per_head, getattr(policy, "scorer", None)) == (name, per_head, scorer), spec
         assert policy.budget == 256 and policy.compacting == (scorer == "rkv" or name == "rkv")
         assert not policy.compacting or policy.reserve == 32, "compacting scorers get a buffer of budget // 8"
+
+
+@pytest.mark.parametrize(("spec", "layer_four", "average"), [("4:whole/128", 5000, 940), ("4:256/102", 256, 128)])
+def test_hand_tables_hold_one_layer_and_the_rest(spec, layer_four, average, tmp_path):
+    """``LAYER:BUDGET/REST``: the layer's KV heads at BUDGET (``whole``: the given size), every other
+    head within one slot of REST, at a whole average (the policy's budget)."""
+    eval_accuracy = load_recipe("eval_accuracy.py")
+    policy = eval_accuracy.table_policy(spec, 5000, tmp_path)
+    table = policy.head_table
+    assert table[4] == [layer_four, layer_four] and policy.budget == average
+    rest = [limit for layer, row in enumerate(table) if layer != 4 for limit in row]
+    assert max(rest) - min(rest) <= 1 and sum(map(sum, table)) == 12 * average
+    assert (policy.name, policy.scorer, policy.buffer, policy.floor_share) == ("lukv", "rkv", 16, 0.0)

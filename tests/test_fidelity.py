@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import longflow_patch
 from longflow_patch import toy
 from longflow_patch.fidelity import mean_kl, trace_log_probs
+from longflow_patch.profiles import BudgetProfile
 
 from recipe_loader import load_recipe
 
@@ -50,29 +51,43 @@ def test_one_head_held_to_a_small_budget_costs_kl_and_a_whole_one_does_not(toy_t
     model, tokenizer, prompts, traces, reference = toy_traces
     whole = 300
     kl = [profile_budgets.head_kl(model, tokenizer, prompts, traces, reference,
-                                  profile_budgets.isolated_head_table(6, 2, 4, 1, budget, whole), "rkv", 8)
+                                  profile_budgets.held_table(6, 2, {(4, 1): budget}, whole), "rkv", 8)
           for budget in (whole, 32)]  # fmt: skip
     assert abs(kl[0]) < 1e-6
     assert kl[1] > 1e-3, "the table look-up layer loses look-ups at 32 slots"
 
 
-def test_isolated_head_table_holds_one_head_to_its_budget():
-    table = profile_budgets.isolated_head_table(3, 2, 1, 0, 40, 100)
-    assert table[1][0] == 40
-    others = [limit for layer, row in enumerate(table) for head, limit in enumerate(row) if (layer, head) != (1, 0)]
-    assert len(set(others)) == 1 and 100 <= others[0] < 106
-    assert sum(map(sum, table)) % 6 == 0
+@pytest.mark.parametrize("budget", [32, 40, 48, 64, 96, 128, 192, 256])
+@pytest.mark.parametrize("others", [100, 128, 4137])
+@pytest.mark.parametrize("held", [[(1, 0)], [(2, 0), (2, 1)]])
+def test_held_table_is_the_allocation_a_policy_runs(held, budget, others, tmp_path):
+    """The held heads at their budget, every other within one slot of the fewest extra slots, and a
+    total a policy's whole ``budget`` gives: the profile `head_kl` writes solves back to exactly it."""
+    table = profile_budgets.held_table(3, 2, dict.fromkeys(held, budget), others)
+    assert all(table[layer][head] == budget for layer, head in held)
+    rest = [limit for layer, row in enumerate(table) for head, limit in enumerate(row) if (layer, head) not in held]
+    total = sum(map(sum, table))
+    assert total % 6 == 0
+    assert max(rest) - min(rest) <= 1 and others <= min(rest) and sum(rest) - others * len(rest) < 6
+    path = tmp_path / "lukv.json"
+    BudgetProfile.fixed(table, "held head").save(path)
+    policy = longflow_patch.make_policy("lukv", budget=total // 6, profile=path, scorer="rkv", buffer=8,
+                                        floor_share=0.0)  # fmt: skip
+    assert policy.head_table == table
 
 
 def test_utility_curves_and_needs_from_measured_kl():
     kl = np.array([[[0.5, 0.1, 0.0]], [[0.04, 0.03, 0.01]]])  # [L=2, H=1, grid of 3]
     grid = [10, 20, 40]
-    curves = profile_budgets.utility_curves(kl, grid, 51)
+    curves = profile_budgets.utility_curves(kl, grid, 51, isolated=True)
     head = curves[0][0]
     assert len(head) == 51
     assert head[0] == head[10] == -0.5 and head[15] == pytest.approx(-0.3) and head[20] == -0.1
     assert head[40] == 0.0 and head[50] == 0.0
-    assert curves[1][0][45] == pytest.approx(-0.01 * 5 / 10)
-    assert profile_budgets.head_needs(kl, grid, 0.02, 51) == [[40], [40]]
-    assert profile_budgets.head_needs(kl, grid, 0.1, 51) == [[20], [10]]
-    assert profile_budgets.head_needs(kl, grid, 0.001, 51) == [[40], [51]]
+    assert curves[1][0][45] == pytest.approx(-0.01 * 5 / 10)  # isolated: nothing is evicted at 50
+    in_context = profile_budgets.utility_curves(kl, grid, 51, isolated=False)
+    assert in_context[0][0] == head
+    assert in_context[1][0][40] == in_context[1][0][50] == -0.01  # the others still evict: flat
+    assert profile_budgets.head_needs(kl, grid, 0.02) == [[40], [20]]
+    assert profile_budgets.head_needs(kl, grid, 0.1) == [[20], [10]]
+    assert profile_budgets.head_needs(kl, grid, 0.001) == [[40], [40]]

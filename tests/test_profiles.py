@@ -16,7 +16,7 @@ def lukv_profile(total: int = 40, minimum: int = 1) -> BudgetProfile:
     curves = [[np.cumsum(rng.random(int(rng.integers(8, 30)))) for _ in range(HEADS)] for _ in range(LAYERS)]
     curves[0][0][3] = 0.1 + 0.2  # a float whose shortest repr has many digits
     return BudgetProfile.from_curves(
-        "lukv", "org/tiny-model", curves, total, HEADS, minimum, {"prompts": 4, "tokens": [512, 1024]}
+        "lukv", "org/tiny-model", curves, total, HEADS, minimum, {"prompts": 4, "tokens": [512, 1024]}, 64
     )
 
 
@@ -71,6 +71,7 @@ def test_golden_file():
     )
     assert profile.to_json() == (
         "{\n"
+        '  "context_budget": null,\n'
         '  "curves": [\n'
         "    [\n"
         "      [0.0, 0.5, 0.7],\n"
@@ -127,6 +128,8 @@ def edit(data: dict, path: tuple, new) -> dict:
         (valid_lukv, ("head_budgets", 0, 0), 1.5, "non-negative integers"),
         (valid_lukv, ("head_budgets", 0, 0), True, "non-negative integers"),
         (valid_lukv, ("minimum",), 100, "fewer than minimum 100"),
+        (valid_lukv, ("context_budget",), 0, "context_budget must be a positive integer or null"),
+        (valid_lukv, ("context_budget",), 12.5, "context_budget must be a positive integer or null"),
         (valid_lukv, ("num_kv_heads",), 0, "num_kv_heads must be a positive integer"),
         (valid_lukv, ("num_layers",), 4, "layer_budgets must be a list of 4 integers"),
         (valid_lukv, ("curves", 1), [[0.0, 1.0]], r"curves\[1\] must hold 2 curves"),

@@ -46,6 +46,16 @@ def model_path() -> Path:
     return _trained(MODEL_DIR, "toy reasoner", TRAIN_COMMAND)
 
 
+def profile_paths(method: str) -> tuple[Path, ...]:
+    """The toy reasoner's bundled budget profiles of ``method`` (``"lukv"`` or ``"reasonalloc"``),
+    one per operating point they were measured at (``recipes/profile_budgets.py``): pass them all
+    as ``profile=`` and the policy solves with the one nearest its budget."""
+    paths = tuple(sorted((model_path() / "profiles").glob(f"{method}*.json")))
+    if not paths:
+        raise ValueError(f"no bundled {method!r} profiles in {model_path() / 'profiles'}")
+    return paths
+
+
 def draft_path() -> Path:
     """The bundled draft model for speculative decoding: the toy reasoner's task and tokenizer in
     2 layers (1.15M parameters), trained by ``DRAFT_TRAIN_COMMAND`` (about 110 s on one H100;
@@ -69,5 +79,6 @@ __all__ = [
     "model_path",
     "parse_answer",
     "parse_prompt",
+    "profile_paths",
     "solve",
 ]
