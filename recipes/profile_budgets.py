@@ -91,10 +91,13 @@ def utility_curves(kl: np.ndarray, grid: list[int], length: int, isolated: bool)
     """``[L][H][length]`` utilities at budgets ``0..length-1`` from ``kl`` ``[L, H, G]`` measured at
     ``grid``: ``-KL`` linear between grid points (to 6 decimals), flat below the first; at
     ``length - 1`` 0 when ``isolated`` (nothing is evicted), else the last grid point's."""
-    budgets = np.arange(length)
-    points = [*grid, length - 1]
-    return [[np.interp(budgets, points, [*(-row), -row[-1] * (not isolated)]).round(6).tolist() for row in layer]
-            for layer in kl]  # fmt: skip
+    budgets, points = np.arange(length), [*grid, length - 1]
+
+    def curve(row: np.ndarray) -> list[float]:
+        end = 0.0 if isolated else -row[-1]
+        return np.interp(budgets, points, [*(-row), end]).round(6).tolist()
+
+    return [[curve(row) for row in layer] for layer in kl]
 
 
 def head_needs(kl: np.ndarray, grid: list[int], tolerance: float) -> list[list[int]]:
