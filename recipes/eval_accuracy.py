@@ -29,12 +29,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_budgets import held_table
+from profile_budgets import fixed_table_policy, held_table
 
 import longflow_patch
 from longflow_patch import toy
 from longflow_patch.fidelity import mean_kl, trace_log_probs
-from longflow_patch.profiles import BudgetProfile
 
 from common import environment
 
@@ -42,6 +41,7 @@ DEFAULT_BUDGETS = ["5%", "10%", "20%", "40%", "128", "256", "512"]
 COMPARED = ["longflow", "streamingllm", "h2o", "snapkv", "rkv", "random", "lukv", "reasonalloc", "lukv+rkv",
             "reasonalloc+rkv"]  # fmt: skip
 PROFILED = ("lukv", "reasonalloc")
+TABLE_BUFFER = 16  # R-KV's re-selection buffer in the hand-set tables of --tables
 # A policy is a registered name, an allocator over a token scorer ("lukv+rkv": LU-KV's budgets over
 # R-KV), a uniform policy evicting per KV head ("rkv:per_head", the uniform baseline of an allocator),
 # or an allocator whose layer's heads share eviction ("lukv+rkv:shared": layer-wise budgets only).
@@ -76,17 +76,14 @@ def make_policy(spec: str, budget: int) -> longflow_patch.Policy:
 
 
 def table_policy(spec: str, whole: int, folder: Path) -> longflow_patch.Policy:
-    """LU-KV over R-KV (buffer 16) solving to exactly the hand-set table ``spec``
+    """LU-KV over R-KV (buffer ``TABLE_BUFFER``) keeping exactly the hand-set table ``spec``
     (``LAYER:BUDGET/REST``, ``whole`` for ``whole`` slots), its profile written into ``folder``."""
     config = toy.model_config()
     layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
     layer, _, budgets = spec.partition(":")
     held, others = (whole if text == "whole" else int(text) for text in budgets.split("/"))
     table = held_table(layers, kv_heads, {(int(layer), head): held for head in range(kv_heads)}, others)
-    path = folder / f"table {spec.replace('/', ' ')}.json"
-    BudgetProfile.fixed(table, f"hand-set {spec}").save(path)
-    average = sum(map(sum, table)) // (layers * kv_heads)
-    return longflow_patch.make_policy("lukv", budget=average, profile=path, scorer="rkv", buffer=16, floor_share=0.0)
+    return fixed_table_policy(table, "rkv", TABLE_BUFFER, folder / f"table {spec.replace('/', ' ')}.json")
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -175,7 +172,7 @@ def main() -> None:
               "kl_problems": len(kl_prompts), "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
     budgets = {label: round(float(label[:-1]) / 100 * mean_trace) if label.endswith("%") else int(label)
                for label in args.budgets}  # fmt: skip
-    whole = len(tokenizer(prompts, padding=True).input_ids[0]) + longest + 16 + 1  # never evicts (buffer 16)
+    whole = len(tokenizer(prompts, padding=True).input_ids[0]) + longest + TABLE_BUFFER + 1  # never evicts
     folder = Path(tempfile.mkdtemp())
     runs = [(policy, label, partial(make_policy, policy, budget)) for policy in args.policies
             for label, budget in budgets.items()]  # fmt: skip

@@ -65,18 +65,21 @@ def held_table(layers: int, kv_heads: int, held: dict[tuple[int, int], int], oth
             for row in range(layers)]  # fmt: skip
 
 
+def fixed_table_policy(table: list[list[int]], scorer: str, buffer: int, path: Path) -> longflow_patch.Policy:
+    """LU-KV over ``scorer`` that keeps exactly ``table`` (tokens per layer per KV head), its profile
+    (`BudgetProfile.fixed`) written to ``path``; floor_share 0: the table is the allocation."""
+    BudgetProfile.fixed(table, "fixed table").save(path)
+    budget = sum(map(sum, table)) // (len(table) * len(table[0]))
+    return longflow_patch.make_policy("lukv", budget=budget, profile=path, scorer=scorer, buffer=buffer,
+                                      floor_share=0.0)  # fmt: skip
+
+
 def head_kl(model, tokenizer, prompts: list[str], traces: list[str], reference: tuple, table: list[list[int]],
             scorer: str, buffer: int) -> float:  # fmt: skip
     """Mean KL (nats per token) of ``model`` from its full-cache ``reference`` (`trace_log_probs`:
     log-probabilities and mask) when its KV heads keep ``table`` tokens under ``scorer``."""
-    config = model.config
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "lukv.json"
-        BudgetProfile.fixed(table, "held head").save(path)
-        budget = sum(map(sum, table)) // (config.num_hidden_layers * config.num_key_value_heads)
-        # floor_share 0: the table is the allocation, held heads included
-        policy = longflow_patch.make_policy("lukv", budget=budget, profile=path, scorer=scorer, buffer=buffer,
-                                            floor_share=0.0)  # fmt: skip
+        policy = fixed_table_policy(table, scorer, buffer, Path(folder) / "lukv.json")
         longflow_patch.apply(model, policy=policy)
         try:
             with torch.no_grad():
@@ -180,7 +183,8 @@ def main() -> None:
     _, grid, length = results[0]
 
     total = args.budget * layers * kv_heads
-    context = f"every other head at {args.context_budget}" if args.context_budget else "the others whole"
+    others = other_heads_budget(args, length)
+    context = f"every other head at {others}" if args.context_budget else "the others whole"
     metadata = {
         "calibration": f"{args.problems} toy traces ({args.blocks[0]}-{args.blocks[1]} blocks), seed {args.seed!r}",
         "signal": f"-KL(full || one head held to b under {args.scorer}, buffer {args.buffer}, {context}), "
@@ -194,9 +198,8 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for method, data in (("lukv", curves), ("reasonalloc", needs)):
-        profile = BudgetProfile.from_curves(method, str(path), data, total, kv_heads, args.minimum, metadata,
-                                            other_heads_budget(args, length))  # fmt: skip
-        written.append(args.out_dir / f"{method}{f'-context{args.context_budget}' if args.context_budget else ''}.json")
+        profile = BudgetProfile.from_curves(method, str(path), data, total, kv_heads, args.minimum, metadata, others)
+        written.append(args.out_dir / (f"{method}-context{others}.json" if args.context_budget else f"{method}.json"))
         profile.save(written[-1])
         print(f"{method} at {args.budget} per head:", profile.head_budget_table())
     print("head needs (tokens for KL within", args.tolerance, "):", needs)
