@@ -366,14 +366,10 @@ class ProfiledPolicy(Policy):
     @cached_property
     def head_table(self) -> list[list[int]]:
         """Live slots per layer per KV head at this policy's total budget."""
-        from longflow_patch.profiles import BudgetProfile
-
         profile = self.budget_profile
         total = self.budget * profile.num_layers * profile.num_kv_heads
         minimum = max(profile.minimum, self.minimum_budget, int(self.floor_share * self.budget))
-        solved = BudgetProfile.from_curves(profile.method, profile.model, profile.curves, total,
-                                           profile.num_kv_heads, minimum, profile.metadata)  # fmt: skip
-        return solved.head_budget_table()
+        return profile.rescale(total, minimum).head_budget_table()
 
     def layer_slots(self, layer: int) -> int:
         if not self.per_head:  # the heads share eviction and the mean of their budgets

@@ -156,12 +156,14 @@ class BudgetProfile:
         curves = [[list(range(limit + 1)) for limit in row] for row in table]
         return cls.from_curves("lukv", model, curves, sum(map(sum, table)), len(table[0]))
 
-    def rescale(self, total_budget: int) -> "BudgetProfile":
-        """The same profile re-solved from its ``curves`` for another total (see :meth:`from_curves`)."""
+    def rescale(self, total_budget: int, minimum: int | None = None) -> "BudgetProfile":
+        """The same profile re-solved from its ``curves`` for another total (see :meth:`from_curves`),
+        with floor ``minimum`` per head (default: the profile's own)."""
         if self.curves is None:
             raise ValueError("this profile stores no curves, so it cannot be re-solved at another total")
+        minimum = self.minimum if minimum is None else minimum
         return self.from_curves(self.method, self.model, self.curves, total_budget, self.num_kv_heads,
-                                self.minimum, self.metadata, self.context_budget)  # fmt: skip
+                                minimum, self.metadata, self.context_budget)  # fmt: skip
 
     def head_budget_table(self) -> list[list[int]]:
         """Tokens per layer per KV head: ``head_budgets``, or each layer split evenly over its heads."""

@@ -182,6 +182,16 @@ def test_lukv_rescale_keeps_sums_exact(total):
     assert profile.rescale(profile.total_budget) == profile
 
 
+@pytest.mark.parametrize("method", ["lukv", "reasonalloc"])
+def test_rescale_with_a_floor(method):
+    profile = lukv_profile(minimum=1) if method == "lukv" else reasonalloc_profile()
+    total = 8 * profile.num_layers * HEADS
+    unfloored = profile.rescale(total).head_budget_table()
+    floored = profile.rescale(total, minimum=7)
+    assert floored.minimum == 7 and sum(map(sum, floored.head_budget_table())) == total
+    assert min(map(min, floored.head_budget_table())) >= 7 > min(map(min, unfloored))
+
+
 @pytest.mark.parametrize("total", [12, 14, 30, 48, 1000])
 def test_reasonalloc_rescale_keeps_sums_exact(total):
     rescaled = reasonalloc_profile().rescale(total)
