@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import longflow_patch
 from longflow_patch import toy
 from longflow_patch.fidelity import mean_kl, trace_log_probs
-from longflow_patch.profiles import BudgetProfile
 
 from recipe_loader import load_recipe
 
@@ -69,11 +68,8 @@ def test_held_table_is_the_allocation_a_policy_runs(held, budget, others, tmp_pa
     total = sum(map(sum, table))
     assert total % 6 == 0
     assert max(rest) - min(rest) <= 1 and others <= min(rest) and sum(rest) - others * len(rest) < 6
-    path = tmp_path / "lukv.json"
-    BudgetProfile.fixed(table, "held head").save(path)
-    policy = longflow_patch.make_policy("lukv", budget=total // 6, profile=path, scorer="rkv", buffer=8,
-                                        floor_share=0.0)  # fmt: skip
-    assert policy.head_table == table
+    policy = profile_budgets.fixed_table_policy(table, "rkv", 8, tmp_path / "lukv.json")
+    assert policy.budget == total // 6 and policy.head_table == table
 
 
 def test_utility_curves_and_needs_from_measured_kl():
