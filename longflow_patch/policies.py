@@ -126,12 +126,25 @@ class LongFlowPolicy(Policy):
     score_kind = ScoreKind.CONTRIBUTION
 
 
+@dataclass(frozen=True)
 class H2OPolicy(Policy):
-    """H2O (heavy hitters): attention weights accumulated over all steps since a token arrived."""
+    """H2O (heavy hitters): attention weights accumulated over all steps since a token arrived.
+
+    As in the paper, the budget is split evenly between heavy hitters and the newest tokens:
+    ``recent_window`` defaults to half the budget. (With a short window the accumulated scores,
+    which grow with a token's age, evict each new token as soon as it leaves the window.)
+    """
 
     name = "h2o"
     score_kind = ScoreKind.ATTENTION
     accumulate = True
+
+    recent_window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.recent_window is None:
+            object.__setattr__(self, "recent_window", self.budget // 2)
+        super().__post_init__()
 
 
 class StreamingLLMPolicy(Policy):

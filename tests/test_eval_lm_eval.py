@@ -141,11 +141,12 @@ def test_model_args_are_cast_and_checked(checkpoint):
     import longflow_patch
     from longflow_patch.eval.model import LongFlowLM
 
-    args = f"pretrained={checkpoint},policy=h2o,budget=40,per_head=true,sink_tokens=2,max_gen_toks=99"
+    args = f"pretrained={checkpoint},policy=h2o,budget=40,per_head=true,sink_tokens=2,recent_window=6,max_gen_toks=99"
     lm = LongFlowLM.create_from_arg_string(args, {"device": "cpu"})
     policy = lm.model._longflow_policy
     assert isinstance(policy, longflow_patch.POLICIES["h2o"])
-    assert (policy.budget, policy.per_head, policy.sink_tokens, lm.max_gen_toks) == (40, True, 2, 99)
+    assert (policy.budget, policy.per_head, policy.sink_tokens, policy.recent_window) == (40, True, 2, 6)
+    assert lm.max_gen_toks == 99
     assert lm.get_model_info()["longflow"]["policy"] == "h2o"
     for bad in ("policy=nope", "buffer=16", "budget=many"):  # unknown policy; not a longflow setting; not a number
         with pytest.raises(ValueError):

@@ -55,6 +55,8 @@ def test_policy_settings(recipe):
     required = ["--model", "m", "--prompts", "p", "--out", "o"]
     args = recipe.parse_args([*required, "--policy", "snapkv", "--budget", "64", "--setting", "buffer=16"])
     assert recipe.settings(args) == {"budget": 64, "buffer": 16}
+    args = recipe.parse_args([*required, "--policy", "h2o", "--setting", "recent_window=6"])  # an optional int
+    assert recipe.settings(args) == {"budget": 2048, "recent_window": 6}
     args = recipe.parse_args([*required, "--setting", "buffer=16"])
     with pytest.raises(SystemExit, match="no setting 'buffer'"):
         recipe.settings(args)

@@ -68,6 +68,19 @@ def test_h2o_accumulates_attention_and_evicts_the_lightest():
     assert layer.write_slot[0, 0] == lightest
 
 
+def test_h2o_splits_the_budget_evenly_between_heavy_hitters_and_recent_tokens():
+    assert longflow_patch.make_policy("h2o", budget=128).recent_window == 64
+    assert longflow_patch.make_policy("h2o", budget=129, recent_window=3).recent_window == 3
+    model = tiny_model("qwen3", "gqa", layers=1)
+    longflow_patch.apply(model, policy="h2o", budget=24, sink_tokens=0)
+    ids = torch.randint(3, 128, (1, 40))
+    cache = longflow_patch.new_cache(model)
+    generate(model, ids, torch.ones_like(ids), 20, cache)
+    newest = 40 + 20 - 2  # the last generated token is not fed back
+    kept = set(cache.layers[0].slot_pos[0, 0].tolist())
+    assert set(range(newest - 11, newest + 1)) <= kept
+
+
 @pytest.mark.parametrize("policy", COMPACTING)
 def test_compacting_policies_reselect_when_the_buffer_is_full(policy):
     model = tiny_model("qwen3", "gqa", layers=1)

@@ -5,6 +5,7 @@ policies and settings need no change here.
 """
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 
 from longflow_patch.policies import POLICIES
@@ -45,6 +46,9 @@ def as_bool(value: object, name: str) -> bool:
 
 def _cast(value: object, kind: object, name: str) -> object:
     kind = {"int": int, "float": float, "bool": bool, "str": str}.get(kind, kind) if isinstance(kind, str) else kind
+    members = typing.get_args(kind)
+    if len(members) == 2 and type(None) in members:  # an optional setting (``int | None``): cast to its type
+        kind = next(member for member in members if member is not type(None))
     if kind is bool:
         return as_bool(value, name)
     if kind is int:
