@@ -70,8 +70,8 @@ RECORDER: ConcentrationRecorder | None = None
 
 def recording_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """transformers' eager attention (scores x scaling + mask, float32 softmax, x V) in query chunks,
-    handing each chunk's probabilities to ``RECORDER`` (when set). ``query`` ``[1, Hq, T, D]``, ``key``/``value``
-    ``[1, Hkv, T, D]``."""
+    handing each chunk's probabilities to ``RECORDER`` (when set). ``query`` ``[1, Hq, T, D]``,
+    ``key``/``value`` ``[1, Hkv, T, D]``."""
     groups = module.num_key_value_groups
     _, query_heads, length, _ = query.shape
     keys = key.repeat_interleave(groups, dim=1)
