@@ -26,6 +26,8 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
+from longflow_patch import toy
+
 from common import environment, print_table, write_results
 
 ATTENTION = "longflow_concentration"
@@ -33,8 +35,8 @@ QUERY_CHUNK = 256
 
 
 class ConcentrationRecorder:
-    """Accumulates, per (layer, KV head, budget), the summed best-``k`` attention share over queries
-    and every value, for the mean and percentile."""
+    """Collects, per (layer, KV head), every recorded query's best-``k`` attention share for each
+    budget, for the mean and 5th percentile of ``summary``."""
 
     def __init__(self, budgets: list[int], min_history: int) -> None:
         self.budgets = budgets
@@ -107,8 +109,6 @@ def measure(model, token_ids: list[list[int]], budgets: list[int], min_history: 
 
 
 def toy_texts(problems: int, seed: int) -> list[str]:
-    from longflow_patch import toy
-
     return [p["prompt"] + p["solution"] for p in toy.make_problems(problems, seed, with_solution=True)]
 
 
@@ -123,11 +123,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/attention_concentration.json"))
     args = parser.parse_args()
 
-    model_path = args.model
-    if model_path is None:
-        from longflow_patch import toy
-
-        model_path = toy.model_path()
+    model_path = args.model or toy.model_path()
     if args.texts is None:
         texts = toy_texts(args.problems, args.seed)
     else:
