@@ -11,8 +11,11 @@ change speed), bf16, patched by `longflow_patch.apply` four ways for each batch 
   profile JSON -> greedy solver -> cache (physical slots: the layer's largest head budget) -> op;
 - ``moved``: ReasonAlloc (even layer budgets from a flat profile, ``1.5 b`` physical slots per
   head) with every layer's head limits then set to a fresh ragged draw summing to ``8 b``, the
-  state after online re-allocation has moved budget between heads (the periodic re-allocation
-  itself, a host-side step every ``rebalance_every`` tokens, is not in the timed step);
+  state after online re-allocation has moved budget between heads, and its online step in the
+  timed step at every position (``rebalance_every=1``, its most frequent setting; the default
+  is every 4th). With the short prompt the heads still have empty slots, so the step decides
+  without moving: the move itself, one key/value row per row and layer, is timed by
+  `ragged_overhead.py` on full caches;
 - ``shared``: LongFlow as shipped by default (the heads of a layer share eviction), for reference.
 
 Each decode step (the model's forward for one new token per sequence, logits included) is
@@ -120,7 +123,7 @@ def main() -> None:
                 "uniform": (make_policy("longflow", budget=budget, per_head=True), None),
                 "ragged": (make_policy("lukv", budget=budget, profile=lukv, floor_share=0.0), None),
                 "moved": (make_policy("reasonalloc", budget=budget, per_head=True, profile=reasonalloc,
-                                      rebalance_every=2**31), move),
+                                      rebalance_every=1), move),
                 "shared": (make_policy("longflow", budget=budget), None),
             }  # fmt: skip
             for batch in args.batches:

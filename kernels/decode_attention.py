@@ -1,7 +1,7 @@
 """Fused decode step: attention over a fixed-size KV cache, slot importance and eviction choice.
 
 The PyTorch reference beside this file (`decode_attention_reference.py`) defines the semantics
-and the tensor shapes; this module computes the same thing in three Triton launches:
+and the tensor shapes; this module computes the same thing in three Triton launches (four with online re-allocation):
 
 1. ``_attend_split_kernel`` (grid ``splits x Hkv x B``, flash-decoding split-K). Each program
    owns one KV head of one row and a contiguous range of slots. It loads the ``G`` query heads of
@@ -25,6 +25,11 @@ and the tensor shapes; this module computes the same thing in three Triton launc
 3. ``_combine_kernel`` (grid ``Hkv x B x D / 32``). Merges the split partials into the final
    output, each program a 32-column slice of it, and (the first slice's program) reduces the
    chunk minima to the slot the next step overwrites.
+4. ``_reallocate_kernel`` (grid ``B``, only with online re-allocation). The scoring pass then also
+   keeps each chunk's second-lowest rank; one program per row reduces every head's two cheapest
+   slots from the chunk pairs and moves one slot between two heads (`reallocate_one_slot` in the
+   reference): a few scalars and one key/value row, so re-allocation is part of the step, on the
+   device, and a CUDA graph replays it.
 
 Ragged budgets (a different live limit per KV head in one physical allocation): splits and score
 chunks are sized for the mean live budget (``planned_slots``) and launched over all physical
@@ -43,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode_attention_reference import check_reallocation
 from .online_softmax import merge_split_partials, online_softmax_step
 
 LOG2E = 1.4426950408889634
@@ -169,12 +175,12 @@ def _attend_split_kernel(
 @triton.jit
 def _score_chunk_kernel(
     M_part, L_part, Logits, Value_norm, Slot_pos, Write_slot, Position, Slot_limit, Accumulated,
-    Chunk_min, Chunk_arg,
+    Chunk_min, Chunk_arg, Chunk_min2, Chunk_arg2,
     stride_pb, stride_ph,
     n_splits, split_size, num_slots, kv_heads, n_chunks, chunk_size, sink_tokens, recent_window,
     G: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
-    SHARED: tl.constexpr, SCORE_KIND: tl.constexpr, ACCUMULATE: tl.constexpr,
+    SHARED: tl.constexpr, SCORE_KIND: tl.constexpr, ACCUMULATE: tl.constexpr, TOP2: tl.constexpr,
 ):  # fmt: skip
     chunk = tl.program_id(0)
     sel = tl.program_id(1)
@@ -209,6 +215,9 @@ def _score_chunk_kernel(
     write_slot = tl.load(Write_slot + row * kv_heads + sel)
     best_rank = tl.full([BLOCK], float("inf"), tl.float32)
     best_slot = tl.zeros([BLOCK], tl.int32)
+    # TOP2: each lane also keeps its runner-up (second-lowest rank, earliest slot among ties).
+    second_rank = tl.full([BLOCK], float("inf"), tl.float32)
+    second_slot = tl.zeros([BLOCK], tl.int32)
     for s0 in range(chunk * chunk_size, tl.minimum((chunk + 1) * chunk_size, limit), BLOCK):
         offs_s = s0 + tl.arange(0, BLOCK)
         pos = tl.load(pos_base + offs_s, mask=offs_s < num_slots, other=-1)
@@ -243,6 +252,10 @@ def _score_chunk_kernel(
         rank = tl.where(pos < 0, float("-inf"), rank)
         rank = tl.where(usable, rank, float("inf"))
         better = rank < best_rank  # strict: the earliest slot wins ties, lanes scan slots in order
+        if TOP2:
+            runner_up = rank < second_rank
+            second_slot = tl.where(better, best_slot, tl.where(runner_up, offs_s, second_slot))
+            second_rank = tl.where(better, best_rank, tl.where(runner_up, rank, second_rank))
         best_slot = tl.where(better, offs_s, best_slot)
         best_rank = tl.where(better, rank, best_rank)
     chunk_min = tl.min(best_rank, axis=0)
@@ -251,6 +264,14 @@ def _score_chunk_kernel(
     out = (row * n_sel + sel) * n_chunks + chunk
     tl.store(Chunk_min + out, chunk_min)
     tl.store(Chunk_arg + out, slot)
+    if TOP2:
+        # The chunk's runner-up: the winning lane's runner-up or another lane's best.
+        winner = (best_rank == chunk_min) & (best_slot == slot)
+        rank_2 = tl.where(winner, second_rank, best_rank)
+        slot_2 = tl.where(winner, second_slot, best_slot)
+        chunk_min2 = tl.min(rank_2, axis=0)
+        tl.store(Chunk_min2 + out, chunk_min2)
+        tl.store(Chunk_arg2 + out, tl.min(tl.where(rank_2 == chunk_min2, slot_2, num_slots), axis=0))
 
 
 @triton.jit
@@ -290,6 +311,67 @@ def _combine_kernel(
     minima = tl.load(Chunk_min + base + offs_k, mask=offs_k < live_chunks, other=float("inf"))
     slot = tl.load(Chunk_arg + base + tl.argmin(minima, axis=0))
     tl.store(Write_slot + row * kv_heads + head, slot.to(Write_slot.dtype.element_ty))
+
+
+@triton.jit
+def _reallocate_kernel(
+    K_cache, V_cache, Value_norm, Slot_pos, Write_slot, Position, Slot_limit,
+    Chunk_min, Chunk_arg, Chunk_min2, Chunk_arg2,
+    stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_pb, stride_ph,
+    kv_heads, num_slots, n_chunks, chunk_size, reallocate_every, min_limit,
+    HEAD_DIM: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    if tl.load(Position + row) % reallocate_every != 0:
+        return
+    # Every head's two cheapest slots, from its chunks' (lowest, runner-up) pairs: [heads, chunks].
+    offs_h = tl.arange(0, BLOCK_HKV)
+    offs_k = tl.arange(0, BLOCK_CHUNKS)
+    h_mask = offs_h < kv_heads
+    limit = tl.load(Slot_limit + row * kv_heads + offs_h, mask=h_mask, other=0)
+    pairs = (row * kv_heads + offs_h[:, None]) * n_chunks + offs_k[None, :]
+    live = h_mask[:, None] & (offs_k[None, :] < tl.cdiv(limit, chunk_size)[:, None])
+    lowest = tl.load(Chunk_min + pairs, mask=live, other=float("inf"))
+    cheapest = tl.min(lowest, axis=1)
+    winner = offs_k[None, :] == tl.argmin(lowest, axis=1)[:, None]  # first chunk: the lowest slot
+    rank_2 = tl.where(winner, tl.load(Chunk_min2 + pairs, mask=live, other=float("inf")), lowest)
+    lowest_slot = tl.load(Chunk_arg + pairs, mask=live, other=0)
+    slot_2 = tl.where(winner, tl.load(Chunk_arg2 + pairs, mask=live, other=0), lowest_slot)
+    second = tl.min(rank_2, axis=1)
+    second_slot = tl.min(tl.where(rank_2 == second[:, None], slot_2, num_slots), axis=1)
+
+    loss = tl.where(h_mask & (limit - 1 >= min_limit), second, float("inf"))
+    gain = tl.where(h_mask & (limit + 1 <= num_slots), cheapest, float("-inf"))
+    donor = tl.argmin(loss, axis=0)
+    recipient = tl.argmax(gain, axis=0)
+    if (donor == recipient) | (tl.max(gain, axis=0) <= tl.min(loss, axis=0)):
+        return
+
+    # Donor: its last live slot leaves the range; the token there fills the slot vacated now.
+    donor_limit = tl.sum(tl.where(offs_h == donor, limit, 0), axis=0)
+    last = donor_limit - 1
+    head_slot = Write_slot + row * kv_heads + donor
+    cheapest_slot = tl.load(head_slot)
+    runner_up = tl.sum(tl.where(offs_h == donor, second_slot, 0), axis=0)
+    vacated = tl.where(cheapest_slot == last, cheapest_slot, runner_up)
+    moved = vacated != last
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_mask = moved & (offs_d < HEAD_DIM)
+    k_row = K_cache + row * stride_kb + donor * stride_kh
+    v_row = V_cache + row * stride_vb + donor * stride_vh
+    tl.store(k_row + vacated * stride_ks + offs_d, tl.load(k_row + last * stride_ks + offs_d), mask=row_mask)
+    tl.store(v_row + vacated * stride_vs + offs_d, tl.load(v_row + last * stride_vs + offs_d), mask=row_mask)
+    norm_row = Value_norm + (row * kv_heads + donor) * num_slots
+    tl.store(norm_row + vacated, tl.load(norm_row + last), mask=moved)
+    pos_row = Slot_pos + row * stride_pb + donor * stride_ph
+    tl.store(pos_row + vacated, tl.load(pos_row + last), mask=moved)
+    tl.store(pos_row + last, -1)
+    tl.store(head_slot, tl.where(cheapest_slot == last, runner_up, cheapest_slot))
+    tl.store(Slot_limit + row * kv_heads + donor, last)
+    # Recipient: its first slot past the old limit (empty) is where its next token goes.
+    recipient_limit = tl.sum(tl.where(offs_h == recipient, limit, 0), axis=0)
+    tl.store(Write_slot + row * kv_heads + recipient, recipient_limit)
+    tl.store(Slot_limit + row * kv_heads + recipient, recipient_limit + 1)
 
 
 def multiprocessor_count(device: torch.device) -> int:
@@ -355,6 +437,8 @@ def decode_attention_triton(
     shared: bool,
     score_kind: int,
     planned_slots: int = 0,
+    reallocate_every: int = 0,
+    min_limit: int = 0,
     n_splits: int | None = None,
     launch: AttendLaunch | None = None,
     score_launch: ScoreLaunch | None = None,
@@ -363,12 +447,14 @@ def decode_attention_triton(
 
     ``planned_slots`` (the mean live budget per head when budgets are ragged, 0 otherwise) sizes
     the splits and score chunks (`plan_splits`); it never changes the result.
+    ``reallocate_every`` and ``min_limit``: online re-allocation, as in the reference.
     ``n_splits`` overrides the split-K heuristic (tests use it to exercise many splits);
     ``launch`` and ``score_launch`` override the attention and scoring passes' launch shapes
     (the benchmark sweeps them).
     Requires ``q`` / caches in float16 or bfloat16, ``D`` a power of two >= 16, last dims
     contiguous, and contiguous ``slot_pos`` / ``write_slot`` / ``slot_limit`` / ``position``.
     """
+    check_reallocation(reallocate_every, shared, accumulated)
     batch, kv_heads, slots, head_dim = k_cache.shape
     group = q.shape[1] // kv_heads
     block_g = max(16, triton.next_power_of_2(group))
@@ -409,15 +495,18 @@ def decode_attention_triton(
     chunk_size, n_chunks = _plan_chunks(batch * n_sel, slots, score_block, num_sms, planned_slots)
     chunk_min = torch.empty((batch, n_sel, n_chunks), **f32)
     chunk_arg = torch.empty((batch, n_sel, n_chunks), dtype=torch.int32, device=q.device)
+    # Runner-up per chunk, only for online re-allocation (else the lowest's buffers stand in, unused).
+    chunk_min2 = torch.empty_like(chunk_min) if reallocate_every else chunk_min
+    chunk_arg2 = torch.empty_like(chunk_arg) if reallocate_every else chunk_arg
     _score_chunk_kernel[(n_chunks, n_sel, batch)](
         m_part, l_part, logits, value_norm, slot_pos, write_slot, position, slot_limit,
         accumulated if accumulated is not None else m_part,
-        chunk_min, chunk_arg,
+        chunk_min, chunk_arg, chunk_min2, chunk_arg2,
         slot_pos.stride(0), slot_pos.stride(1),
         n_splits, split_size, slots, kv_heads, n_chunks, chunk_size, sink_tokens, recent_window,
         G=group, HEADS=heads, BLOCK_H=block_h, BLOCK_G=score_g, BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)),
         BLOCK=score_block, SHARED=shared, SCORE_KIND=int(score_kind), ACCUMULATE=accumulated is not None,
-        num_warps=score_launch.num_warps,
+        TOP2=reallocate_every > 0, num_warps=score_launch.num_warps,
     )  # fmt: skip
 
     out = torch.empty_like(q)
@@ -452,4 +541,15 @@ def decode_attention_triton(
         num_warps=4,
         num_stages=1,
     )
+    if reallocate_every:
+        _reallocate_kernel[(batch,)](
+            k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit,
+            chunk_min, chunk_arg, chunk_min2, chunk_arg2,
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            slot_pos.stride(0), slot_pos.stride(1),
+            kv_heads, slots, n_chunks, chunk_size, reallocate_every, min_limit,
+            HEAD_DIM=head_dim, BLOCK_HKV=max(2, triton.next_power_of_2(kv_heads)),
+            BLOCK_CHUNKS=max(2, triton.next_power_of_2(n_chunks)), num_warps=1,
+        )  # fmt: skip
     return out

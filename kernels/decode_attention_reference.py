@@ -78,6 +78,56 @@ def rank_slots(
     return torch.where(usable, rank, torch.inf)
 
 
+def reallocate_one_slot(
+    rank: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    value_norm: torch.Tensor,
+    slot_pos: torch.Tensor,
+    write_slot: torch.Tensor,
+    slot_limit: torch.Tensor,
+    due: torch.Tensor,
+    min_limit: int,
+) -> None:
+    """ReasonAlloc's online step: in every ``due`` row, move one live slot from one KV head (the
+    donor) to another (the recipient), when that gains more than it loses.
+
+    ``rank`` ``[B, Hkv, S]`` is this step's eviction rank of every slot (`rank_slots`: lower goes
+    first) and ``write_slot`` ``[B, Hkv]`` already holds each head's cheapest slot, the one its next
+    token overwrites. A head that gives up a slot also loses its second-cheapest token, so the
+    donor is the head whose second-cheapest ranks lowest; a head that gains a slot keeps its
+    cheapest, so the recipient is the head whose cheapest ranks highest. The move is made when
+    the recipient's cheapest outranks the donor's second-cheapest, the donor keeps at least
+    ``min_limit`` slots and the recipient at most ``S``. Ties go to the lower head, and among
+    equal ranks to the lower slot. ``due`` ``[B]`` bool.
+
+    The donor's last live slot leaves its range: the token there moves into the slot of the
+    second-cheapest (or, when the last slot holds the cheapest, the cheapest goes now and the
+    second-cheapest becomes the next write). The recipient's first slot past its old limit
+    (empty: slots past a head's limit always are) becomes its next write, so it evicts nothing.
+    Mutates ``k_cache``, ``v_cache``, ``value_norm``, ``slot_pos``, ``write_slot``, ``slot_limit``.
+    """
+    slots = rank.shape[-1]
+    ranked, order = rank.sort(dim=-1, stable=True)
+    loss = ranked[..., 1].masked_fill(slot_limit - 1 < min_limit, torch.inf)
+    gain = ranked[..., 0].masked_fill(slot_limit + 1 > slots, -torch.inf)
+    donor, recipient = loss.argmin(dim=-1), gain.argmax(dim=-1)
+    rows = torch.arange(rank.shape[0], device=rank.device)
+    moves = due & (donor != recipient) & (gain[rows, recipient] > loss[rows, donor])
+    rows, donor, recipient = rows[moves], donor[moves], recipient[moves]
+
+    last = slot_limit[rows, donor].long() - 1
+    cheapest, second = write_slot[rows, donor].long(), order[rows, donor, 1]
+    vacated = torch.where(cheapest == last, cheapest, second)  # the token that goes now
+    for buffer in (k_cache, v_cache, value_norm, slot_pos):
+        buffer[rows, donor, vacated] = buffer[rows, donor, last]
+    slot_pos[rows, donor, last] = -1
+    write_slot[rows, donor] = torch.where(cheapest == last, second, cheapest).to(write_slot.dtype)
+    slot_limit[rows, donor] -= 1
+    write_slot[rows, recipient] = slot_limit[rows, recipient]
+    slot_limit[rows, recipient] += 1
+
+
 def decode_attention_reference(
     q: torch.Tensor,
     k_new: torch.Tensor,
@@ -96,9 +146,13 @@ def decode_attention_reference(
     shared: bool,
     score_kind: int,
     planned_slots: int = 0,
+    reallocate_every: int = 0,
+    min_limit: int = 0,
 ) -> torch.Tensor:
     """Reference decode step; see the module docstring for shapes and semantics.
-    ``planned_slots`` is the kernel's launch-planning hint and has no effect here."""
+    ``planned_slots`` is the kernel's launch-planning hint and has no effect here.
+    ``reallocate_every`` (0: never) and ``min_limit``: online re-allocation between heads."""
+    check_reallocation(reallocate_every, shared, accumulated)
     batch, kv_heads, slots, head_dim = k_cache.shape
     group = q.shape[1] // kv_heads
     rows = torch.arange(batch, device=q.device)[:, None]
@@ -132,4 +186,15 @@ def decode_attention_reference(
     score = slot_pos[:, select].float() if score_kind == ScoreKind.POSITION else weight
     rank = rank_slots(score, slot_pos[:, select], usable[:, select], position, sink_tokens, recent_window)
     write_slot.copy_(rank.argmin(dim=-1).to(write_slot.dtype).expand(batch, kv_heads))
+    if reallocate_every:
+        due = position % reallocate_every == 0
+        reallocate_one_slot(rank, k_cache, v_cache, value_norm, slot_pos, write_slot, slot_limit, due, min_limit)
     return out.to(q.dtype)
+
+
+def check_reallocation(reallocate_every: int, shared: bool, accumulated: torch.Tensor | None) -> None:
+    """Online re-allocation moves slots between heads that evict on their own, by one step's ranks."""
+    if reallocate_every < 0:
+        raise ValueError(f"reallocate_every must be >= 0 (0: never), got {reallocate_every}")
+    if reallocate_every and (shared or accumulated is not None):
+        raise ValueError("online re-allocation needs per-head eviction without accumulated scores")

@@ -241,14 +241,13 @@ class LongFlowLayer(CacheLayerMixin):
         """
         policy = self.policy
         positions = positions.to(torch.int32)
+        # ReasonAlloc over a per-step scorer: the op itself moves a slot between heads every
+        # `rebalance_every` positions (compacting scorers move slots at their re-selections).
+        reallocate_every = policy.rebalance_every if policy.reallocates_heads and not policy.compacting else 0
         outputs = []
         for step in range(query.shape[2]):
             if policy.compacting:
                 self._before_compacting_step(query[:, :, step], positions[:, step], scale)
-            elif policy.reallocates_heads:
-                self.ring_index += 1
-                if self.ring_index % policy.rebalance_every == 0:
-                    self._rebalance_heads(query[:, :, step], positions[:, step], scale)
             outputs.append(
                 decode_attention(
                     query[:, :, step].contiguous(),
@@ -268,6 +267,8 @@ class LongFlowLayer(CacheLayerMixin):
                     not policy.per_head,
                     int(policy.score_kind),
                     self.planned_slots,
+                    reallocate_every,
+                    policy.minimum_budget,
                 )
             )
         self.token_count.add_(query.shape[2])
@@ -324,58 +325,6 @@ class LongFlowLayer(CacheLayerMixin):
         moves = (donor != recipient) & (gain[rows, recipient] > loss[rows, donor])
         self.slot_limit[rows, donor] -= (moves * move).to(torch.int32)
         self.slot_limit[rows, recipient] += (moves * move).to(torch.int32)
-
-    def _rebalance_heads(self, query: torch.Tensor, position: torch.Tensor, scale: float) -> None:
-        """ReasonAlloc's online step: in every row, move slots from the KV head whose cheapest
-        evictable tokens contribute least to the current query to the head whose cheapest
-        contribute most. The donor keeps its best tokens compacted into its smaller range; the
-        recipient's new slots are empty, so its next tokens fill them.
-
-        ``query`` ``[B, Hq, D]``; ``position`` ``[B]`` of the token about to be written.
-        """
-        policy = self.policy
-        batch, kv_heads, slots, head_dim = self.keys.shape
-        move = policy.slots_to_move(self.layer)
-        rows = torch.arange(batch, device=query.device)
-        grouped = query.float().view(batch, kv_heads, -1, head_dim)
-        usable = torch.arange(slots, device=query.device) < self.slot_limit[..., None]
-        valid = usable & (self.slot_pos >= 0)
-        logits = torch.einsum("bhgd,bhsd->bhgs", grouped, self.keys.float()) * scale
-        log_probs = torch.log_softmax(logits.masked_fill(~valid[:, :, None], -torch.inf), dim=-1)
-        score = (log_probs.logsumexp(dim=2) + self.value_norm.log()).nan_to_num_(-torch.inf)  # log contribution
-        rank = rank_slots(score, self.slot_pos, usable, position - 1, policy.sink_tokens, policy.recent_window)
-        cheapest = rank.topk(move, dim=-1, largest=False).values.sum(dim=-1)  # -inf: the head has empty slots
-        donor, recipient = cheapest.argmin(dim=-1), cheapest.argmax(dim=-1)
-        limit = self.slot_limit.clone()
-        moves = (donor != recipient) & (limit[rows, donor] - move >= policy.minimum_budget)
-        moves &= limit[rows, recipient] + move <= slots
-        if not bool(moves.any()):
-            return
-        # Donor: its slots reordered best first (protected, then by score; empty and unusable last).
-        order_key = torch.where(valid[rows, donor], rank[rows, donor], -torch.inf)
-        order = order_key.argsort(dim=-1, descending=True, stable=True)
-        new_limit = torch.where(moves, limit[rows, donor] - move, limit[rows, donor])
-        for buffer in (self.keys, self.values):
-            reordered = buffer[rows, donor].gather(1, order[..., None].expand(-1, -1, head_dim))
-            buffer[rows, donor] = torch.where(moves[:, None, None], reordered, buffer[rows, donor])
-        for buffer in (self.value_norm, self.slot_pos):
-            reordered = buffer[rows, donor].gather(1, order)
-            buffer[rows, donor] = torch.where(moves[:, None], reordered, buffer[rows, donor])
-        beyond = torch.arange(slots, device=query.device) >= new_limit[:, None]
-        self.slot_pos[rows, donor] = self.slot_pos[rows, donor].masked_fill(beyond & moves[:, None], -1)
-        self.slot_limit[rows, donor] = new_limit.to(torch.int32)
-        old_recipient_limit = limit[rows, recipient]
-        self.slot_limit[rows, recipient] = torch.where(moves, old_recipient_limit + move, old_recipient_limit).to(
-            torch.int32
-        )
-        # Next writes: the donor overwrites its least important remaining token (recomputed on the
-        # compacted slots); the recipient fills its first new, empty slot.
-        donor_rank = torch.where(valid[rows, donor], rank[rows, donor], torch.inf).gather(1, order)
-        donor_next = donor_rank.masked_fill(beyond, torch.inf).argmin(dim=-1)
-        current = self.write_slot.long()
-        self.write_slot[rows, donor] = torch.where(moves, donor_next, current[rows, donor]).to(torch.int32)
-        recipient_next = torch.where(moves, old_recipient_limit, current[rows, recipient])
-        self.write_slot[rows, recipient] = recipient_next.to(torch.int32)
 
     def kv_bytes(self) -> int:
         """Bytes held by this layer's keys and values."""

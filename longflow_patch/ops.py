@@ -18,7 +18,7 @@ KERNEL_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 @torch.library.custom_op(
     "longflow::decode_attention",
-    mutates_args=("k_cache", "v_cache", "value_norm", "slot_pos", "write_slot", "accumulated"),
+    mutates_args=("k_cache", "v_cache", "value_norm", "slot_pos", "write_slot", "slot_limit", "accumulated"),
 )
 def decode_attention(
     q: torch.Tensor,
@@ -38,13 +38,17 @@ def decode_attention(
     shared: bool,
     score_kind: int,
     planned_slots: int = 0,
+    reallocate_every: int = 0,
+    min_limit: int = 0,
 ) -> torch.Tensor:
     """One fused decode step: write the new token, attend, score slots, choose the next slot.
     ``planned_slots``: the mean live slots per head when budgets are ragged (a launch hint for
-    the kernel's work split; 0 plans for every slot)."""
+    the kernel's work split; 0 plans for every slot). ``reallocate_every`` (0: never) and
+    ``min_limit``: every that many positions, move one slot between two KV heads (ReasonAlloc's
+    online step), keeping each head at ``min_limit`` slots or more."""
     return decode_attention_reference(
         q, k_new, v_new, k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit, accumulated,
-        scale, sink_tokens, recent_window, shared, score_kind, planned_slots,
+        scale, sink_tokens, recent_window, shared, score_kind, planned_slots, reallocate_every, min_limit,
     )  # fmt: skip
 
 

@@ -419,26 +419,37 @@ class ReasonAllocPolicy(ProfiledPolicy):
     """ReasonAlloc: layer budgets pre-allocated from the profile (the layer-wise 'reasoning wave'),
     re-allocated online between the heads of a layer.
 
-    Each re-allocation moves ``rebalance_slots`` slots (default: a sixteenth of the per-head
-    share) between two heads of a layer, in every row. With the LongFlow scorer it runs every
-    ``rebalance_every`` steps: from the head whose cheapest evictable tokens are worth least to
-    the head whose cheapest are worth most, scoring slots with the current query's contribution
-    (the fused op's signal). With a compacting scorer it runs at each re-selection: from the head
-    whose last kept tokens draw the least attention from the recent queries to the head whose
-    first dropped tokens draw the most, when that gains attention. A head keeps at least the
-    policy's minimum budget and at most ``capacity`` times the layer's per-head share (the
-    physical allocation).
+    With the LongFlow scorer the fused op re-allocates, from the ranks it has just computed: at
+    every position that is a multiple of ``rebalance_every`` it moves one slot, in each row, from
+    the head whose second-cheapest token is worth least to the head whose cheapest is worth most,
+    when the recipient gains more than the donor loses (`reallocate_one_slot` in
+    ``kernels/decode_attention_reference.py``). The step stays on the device: it compiles and
+    replays in a CUDA graph. With a compacting scorer it runs at each re-selection and moves
+    ``rebalance_slots`` slots: from the head whose last kept tokens draw the least attention from
+    the recent queries to the head whose first dropped tokens draw the most, when that gains
+    attention. A head keeps at least the policy's minimum budget and at most ``capacity`` times the
+    layer's per-head share (the physical allocation).
+
+    Choices the paper leaves open: one slot per move, so a move never drops more than one token
+    the donor would have kept, and a move every 4 positions by default, a quarter of the steps,
+    so that the current query's ranks, which change from step to step, do not move slots back and
+    forth at every token.
 
     Attributes:
         capacity: physical slots per head as a multiple of the layer's per-head share.
-        rebalance_every: decode steps between re-allocations (LongFlow scorer).
-        rebalance_slots: slots moved per re-allocation (0: share // 16).
+        rebalance_every: positions between one-slot moves (LongFlow scorer).
+        rebalance_slots: slots moved per re-selection (compacting scorers; 0: share // 16).
     """
 
     name = "reasonalloc"
     capacity: float = 1.5
-    rebalance_every: int = 32
+    rebalance_every: int = 4
     rebalance_slots: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rebalance_every < 1 or self.rebalance_slots < 0:
+            raise ValueError(f"policy {self.name!r}: rebalance_every must be >= 1 and rebalance_slots >= 0")
+        super().__post_init__()
 
     def per_head_slots(self, layer: int) -> int:
         return math.ceil(self.capacity * super().per_head_slots(layer))
@@ -449,10 +460,6 @@ class ReasonAllocPolicy(ProfiledPolicy):
     @property
     def reallocates_heads(self) -> bool:
         return self.per_head
-
-    @property
-    def compileable(self) -> bool:
-        return not self.reallocates_heads and super().compileable
 
 
 POLICIES: dict[str, type[Policy]] = {

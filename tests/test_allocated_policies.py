@@ -61,8 +61,7 @@ def test_lukv_gives_each_head_its_solved_budget_at_equal_total(profiles):
 
 def test_reasonalloc_layers_follow_needs_and_heads_trade_slots_online(profiles):
     model = tiny_model("qwen3", "gqa")
-    longflow_patch.apply(model, policy="reasonalloc", budget=40, profile=profiles["reasonalloc"], rebalance_every=4,
-                         rebalance_slots=3)  # fmt: skip
+    longflow_patch.apply(model, policy="reasonalloc", budget=40, profile=profiles["reasonalloc"], rebalance_every=2)
     table = model._longflow_policy.head_table
     assert sum(table[1]) > sum(table[0]), "the layer that needs more gets more"
     cache = run(model, new_tokens=120)
@@ -74,18 +73,26 @@ def test_reasonalloc_layers_follow_needs_and_heads_trade_slots_online(profiles):
     assert moved, "no head traded slots"
 
 
-def test_lukv_compiles_as_one_graph(profiles):
+@pytest.mark.parametrize("method", ["lukv", "reasonalloc"])
+def test_allocated_policies_compile_as_one_graph(profiles, method):
+    """ReasonAlloc's online moves included: the compiled steps move the same slots as eager ones."""
     from test_compile import compiled_generate, counting_backend
 
     torch._dynamo.reset()
     model = tiny_model("qwen3", "gqa")
     ids, mask = left_padded_prompts(batch=2, length=10)
-    longflow_patch.apply(model, policy="lukv", budget=40, profile=profiles["lukv"])
+    settings = {"rebalance_every": 1} if method == "reasonalloc" else {}
+    longflow_patch.apply(model, policy=method, budget=40, profile=profiles[method], **settings)
+    assert model._longflow_policy.compileable
+    eager_cache = longflow_patch.new_cache(model)
     eager = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=50, min_new_tokens=50, do_sample=False,
-                           pad_token_id=0)  # fmt: skip
+                           pad_token_id=0, past_key_values=eager_cache)  # fmt: skip
     graphs = []
     assert torch.equal(compiled_generate(model, ids, mask, 50, counting_backend(graphs)), eager)
     assert len(graphs) == 1
+    if method == "reasonalloc":
+        limits = torch.stack([layer.slot_limit for layer in eager_cache.layers])
+        assert (limits != limits[:, :, :1]).any(), "no slot moved between heads in 50 steps"
 
 
 def test_profiled_policies_need_a_matching_profile(profiles):

@@ -56,7 +56,7 @@ def random_step(batch, kv_heads, group, slots, head_dim, dtype, filled, ragged=F
     )
 
 
-def run_both(step, score_kind, shared, n_splits=None, sink=4, recent=8, planned_slots=0):
+def run_both(step, score_kind, shared, n_splits=None, sink=4, recent=8, planned_slots=0, reallocate_every=0):
     theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
     settings = dict(
         scale=step["q"].shape[-1] ** -0.5,
@@ -64,6 +64,8 @@ def run_both(step, score_kind, shared, n_splits=None, sink=4, recent=8, planned_
         recent_window=recent,
         shared=shared,
         score_kind=int(score_kind),
+        reallocate_every=reallocate_every,
+        min_limit=sink + recent + 1,
     )
     expected = decode_attention_reference(**step, **settings)
     got = decode_attention_triton(**theirs, **settings, planned_slots=planned_slots, n_splits=n_splits)
@@ -74,7 +76,7 @@ def assert_same_step(step, expected, theirs, got):
     assert not torch.isnan(got).any(), "kernel left unwritten or NaN outputs"
     error = (got.float() - expected.float()).norm() / expected.float().norm()
     assert error < 1.5e-2, f"relative output error {error:.2e}"
-    for name in ("k_cache", "v_cache", "slot_pos"):
+    for name in ("k_cache", "v_cache", "slot_pos", "slot_limit"):
         assert torch.equal(step[name], theirs[name]), f"{name} differs after the write"
     assert torch.equal(step["write_slot"], theirs["write_slot"]), (step["write_slot"], theirs["write_slot"])
     torch.testing.assert_close(theirs["value_norm"], step["value_norm"], rtol=1e-5, atol=1e-5)
@@ -186,3 +188,105 @@ def test_ragged_split_plan_is_no_longer_than_uniform(batch, budget):
     n_splits, split_size = plan_splits(batch, 8, physical, 128, 132, 1, planned_slots=budget)
     assert split_size <= uniform_size
     assert (n_splits - 1) * split_size < physical <= n_splits * split_size
+
+
+def reallocating_step(batch, kv_heads, group, slots, head_dim, dtype, filled, every):
+    """A per-head step with ragged limits (slots past a head's limit empty, as the cache keeps
+    them), where rows alternate between due and not due for re-allocation every ``every``."""
+    step = random_step(batch, kv_heads, group, slots, head_dim, dtype, filled, ragged=True, shared=False)
+    beyond = torch.arange(slots, device=DEVICE) >= step["slot_limit"][..., None]
+    step["slot_pos"].masked_fill_(beyond, -1)
+    step["position"] = 4 * slots * every + torch.arange(batch, device=DEVICE, dtype=torch.int32) % 2
+    return step
+
+
+REALLOCATION_CASES = [
+    # batch, kv_heads, group, slots, head_dim, dtype, filled, n_splits, planned
+    (4, 4, 2, 96, 64, torch.bfloat16, 96, 2, False),
+    (3, 2, 4, 200, 32, torch.float16, 200, 1, True),
+    (2, 8, 1, 64, 64, torch.bfloat16, 60, 1, False),  # some heads still have empty slots
+    (4, 3, 2, 700, 16, torch.bfloat16, 700, 3, True),  # several score chunks per head
+]
+if not INTERPRETED:
+    REALLOCATION_CASES += [
+        (8, 8, 4, 4096, 128, torch.bfloat16, 4096, None, True),
+        (32, 8, 4, 1024, 128, torch.float16, 1024, None, True),
+    ]
+
+
+@pytest.mark.parametrize("case", REALLOCATION_CASES, ids=lambda c: "b{}-hkv{}-g{}-s{}-d{}".format(*c[:5]))
+def test_online_reallocation_matches_reference(case):
+    """Due rows move one slot between heads in both implementations alike (cache contents,
+    limits and next write slots); the others only evict."""
+    batch, kv_heads, group, slots, head_dim, dtype, filled, n_splits, planned = case
+    step = reallocating_step(batch, kv_heads, group, slots, head_dim, dtype, filled, every=2)
+    before = step["slot_limit"].clone()
+    planned_slots = math.ceil(before.float().mean().item()) if planned else 0
+    result = run_both(step, ScoreKind.CONTRIBUTION, False, n_splits, planned_slots=planned_slots, reallocate_every=2)
+    assert_same_step(*result)
+    after = step["slot_limit"]
+    assert torch.equal(after.sum(dim=1), before.sum(dim=1)), "a row's total changed"
+    assert torch.equal(after[1::2], before[1::2]), "a row that was not due re-allocated"
+    if filled == slots:  # due rows past the first (which holds padding) have every head full
+        assert (after[2::2] != before[2::2]).any(dim=1).all(), "a due row with full heads moved nothing"
+
+
+def test_kernel_reallocating_over_many_steps_keeps_state_like_reference():
+    """Chain 60 steps re-allocating every step: both implementations hold the same tokens, limits
+    and next slots throughout, and limits end spread although they start even."""
+    step = reallocating_step(2, 4, 2, 48, 32, torch.bfloat16, 20, every=1)
+    step["slot_limit"].fill_(40)
+    step["slot_pos"][..., 40:] = -1
+    theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
+    settings = dict(scale=0.2, sink_tokens=2, recent_window=4, shared=False, score_kind=0, reallocate_every=1,
+                    min_limit=7)  # fmt: skip
+    for index in range(60):
+        new = dict(
+            q=torch.randn_like(step["q"]),
+            k_new=torch.randn_like(step["k_new"]),
+            v_new=torch.randn_like(step["v_new"]),
+            position=step["position"] + index + 1,
+        )
+        step.update(new)
+        theirs.update({k: v.clone() for k, v in new.items()})
+        decode_attention_reference(**step, **settings)
+        decode_attention_triton(**theirs, **settings)
+        for name in ("write_slot", "slot_pos", "slot_limit", "k_cache"):
+            assert torch.equal(step[name], theirs[name]), f"{name} at step {index}"
+        assert (step["slot_limit"].sum(dim=1) == 160).all()
+        assert (step["slot_limit"] >= 7).all() and (step["slot_limit"] <= 48).all()
+    assert (step["slot_limit"] != 40).any(), "no slot ever moved"
+
+
+def test_reallocation_moves_a_slot_from_the_cheapest_runner_up_to_the_dearest_cheapest():
+    """Reference semantics on a hand-made rank table: the donor loses its second-cheapest token
+    (its last slot's token takes that slot), the recipient's next token goes to a new slot."""
+    from longflow_patch.kernels.decode_attention_reference import reallocate_one_slot
+
+    inf = torch.inf
+    rank = torch.tensor([[[5.0, 1.0, 9.0, 2.0, inf, inf],   # head 0: cheapest 1 (slot 1), runner-up 2 (slot 3)
+                          [7.0, 8.0, 6.0, 9.0, 7.5, inf],   # head 1: cheapest 6 (slot 2): worth most
+                          [3.0, 4.0, 3.5, inf, inf, inf]]])  # head 2: runner-up 3.5  # fmt: skip
+    limit = torch.tensor([[4, 5, 3]], dtype=torch.int32)
+    slot_pos = torch.tensor([[[10, 11, 12, 13, -1, -1], [20, 21, 22, 23, 24, -1], [30, 31, 32, -1, -1, -1]]],
+                            dtype=torch.int32)  # fmt: skip
+    keys = slot_pos[..., None].float().expand(1, 3, 6, 2).clone()
+    values, norms = keys.clone(), slot_pos.float()
+    write = rank.argmin(dim=-1).to(torch.int32)
+    reallocate_one_slot(rank, keys, values, norms, slot_pos, write, limit, torch.tensor([True]), min_limit=2)
+    assert limit.tolist() == [[3, 6, 3]]
+    assert slot_pos[0, 0].tolist() == [10, 11, 12, -1, -1, -1]  # token 13 (runner-up) gone, slot 3 left the range
+    assert write[0].tolist() == [1, 5, 0]  # donor still overwrites its cheapest; recipient fills its new slot
+    # The donor's last slot held the cheapest: it goes now, the runner-up is written next.
+    rank[0, 0] = torch.tensor([5.0, 2.0, 9.0, 1.0, inf, inf])
+    limit, slot_pos = torch.tensor([[4, 5, 3]], dtype=torch.int32), slot_pos.clone()
+    slot_pos[0, 0] = torch.tensor([10, 11, 12, 13, -1, -1])
+    write = rank.argmin(dim=-1).to(torch.int32)
+    reallocate_one_slot(rank, keys, values, norms, slot_pos, write, limit, torch.tensor([True]), min_limit=2)
+    assert slot_pos[0, 0].tolist() == [10, 11, 12, -1, -1, -1] and write[0, 0] == 1
+    # Not due, or the recipient's cheapest not above the donor's runner-up: nothing moves.
+    limit = torch.tensor([[4, 5, 3]], dtype=torch.int32)
+    reallocate_one_slot(rank, keys, values, norms, slot_pos, write, limit, torch.tensor([False]), min_limit=2)
+    rank[0, 1, 2], rank[0, 2, 0] = 1.5, 1.2  # dearest cheapest 1.5 (head 1) < cheapest runner-up 2 (head 0)
+    reallocate_one_slot(rank, keys, values, norms, slot_pos, write, limit, torch.tensor([True]), min_limit=2)
+    assert limit.tolist() == [[4, 5, 3]]

@@ -66,14 +66,25 @@ def test_small_budget_generation_on_gpu_is_finite_and_fixed_size():
     assert all(layer.keys.shape[2] == 16 for layer in cache.layers)
 
 
-def test_cuda_graph_replay_matches_compiled_step_and_never_recaptures():
+def reasonalloc_settings(path) -> dict:
+    """ReasonAlloc on the 2-layer GQA tiny model, moving a slot between heads at every position."""
+    from longflow_patch.profiles import BudgetProfile
+
+    BudgetProfile.from_curves("reasonalloc", "tiny", [1.0, 2.0], total_budget=2 * 2 * 32, num_kv_heads=2).save(path)
+    return dict(policy="reasonalloc", profile=str(path), rebalance_every=1)
+
+
+@pytest.mark.parametrize("policy", ["longflow", "reasonalloc"])
+def test_cuda_graph_replay_matches_compiled_step_and_never_recaptures(policy, tmp_path):
     """compile=True: transformers' compiled decode step replayed from a CUDA graph gives exactly the
     tokens of the same compiled step run without graphs, and a longer second generation replays
-    the captured graph with no new capture. (Against eager the tokens may differ where inductor's
-    fused bf16 arithmetic flips a near-tie of a random model; the agreement is reported.)"""
+    the captured graph with no new capture; for ReasonAlloc, with slots moving between heads
+    inside the replayed step. (Against eager the tokens may differ where inductor's fused bf16
+    arithmetic flips a near-tie of a random model; the agreement is reported.)"""
     from transformers import CompileConfig
 
     torch._dynamo.reset()
+    settings = reasonalloc_settings(tmp_path / "profile.json") if policy == "reasonalloc" else {}
     model = tiny_model("qwen3", "gqa", layers=2, head_dim=64, dtype=torch.bfloat16).cuda()
     ids, mask = left_padded_prompts(batch=4, length=20)
     ids, mask = ids.cuda(), mask.cuda()
@@ -82,13 +93,13 @@ def test_cuda_graph_replay_matches_compiled_step_and_never_recaptures():
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
 
-    longflow_patch.apply(model, budget=32)
+    longflow_patch.apply(model, budget=32, **settings)
     eager = generate(200)
-    longflow_patch.apply(model, budget=32, compile=True)
+    longflow_patch.apply(model, budget=32, compile=True, **settings)
     model.generation_config.compile_config = CompileConfig(fullgraph=True, mode=None)  # inductor, no graphs
     without_graphs = generate(200)
     torch._dynamo.reset()
-    longflow_patch.apply(model, budget=32, compile=True)
+    longflow_patch.apply(model, budget=32, compile=True, **settings)
     model.__dict__.pop("_compiled_call", None)
     captures = []
     original = torch.cuda.CUDAGraph.capture_begin
