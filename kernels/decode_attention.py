@@ -1,7 +1,8 @@
 """Fused decode step: attention over a fixed-size KV cache, slot importance and eviction choice.
 
 The PyTorch reference beside this file (`decode_attention_reference.py`) defines the semantics
-and the tensor shapes; this module computes the same thing in three Triton launches (four with online re-allocation):
+and the tensor shapes; this module computes the same thing in three Triton launches (four with
+online re-allocation):
 
 1. ``_attend_split_kernel`` (grid ``splits x Hkv x B``, flash-decoding split-K). Each program
    owns one KV head of one row and a contiguous range of slots. It loads the ``G`` query heads of
