@@ -299,3 +299,9 @@ def test_lukv_floor_keeps_every_head_at_a_share_of_the_average(profiles):
     assert floored[0][1] == max(map(max, floored)), "the long-reach head still gets the most"
     with pytest.raises(ValueError, match="floor_share"):
         table(floor_share=1.5)
+
+
+@pytest.mark.parametrize("settings", [{"rebalance_every": 0}, {"rebalance_slots": -1}])
+def test_reasonalloc_refuses_a_cadence_below_one_and_negative_moves(profiles, settings):
+    with pytest.raises(ValueError, match="rebalance_every must be >= 1 and rebalance_slots >= 0"):
+        longflow_patch.make_policy("reasonalloc", budget=40, profile=profiles["reasonalloc"], **settings)
