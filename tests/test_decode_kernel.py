@@ -132,11 +132,11 @@ def test_ragged_budgets_planned_for_the_mean_match_reference(score):
     assert_same_step(*run_both(step, score, False, planned_slots=planned))
 
 
-def test_kernel_over_many_steps_keeps_choosing_like_reference():
-    """Chain 40 steps on one cache: both implementations must evict the same slots every step."""
-    step = random_step(2, 2, 4, 48, 64, torch.bfloat16, 20, shared=False)
+def chained_steps(step: dict, settings: dict, count: int):
+    """Run ``count`` decode steps on one cache with both implementations, fresh query and token
+    each step; yields the step index, the reference's arguments and the kernel's after each."""
     theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
-    for index in range(40):
+    for index in range(count):
         new = dict(
             q=torch.randn_like(step["q"]),
             k_new=torch.randn_like(step["k_new"]),
@@ -145,11 +145,18 @@ def test_kernel_over_many_steps_keeps_choosing_like_reference():
         )
         step.update(new)
         theirs.update({k: v.clone() for k, v in new.items()})
-        settings = dict(scale=0.125, sink_tokens=2, recent_window=4, shared=False, score_kind=0)
         decode_attention_reference(**step, **settings)
         decode_attention_triton(**theirs, **settings)
-        assert torch.equal(step["write_slot"], theirs["write_slot"]), f"step {index}"
-        assert torch.equal(step["slot_pos"], theirs["slot_pos"]), f"step {index}"
+        yield index, step, theirs
+
+
+def test_kernel_over_many_steps_keeps_choosing_like_reference():
+    """Chain 40 steps on one cache: both implementations must evict the same slots every step."""
+    step = random_step(2, 2, 4, 48, 64, torch.bfloat16, 20, shared=False)
+    settings = dict(scale=0.125, sink_tokens=2, recent_window=4, shared=False, score_kind=0)
+    for index, ours, theirs in chained_steps(step, settings, 40):
+        assert torch.equal(ours["write_slot"], theirs["write_slot"]), f"step {index}"
+        assert torch.equal(ours["slot_pos"], theirs["slot_pos"]), f"step {index}"
 
 
 def test_empty_slots_fill_before_any_eviction_and_protection_holds():
@@ -237,24 +244,13 @@ def test_kernel_reallocating_over_many_steps_keeps_state_like_reference():
     step = reallocating_step(2, 4, 2, 48, 32, torch.bfloat16, 20, every=1)
     step["slot_limit"].fill_(40)
     step["slot_pos"][..., 40:] = -1
-    theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
     settings = dict(scale=0.2, sink_tokens=2, recent_window=4, shared=False, score_kind=0, reallocate_every=1,
                     min_limit=7)  # fmt: skip
-    for index in range(60):
-        new = dict(
-            q=torch.randn_like(step["q"]),
-            k_new=torch.randn_like(step["k_new"]),
-            v_new=torch.randn_like(step["v_new"]),
-            position=step["position"] + index + 1,
-        )
-        step.update(new)
-        theirs.update({k: v.clone() for k, v in new.items()})
-        decode_attention_reference(**step, **settings)
-        decode_attention_triton(**theirs, **settings)
+    for index, ours, theirs in chained_steps(step, settings, 60):
         for name in ("write_slot", "slot_pos", "slot_limit", "k_cache"):
-            assert torch.equal(step[name], theirs[name]), f"{name} at step {index}"
-        assert (step["slot_limit"].sum(dim=1) == 160).all()
-        assert (step["slot_limit"] >= 7).all() and (step["slot_limit"] <= 48).all()
+            assert torch.equal(ours[name], theirs[name]), f"{name} at step {index}"
+        assert (ours["slot_limit"].sum(dim=1) == 160).all()
+        assert (ours["slot_limit"] >= 7).all() and (ours["slot_limit"] <= 48).all()
     assert (step["slot_limit"] != 40).any(), "no slot ever moved"
 
 
