@@ -51,8 +51,9 @@ def ragged_limits(
 
 
 def step_ms(inputs: dict, planned_slots: int, reallocate_every: int) -> float:
+    sinks, window = 4, 8  # the policies' defaults; a head keeps at least sinks + window + 1 slots
     # scale, sinks, window, per-head, contribution, planned slots, re-allocation, smallest head
-    settings = (HEAD_DIM**-0.5, 4, 8, False, 0, planned_slots, reallocate_every, 13)
+    settings = (HEAD_DIM**-0.5, sinks, window, False, 0, planned_slots, reallocate_every, sinks + window + 1)
     return graph_median_ms(lambda: torch.ops.longflow.decode_attention(*inputs.values(), *settings))
 
 

@@ -75,7 +75,8 @@ def test_reasonalloc_layers_follow_needs_and_heads_trade_slots_online(profiles):
 
 @pytest.mark.parametrize("method", ["lukv", "reasonalloc"])
 def test_allocated_policies_compile_as_one_graph(profiles, method):
-    """ReasonAlloc's online moves included: the compiled steps move the same slots as eager ones."""
+    """ReasonAlloc's online moves included: the compiled steps give eager's tokens, and eager's
+    limits show slots moved between heads along the way."""
     from test_compile import compiled_generate, counting_backend
 
     torch._dynamo.reset()
