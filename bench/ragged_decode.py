@@ -55,7 +55,7 @@ def synthetic_lukv_profile(path: Path, layers: int, kv_heads: int, budget: int, 
 
 def flat_reasonalloc_profile(path: Path, layers: int, kv_heads: int, budget: int) -> None:
     """Write a ReasonAlloc profile whose layers all need the same: ``budget`` slots per head each."""
-    BudgetProfile.from_curves("reasonalloc", "flat", [1.0] * layers, layers * kv_heads * budget, kv_heads).save(path)
+    BudgetProfile.fixed([[budget] * kv_heads] * layers, "flat", "reasonalloc").save(path)
 
 
 def move_budgets(cache, budget: int, seed: int) -> None:

@@ -1,4 +1,4 @@
-"""Budget solvers: split a total KV-cache budget unevenly over heads (LU-KV) or layers (ReasonAlloc).
+"""Budget solver: split a total KV-cache budget unevenly over heads (LU-KV) or layers (ReasonAlloc).
 
 Everything here is pure NumPy and knows nothing about models or caches.
 
@@ -24,9 +24,9 @@ LU-KV (:func:`greedy_allocate`)
     are concave, and otherwise falls short of the optimum by at most the envelope-curve gap of that
     single head at its budget (never more than the largest gap on that one segment).
 
-ReasonAlloc (:func:`layer_budgets_from_profile`)
-    Offline layer-wise pre-allocation: a layer's budget above a common floor is proportional to its
-    measured need, rounded by largest remainder so the sum is exact.
+ReasonAlloc's layer-wise pre-allocation is the same solver over one curve per layer (the layer's
+utility with every KV head of it at ``b`` tokens), in tokens per KV head; see
+:meth:`longflow_patch.profiles.BudgetProfile.from_curves`.
 """
 
 import operator
@@ -121,52 +121,6 @@ def greedy_allocate(
     budgets += np.rint(np.bincount(head[full], weights=length[full], minlength=len(arrays))).astype(np.int64)
     budgets[head[order[cut]]] += extra - (int(taken[cut - 1]) if cut else 0)
     return budgets.tolist()
-
-
-def layer_budgets_from_profile(layer_scores: ArrayLike, total: int, minimum: int = 0) -> list[int]:
-    """ReasonAlloc's layer-wise pre-allocation: a floor plus a share proportional to measured need.
-
-    Rule: layer ``l`` with need ``s_l`` gets ``minimum + (total - L * minimum) * s_l / sum(s)``
-    slots, rounded by largest remainder (every layer first gets the floor of its quota, then the
-    slots left go one each to the largest fractional parts, ties to the lower layer index), so the
-    budgets sum to exactly ``total`` and each is within one slot of its quota. When every need is 0
-    the layers share equally.
-
-    Args:
-        layer_scores: need per layer, shape ``(L,)``, or per layer and head, shape ``(L, H)``
-            (a layer's need is then the sum over its heads); non-negative and finite.
-        total: slots to split over the layers, in the caller's unit (e.g. slots per KV head).
-        minimum: floor for every layer.
-
-    Returns:
-        One int per layer.
-
-    Raises:
-        ValueError: scores of the wrong shape, negative or not finite; ``minimum < 0``;
-            ``total < L * minimum``.
-    """
-    total = operator.index(total)
-    minimum = operator.index(minimum)
-    scores = np.asarray(layer_scores, dtype=np.float64)
-    if scores.ndim == 2:
-        scores = scores.sum(axis=1)
-    if scores.ndim != 1 or scores.size == 0:
-        raise ValueError(f"layer_scores must have shape (layers,) or (layers, heads), got {np.shape(layer_scores)}")
-    if not np.all(np.isfinite(scores)) or np.any(scores < 0):
-        raise ValueError("layer_scores must be finite and non-negative")
-    if minimum < 0:
-        raise ValueError(f"minimum must be >= 0, got {minimum}")
-    layers = scores.size
-    if total < layers * minimum:
-        raise ValueError(f"total {total} is below {layers} layers x minimum {minimum} = {layers * minimum}")
-    extra = total - layers * minimum
-    weight = scores.sum()
-    quotas = extra * scores / weight if weight > 0 else np.full(layers, extra / layers)
-    whole = np.floor(quotas).astype(np.int64)
-    left = extra - int(whole.sum())
-    by_remainder = np.argsort(-(quotas - whole), kind="stable")
-    whole[by_remainder[:left]] += 1
-    return (whole + minimum).tolist()
 
 
 def _as_curve(curve: ArrayLike, name: str) -> np.ndarray:

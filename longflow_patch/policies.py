@@ -419,6 +419,13 @@ class ReasonAllocPolicy(ProfiledPolicy):
     """ReasonAlloc: layer budgets pre-allocated from the profile (the layer-wise 'reasoning wave'),
     re-allocated online between the heads of a layer.
 
+    Pre-allocation solves the profile's layer utility curves with the greedy solver at this
+    policy's total, every layer at least half the average budget (``floor_share=0.5``, for LU-KV's
+    reason: the curves are measured one head at a time). On the toy reasoner over R-KV this took
+    the teacher-forced KL at 5% of the trace from 0.17 to 0.14 and at 128 slots from 0.20 to 0.15
+    (``bench/results/accuracy_toy_allocation.json``); format 1 profiles split the total in
+    proportion to a need per layer, and left one layer a third of the average.
+
     With the LongFlow scorer the fused op re-allocates, from the ranks it has just computed: at
     every position that is a multiple of ``rebalance_every`` it moves one slot, in each row, from
     the head whose second-cheapest token is worth least to the head whose cheapest is worth most,
@@ -442,6 +449,7 @@ class ReasonAllocPolicy(ProfiledPolicy):
     """
 
     name = "reasonalloc"
+    floor_share: float = 0.5
     capacity: float = 1.5
     rebalance_every: int = 4
     rebalance_slots: int = 0

@@ -6,10 +6,11 @@ over its KV heads, ``head_budgets[l][h]`` the tokens KV head ``h`` of layer ``l`
 ``total_budget`` is the sum over all layers.
 
 ``reasonalloc``
-    ``curves`` (optional) is the measured need per layer, ``[L]`` numbers or ``[L][H]`` numbers
-    (a layer's need is the sum over its heads). Without ``head_budgets`` every head of layer ``l``
+    ``curves`` (optional) is ``[L][n]``: the utility of each layer with every KV head of it kept at
+    ``0..n-1`` tokens (lengths may differ). Without ``head_budgets`` every head of layer ``l``
     starts at ``layer_budgets[l] / num_kv_heads`` (so it must divide evenly); online head
-    re-allocation then moves slots between heads of a layer and keeps the layer's sum.
+    re-allocation then moves slots between heads of a layer and keeps the layer's sum. Format 1
+    stored a scalar need per layer instead; such files are refused (re-run the profiling recipe).
 ``lukv``
     ``head_budgets`` is required; ``curves`` (optional) is ``[L][H][n]``: the utility of each head at
     budgets ``0..n-1`` tokens (lengths may differ).
@@ -20,7 +21,7 @@ kept while one head was measured (``recipes/profile_budgets.py``); None when not
 policy given several profiles of a method solves with the one measured nearest its budget.
 
 JSON schema: keys sorted, two-space indents, innermost number lists on one line. An ``lukv`` profile
-(``reasonalloc`` ones have ``"head_budgets": null`` or a table, and ``curves`` of shape [L] or [L][H])::
+(``reasonalloc`` ones have ``"head_budgets": null`` or a table, and ``curves`` of shape [L][n])::
 
     {
       "context_budget": 128,
@@ -30,7 +31,7 @@ JSON schema: keys sorted, two-space indents, innermost number lists on one line.
           [0.0, 0.9, 1.0]
         ]
       ],
-      "format_version": 1,
+      "format_version": 2,
       "head_budgets": [
         [2, 1]
       ],
@@ -55,9 +56,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from longflow_patch.allocation import greedy_allocate, layer_budgets_from_profile
+from longflow_patch.allocation import greedy_allocate
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ReasonAlloc curves are layer utility curves (format 1: a need per layer)
 METHODS = ("reasonalloc", "lukv")
 Method = Literal["reasonalloc", "lukv"]
 
@@ -110,10 +111,9 @@ class BudgetProfile:
         """Solve budgets from calibration data.
 
         ``lukv``: :func:`~longflow_patch.allocation.greedy_allocate` over all heads' curves with
-        ``total_budget`` and floor ``minimum`` per head. ``reasonalloc``:
-        :func:`~longflow_patch.allocation.layer_budgets_from_profile` in tokens per KV head with
-        ``total_budget / num_kv_heads`` (which must be whole) and floor ``minimum``, then times
-        ``num_kv_heads``; no ``head_budgets`` (heads start even).
+        ``total_budget`` and floor ``minimum`` per head. ``reasonalloc``: the same solver over the
+        layers' curves, in tokens per KV head (``total_budget / num_kv_heads``, which must be whole;
+        floor ``minimum``), then times ``num_kv_heads``; no ``head_budgets`` (heads start even).
         """
         if method == "lukv":
             if any(len(layer) != num_kv_heads for layer in curves):
@@ -127,8 +127,8 @@ class BudgetProfile:
         elif method == "reasonalloc":
             if num_kv_heads <= 0 or total_budget % num_kv_heads:
                 raise ValueError(f"reasonalloc total_budget {total_budget} must be a multiple of num_kv_heads")
-            curves = np.asarray(curves, dtype=np.float64).tolist()
-            per_head = layer_budgets_from_profile(curves, total_budget // num_kv_heads, minimum)
+            curves = [np.asarray(curve, dtype=np.float64).tolist() for curve in curves]
+            per_head = greedy_allocate(curves, total_budget // num_kv_heads, minimum)
             layers = [budget * num_kv_heads for budget in per_head]
             head_budgets = None
         else:
@@ -148,13 +148,18 @@ class BudgetProfile:
         )
 
     @classmethod
-    def fixed(cls, table: list[list[int]], model: str) -> "BudgetProfile":
-        """An ``lukv`` profile that solves to exactly ``table`` (tokens per layer per KV head) at its
-        total: head ``h``'s curve rises by one per slot up to its budget and ends there, so the greedy
-        solver hands every head its budget. A hand-set or drawn allocation then takes the real path
-        (profile, solver, cache, op)."""
-        curves = [[list(range(limit + 1)) for limit in row] for row in table]
-        return cls.from_curves("lukv", model, curves, sum(map(sum, table)), len(table[0]))
+    def fixed(cls, table: list[list[int]], model: str, method: Method = "lukv") -> "BudgetProfile":
+        """A profile that solves to exactly ``table`` (tokens per layer per KV head) at its total:
+        each curve rises by one per slot up to its budget and ends there, so the greedy solver hands
+        every head (``reasonalloc``: every layer, whose heads must then share one budget) its
+        budget. A hand-set or drawn allocation then takes the real path (profile, solver, cache, op)."""
+        if method == "reasonalloc":
+            if any(len(set(row)) != 1 for row in table):
+                raise ValueError("a reasonalloc table gives every KV head of a layer the same budget")
+            curves: list[Any] = [list(range(row[0] + 1)) for row in table]
+        else:
+            curves = [[list(range(limit + 1)) for limit in row] for row in table]
+        return cls.from_curves(method, model, curves, sum(map(sum, table)), len(table[0]))
 
     def rescale(self, total_budget: int, minimum: int | None = None) -> "BudgetProfile":
         """The same profile re-solved from its ``curves`` for another total (see :meth:`from_curves`),
@@ -182,7 +187,10 @@ class BudgetProfile:
         if not isinstance(data, dict):
             raise ValueError("a budget profile must be a JSON object")
         version = data.pop("format_version", None)
-        if version != FORMAT_VERSION:
+        if version == 1 and data.get("method") == "reasonalloc":
+            raise ValueError("format 1 ReasonAlloc profiles store a need per layer, format 2 a utility curve per "
+                             "layer: re-run recipes/profile_budgets.py")  # fmt: skip
+        if version not in (1, FORMAT_VERSION):  # format 1 LU-KV profiles read unchanged
             raise ValueError(f"unsupported format_version {version!r} (expected {FORMAT_VERSION})")
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
@@ -265,26 +273,23 @@ def _check_curves(profile: BudgetProfile) -> None:
     curves, layers, heads = profile.curves, profile.num_layers, profile.num_kv_heads
     if not isinstance(curves, list) or len(curves) != layers:
         raise ValueError(f"curves must have {layers} entries (one per layer)")
-    if profile.method == "reasonalloc":
-        if all(_is_number(need) for need in curves):
-            needs = curves
-        elif all(isinstance(row, list) and len(row) == heads for row in curves):
-            needs = [need for row in curves for need in row]
-        else:
-            raise ValueError(f"reasonalloc curves must be [{layers}] or [{layers}][{heads}] numbers")
-        if not all(_is_number(need) and need >= 0 for need in needs):
-            raise ValueError("reasonalloc curves must be finite non-negative numbers")
+    if profile.method == "reasonalloc":  # one curve per layer, in tokens per KV head
+        for layer, (curve, budgets) in enumerate(zip(curves, profile.head_budget_table(), strict=True)):
+            _check_curve(f"curves[{layer}]", curve, max(budgets), "its heads' budgets reach")
         return
     for layer, (row, budgets) in enumerate(zip(curves, profile.head_budgets or [], strict=True)):
         if not isinstance(row, list) or len(row) != heads:
             raise ValueError(f"curves[{layer}] must hold {heads} curves (one per KV head)")
         for h, (curve, budget) in enumerate(zip(row, budgets, strict=True)):
-            if not isinstance(curve, list) or not curve or not all(_is_number(u) for u in curve):
-                raise ValueError(f"curves[{layer}][{h}] must be a non-empty list of finite numbers")
-            if budget > len(curve) - 1:
-                raise ValueError(
-                    f"head_budgets[{layer}][{h}] = {budget} is beyond its curve (budgets 0..{len(curve) - 1})"
-                )
+            _check_curve(f"curves[{layer}][{h}]", curve, budget, f"head_budgets[{layer}][{h}] is")
+
+
+def _check_curve(name: str, curve: Any, budget: int, what: str) -> None:
+    """``curve`` must be a non-empty list of finite numbers reaching at least ``budget``."""
+    if not isinstance(curve, list) or not curve or not all(_is_number(u) for u in curve):
+        raise ValueError(f"{name} must be a non-empty list of finite numbers")
+    if budget > len(curve) - 1:
+        raise ValueError(f"{name} covers budgets 0..{len(curve) - 1}, but {what} {budget}")
 
 
 def _is_int(value: Any) -> bool:

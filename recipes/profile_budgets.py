@@ -15,10 +15,10 @@ Choices (the papers leave them open):
   is 0 when isolated (nothing is evicted), and flat from the largest grid budget in context.
   Heads are measured one at a time, so utilities are taken as separable, as the solver assumes;
   `greedy_allocate` solves per-head budgets on their envelopes.
-- ReasonAlloc layer need: per head, the smallest measured budget whose KL is within
-  ``--tolerance`` nats per token of its KL at the largest grid budget; a layer's need is the sum
-  over its heads (the per-layer 'reasoning wave'); `layer_budgets_from_profile` turns needs into
-  layer budgets.
+- ReasonAlloc layer curve: the sum of its heads' utility curves, the layer's utility with every
+  head of it at ``b`` (the per-layer 'reasoning wave'); the same solver turns the layer curves into
+  layer budgets. (Format 1 profiles held a need per layer instead, the smallest budget within a
+  KL tolerance, split in proportion: a fixed pattern at every total that starved one toy layer.)
 
 Why output fidelity and not attention mass (this recipe's first signal): on the toy reasoner one
 layer does the table look-ups (its heads put 99% of their attention on the prompt at a look-up),
@@ -103,11 +103,10 @@ def utility_curves(kl: np.ndarray, grid: list[int], length: int, isolated: bool)
     return [[curve(row) for row in layer] for layer in kl]
 
 
-def head_needs(kl: np.ndarray, grid: list[int], tolerance: float) -> list[list[int]]:
-    """``[L][H]``: the smallest grid budget whose KL is within ``tolerance`` of the KL at the largest
-    grid budget (that budget at worst)."""
-    return [[next(b for b, value in zip(grid, row, strict=True) if value <= row[-1] + tolerance) for row in layer]
-            for layer in kl]  # fmt: skip
+def layer_curves(curves: list[list[list[float]]]) -> list[list[float]]:
+    """``[L][n]`` from ``[L][H][n]`` head utility curves: each layer's heads summed (heads measured
+    one at a time, so taken as separable, as LU-KV's solver does)."""
+    return [np.sum(layer, axis=0).round(6).tolist() for layer in curves]
 
 
 def other_heads_budget(args: argparse.Namespace, length: int) -> int:
@@ -160,7 +159,6 @@ def main() -> None:
         help="slots every other head keeps while one is measured (default: the whole trace)",
     )
     parser.add_argument("--grid", type=int, nargs="+", default=list(DEFAULT_GRID), help="budgets measured")
-    parser.add_argument("--tolerance", type=float, default=0.02, help="KL (nats/token) a ReasonAlloc need allows")
     parser.add_argument("--budget", type=int, default=256, help="slots per head per layer the profiles are solved at")
     parser.add_argument("--minimum", type=int, default=16, help="floor of any head's budget")
     parser.add_argument("--jobs", type=int, default=1, help="processes measuring heads side by side")
@@ -191,18 +189,15 @@ def main() -> None:
         "nats per token",
         "grid": grid,
         "kl": kl.tolist(),
-        "tolerance": args.tolerance,
     }
     curves = utility_curves(kl, grid, length, isolated=args.context_budget is None)
-    needs = head_needs(kl, grid, args.tolerance)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for method, data in (("lukv", curves), ("reasonalloc", needs)):
+    for method, data in (("lukv", curves), ("reasonalloc", layer_curves(curves))):
         profile = BudgetProfile.from_curves(method, str(path), data, total, kv_heads, args.minimum, metadata, others)
         written.append(args.out_dir / (f"{method}-context{others}.json" if args.context_budget else f"{method}.json"))
         profile.save(written[-1])
         print(f"{method} at {args.budget} per head:", profile.head_budget_table())
-    print("head needs (tokens for KL within", args.tolerance, "):", needs)
     print("wrote", *written)
 
 

@@ -14,15 +14,19 @@ from models import left_padded_prompts, tiny_model
 
 @pytest.fixture
 def profiles(tmp_path):
-    """A 2-layer, 2-KV-head profile of each kind: head 1 of layer 0 needs far more than the rest."""
+    """A 2-layer, 2-KV-head profile of each kind: LU-KV's head 1 of layer 0 needs far more than the
+    rest; ReasonAlloc's layer 1 saturates later than layer 0."""
     generator = np.random.default_rng(0)
     reach = [[8.0, 60.0], [20.0, 25.0]]
     curves = [[(1 - np.exp(-np.arange(200) / r)) * (1 + 0.01 * generator.random()) for r in layer] for layer in reach]
+    layer_curves = [2 * (1 - np.exp(-np.arange(200) / r)) for r in (10.0, 60.0)]
     paths = {}
-    for method, data in (("lukv", curves), ("reasonalloc", [[1.0, 1.0], [3.0, 3.0]])):
+    for method, data in (("lukv", curves), ("reasonalloc", layer_curves)):
         profile = BudgetProfile.from_curves(method, "tiny", data, total_budget=4 * 40, num_kv_heads=2, minimum=13)
         paths[method] = tmp_path / f"{method}.json"
         profile.save(paths[method])
+    paths["reasonalloc-31"] = tmp_path / "reasonalloc-31.json"  # layer 0 at 31 slots per head
+    BudgetProfile.fixed([[31, 31], [49, 49]], "tiny", "reasonalloc").save(paths["reasonalloc-31"])
     return paths
 
 
@@ -59,11 +63,11 @@ def test_lukv_gives_each_head_its_solved_budget_at_equal_total(profiles):
         assert (layer.slot_pos >= 0).sum(-1).tolist()[0] == table[index], "each head full at its own budget"
 
 
-def test_reasonalloc_layers_follow_needs_and_heads_trade_slots_online(profiles):
+def test_reasonalloc_layers_follow_their_curves_and_heads_trade_slots_online(profiles):
     model = tiny_model("qwen3", "gqa")
     longflow_patch.apply(model, policy="reasonalloc", budget=40, profile=profiles["reasonalloc"], rebalance_every=2)
     table = model._longflow_policy.head_table
-    assert sum(table[1]) > sum(table[0]), "the layer that needs more gets more"
+    assert sum(table[1]) > sum(table[0]), "the layer whose utility saturates later gets more"
     cache = run(model, new_tokens=120)
     moved = False
     for index, layer in enumerate(cache.layers):
@@ -247,7 +251,7 @@ def selection_layer(profiles, heads, **settings):
     """Layer 0 of a ReasonAlloc + R-KV cache just before a re-selection: its 2 KV heads full (31 tokens,
     positions 0-30) with the keys of ``HEADS[heads[0]]`` and ``HEADS[heads[1]]``; the prompt fills all
     but the buffer, decode steps the rest."""
-    settings = dict(budget=40, profile=profiles["reasonalloc"], scorer="rkv", buffer=8, rebalance_slots=3) | settings
+    settings = dict(budget=40, profile=profiles["reasonalloc-31"], scorer="rkv", buffer=8, rebalance_slots=3) | settings
     policy = longflow_patch.make_policy("reasonalloc", **settings)
     layer = longflow_patch.LongFlowLayer(policy, layer=0)
     assert policy.head_table[0] == [31, 31] and policy.minimum_budget == 21

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from longflow_patch.allocation import greedy_allocate, layer_budgets_from_profile, upper_concave_envelope
+from longflow_patch.allocation import greedy_allocate, upper_concave_envelope
 
 TOL = 1e-9
 
@@ -210,42 +210,3 @@ def test_large_problem_is_fast_and_optimal():
     )
     loss = np.where(budgets > 0, concave[rows, budgets] - concave[rows, np.maximum(budgets - 1, 0)], np.inf)
     assert gain.max() <= loss.min() + TOL
-
-
-def test_layer_budgets_are_proportional_with_a_floor_and_exact_sum():
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        layers = int(rng.integers(1, 40))
-        scores = rng.random(layers) * (rng.random(layers) < 0.8)
-        minimum = int(rng.integers(0, 5))
-        total = layers * minimum + int(rng.integers(0, 500))
-        budgets = layer_budgets_from_profile(scores, total, minimum)
-        assert all(isinstance(b, int) for b in budgets)
-        assert sum(budgets) == total and min(budgets) >= minimum
-        extra = total - layers * minimum
-        quota = extra * scores / scores.sum() if scores.sum() > 0 else np.full(layers, extra / layers)
-        assert np.all(np.abs(np.array(budgets) - minimum - quota) < 1)
-
-
-def test_layer_budget_rounding_and_shapes():
-    assert layer_budgets_from_profile([1.0, 1.0, 1.0], 4) == [2, 1, 1]  # ties: lower layer first
-    assert layer_budgets_from_profile([0.0, 0.0], 5, 1) == [3, 2]  # no signal: equal shares
-    assert layer_budgets_from_profile([0.3, 0.7, 0.5], 12, 2) == [3, 5, 4]
-    matrix = np.array([[1.0, 2.0], [0.5, 0.5], [3.0, 0.0]])
-    assert layer_budgets_from_profile(matrix, 37, 1) == layer_budgets_from_profile(matrix.sum(axis=1), 37, 1)
-
-
-@pytest.mark.parametrize(
-    ("scores", "total", "minimum", "message"),
-    [
-        ([1.0, -1.0], 4, 0, "non-negative"),
-        ([1.0, np.inf], 4, 0, "finite"),
-        ([], 4, 0, "shape"),
-        (np.ones((2, 2, 2)), 4, 0, "shape"),
-        ([1.0, 1.0], 3, 2, "below 2 layers x minimum 2"),
-        ([1.0, 1.0], 3, -1, "minimum must be >= 0"),
-    ],
-)
-def test_layer_budget_errors(scores, total, minimum, message):
-    with pytest.raises(ValueError, match=message):
-        layer_budgets_from_profile(scores, total, minimum)

@@ -72,7 +72,7 @@ def test_held_table_is_the_allocation_a_policy_runs(held, budget, others, tmp_pa
     assert policy.budget == total // 6 and policy.head_table == table
 
 
-def test_utility_curves_and_needs_from_measured_kl():
+def test_utility_curves_and_layer_curves_from_measured_kl():
     kl = np.array([[[0.5, 0.1, 0.0]], [[0.04, 0.03, 0.01]]])  # [L=2, H=1, grid of 3]
     grid = [10, 20, 40]
     curves = profile_budgets.utility_curves(kl, grid, 51, isolated=True)
@@ -84,6 +84,5 @@ def test_utility_curves_and_needs_from_measured_kl():
     in_context = profile_budgets.utility_curves(kl, grid, 51, isolated=False)
     assert in_context[0][0] == head
     assert in_context[1][0][40] == in_context[1][0][50] == -0.01  # the others still evict: flat
-    assert profile_budgets.head_needs(kl, grid, 0.02) == [[40], [20]]
-    assert profile_budgets.head_needs(kl, grid, 0.1) == [[20], [10]]
-    assert profile_budgets.head_needs(kl, grid, 0.001) == [[40], [40]]
+    two_heads = [[[-0.5, -0.1, 0.0], [-0.2, -0.2, -0.1]], [[-1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]]
+    assert profile_budgets.layer_curves(two_heads) == [[-0.7, -0.3, -0.1], [-1.0, 0.0, 0.0]]

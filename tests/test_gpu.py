@@ -70,7 +70,7 @@ def reasonalloc_settings(path) -> dict:
     """ReasonAlloc on the 2-layer GQA tiny model, moving a slot between heads at every position."""
     from longflow_patch.profiles import BudgetProfile
 
-    BudgetProfile.from_curves("reasonalloc", "tiny", [1.0, 2.0], total_budget=2 * 2 * 32, num_kv_heads=2).save(path)
+    BudgetProfile.fixed([[21, 21], [43, 43]], "tiny", "reasonalloc").save(path)
     return dict(policy="reasonalloc", profile=str(path), rebalance_every=1)
 
 

@@ -21,7 +21,9 @@ def lukv_profile(total: int = 40, minimum: int = 1) -> BudgetProfile:
 
 
 def reasonalloc_profile(total: int = 48) -> BudgetProfile:
-    return BudgetProfile.from_curves("reasonalloc", "org/tiny-model", [0.3, 0.7, 0.5], total, HEADS, minimum=2)
+    """Concave layer curves of different steepness and length (per-head budgets 0..len-1)."""
+    curves = [np.log1p(np.arange(length)) * weight for length, weight in ((200, 0.3), (260, 0.7), (230, 0.5))]
+    return BudgetProfile.from_curves("reasonalloc", "org/tiny-model", curves, total, HEADS, minimum=2)
 
 
 def test_lukv_profile_matches_the_solver():
@@ -33,13 +35,25 @@ def test_lukv_profile_matches_the_solver():
     assert profile.head_budget_table() == profile.head_budgets
 
 
-def test_reasonalloc_profile_splits_layers_evenly_over_heads():
-    profile = reasonalloc_profile(24)
-    assert profile.layer_budgets == [6, 10, 8]  # per head [3, 5, 4]: floor 2 plus 6 shared 0.3 : 0.7 : 0.5
+def test_reasonalloc_profile_solves_layer_curves_and_splits_layers_evenly_over_heads():
+    profile = reasonalloc_profile(96)
+    per_head = greedy_allocate(profile.curves, 96 // HEADS, 2)
+    assert profile.layer_budgets == [b * HEADS for b in per_head] and sum(profile.layer_budgets) == 96
+    assert per_head[1] > per_head[2] > per_head[0]  # the steepest layer gets the most
     assert profile.head_budgets is None
-    assert profile.head_budget_table() == [[3, 3], [5, 5], [4, 4]]
-    matrix = BudgetProfile.from_curves("reasonalloc", "m", [[0.1, 0.2], [0.3, 0.4], [0.0, 0.5]], 24, HEADS, 2)
-    assert matrix.layer_budgets == profile.layer_budgets
+    assert profile.head_budget_table() == [[b, b] for b in per_head]
+
+
+@pytest.mark.parametrize("method", ["lukv", "reasonalloc"])
+def test_fixed_profiles_solve_to_their_table(method):
+    table = [[5, 9], [3, 3], [12, 1]] if method == "lukv" else [[5, 5], [3, 3], [12, 12]]
+    profile = BudgetProfile.fixed(table, "hand-set", method)
+    assert profile.method == method and profile.head_budget_table() == table
+
+
+def test_a_reasonalloc_table_gives_a_layers_heads_one_budget():
+    with pytest.raises(ValueError, match="every KV head of a layer the same budget"):
+        BudgetProfile.fixed([[5, 9]], "hand-set", "reasonalloc")
 
 
 @pytest.mark.parametrize("make", [lukv_profile, reasonalloc_profile])
@@ -56,7 +70,7 @@ def test_json_is_readable_with_sorted_keys():
     text = lukv_profile().to_json()
     data = json.loads(text)
     assert list(data) == sorted(data)
-    assert data["format_version"] == 1
+    assert data["format_version"] == 2
     assert data["curves"][0][0][3] == 0.1 + 0.2
     # one line per curve and per budget row, not one line per number
     lines = {line.strip().rstrip(",") for line in text.splitlines()}
@@ -78,7 +92,7 @@ def test_golden_file():
         "      [0.0, 0.9, 1.0]\n"
         "    ]\n"
         "  ],\n"
-        '  "format_version": 1,\n'
+        '  "format_version": 2,\n'
         '  "head_budgets": [\n'
         "    [2, 1]\n"
         "  ],\n"
@@ -133,20 +147,22 @@ def edit(data: dict, path: tuple, new) -> dict:
         (valid_lukv, ("num_kv_heads",), 0, "num_kv_heads must be a positive integer"),
         (valid_lukv, ("num_layers",), 4, "layer_budgets must be a list of 4 integers"),
         (valid_lukv, ("curves", 1), [[0.0, 1.0]], r"curves\[1\] must hold 2 curves"),
-        (valid_lukv, ("curves", 0, 1), [0.0, 1.0], r"head_budgets\[0\]\[1\] = \d+ is beyond its curve"),
+        (valid_lukv, ("curves", 0, 1), [0.0, 1.0], r"curves\[0\]\[1\] covers budgets 0..1, but head_budgets"),
         (valid_lukv, ("curves", 0, 1), [], r"curves\[0\]\[1\] must be a non-empty list of finite numbers"),
         (valid_lukv, ("curves", 2, 0, 0), float("nan"), r"curves\[2\]\[0\] must be a non-empty list of finite"),
         (valid_lukv, ("curves",), [], "curves must have 3 entries"),
         (valid_lukv, ("method",), "h2o", "method must be one of"),
         (valid_lukv, ("model",), 7, "model must be a string"),
         (valid_lukv, ("metadata",), [], "metadata must be a dict"),
-        (valid_lukv, ("format_version",), 2, "unsupported format_version 2"),
+        (valid_lukv, ("format_version",), 3, "unsupported format_version 3"),
         (valid_lukv, ("format_version",), ..., "unsupported format_version None"),
         (valid_lukv, ("extra",), 1, r"unknown keys \['extra'\]"),
         (valid_lukv, ("layer_budgets",), ..., r"missing keys \['layer_budgets'\]"),
         (valid_reasonalloc, ("layer_budgets",), [7, 9, 32], r"layers \[0, 1\] do not split evenly over 2 KV heads"),
-        (valid_reasonalloc, ("curves",), [0.3, -0.7, 0.5], "finite non-negative"),
-        (valid_reasonalloc, ("curves",), [[0.3], [0.7], [0.5]], r"must be \[3\] or \[3\]\[2\] numbers"),
+        (valid_reasonalloc, ("curves",), [0.3, 0.7, 0.5], r"curves\[0\] must be a non-empty list of finite numbers"),
+        (valid_reasonalloc, ("curves", 1), [0.0, 1.0], r"curves\[1\] covers budgets 0..1, but its heads"),
+        (valid_reasonalloc, ("curves",), [[0.0]], "curves must have 3 entries"),
+        (valid_reasonalloc, ("format_version",), 1, "format 1 ReasonAlloc profiles store a need per layer"),
     ],
 )
 def test_inconsistent_files_are_rejected(make, path, new, message, tmp_path):
@@ -155,6 +171,12 @@ def test_inconsistent_files_are_rejected(make, path, new, message, tmp_path):
     with pytest.raises(ValueError, match=message) as error:
         BudgetProfile.load(file)
     assert str(file) in str(error.value)
+
+
+def test_format_1_lukv_files_still_load(tmp_path):
+    file = tmp_path / "lukv-format1.json"
+    file.write_text(json.dumps(edit(valid_lukv(), ("format_version",), 1)))
+    assert BudgetProfile.load(file) == lukv_profile()
 
 
 def test_broken_json_names_the_file(tmp_path):
