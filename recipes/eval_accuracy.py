@@ -44,9 +44,11 @@ PROFILED = ("lukv", "reasonalloc")
 TABLE_BUFFER = 16  # R-KV's re-selection buffer in the hand-set tables of --tables
 # A policy is a registered name, an allocator over a token scorer ("lukv+rkv": LU-KV's budgets over
 # R-KV), a uniform policy evicting per KV head ("rkv:per_head", the uniform baseline of an allocator),
-# or an allocator whose layer's heads share eviction ("lukv+rkv:shared": layer-wise budgets only).
+# an allocator whose layer's heads share eviction ("lukv+rkv:shared": layer-wise budgets only), or
+# ReasonAlloc without its online step ("reasonalloc+rkv:static": the pre-allocated split, fixed).
 ALLOCATORS = [f"{a}+{s}" for a in PROFILED for s in longflow_patch.SCORERS]
 CHOICES = (sorted(longflow_patch.POLICIES) + ALLOCATORS + [f"{spec}:shared" for spec in [*PROFILED, *ALLOCATORS]]
+           + [f"{spec}:static" for spec in ["reasonalloc", *ALLOCATORS] if spec.startswith("reasonalloc")]
            + [f"{name}:per_head" for name in sorted(longflow_patch.POLICIES) if name not in PROFILED])  # fmt: skip
 
 
@@ -61,12 +63,17 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
 
 
 def make_policy(spec: str, budget: int) -> longflow_patch.Policy:
-    """The policy named by ``spec`` (``name``, ``allocator+scorer``, ``name:per_head`` or
-    ``allocator:shared``) at a budget: compacting scorers get a buffer of an eighth of it, the
-    allocators the toy reasoner's bundled profiles (each solves with the one nearest its budget)."""
+    """The policy named by ``spec`` (``name``, ``allocator+scorer``, ``name:per_head``,
+    ``allocator:shared`` or ``reasonalloc[+scorer]:static``) at a budget: compacting scorers get a
+    buffer of an eighth of it, the allocators the toy reasoner's bundled profiles (each solves with
+    the one nearest its budget)."""
     spec, _, eviction = spec.partition(":")
     name, _, scorer = spec.partition("+")
-    settings = {"budget": budget, "per_head": eviction == "per_head"} if eviction else {"budget": budget}
+    settings: dict[str, object] = {"budget": budget}
+    if eviction == "static":
+        settings["online"] = False
+    elif eviction:
+        settings["per_head"] = eviction == "per_head"
     if issubclass(longflow_patch.POLICIES[scorer or name], longflow_patch.CompactingPolicy):
         settings["buffer"] = max(8, budget // 8)
     if name in PROFILED:
@@ -246,15 +253,18 @@ def plot(rows: list[dict], mean_trace: float, path: Path) -> None:
 
     figure, (accuracy, blocks, fidelity) = plt.subplots(1, 3, figsize=(16, 4.2))
     full = next(r for r in rows if r["policy"] == "full")
-    for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"):
+    tab20 = plt.get_cmap("tab20").colors
+    colors = [*tab20[0::2], *tab20[1::2]]  # 20 colours, the 10 strong ones first; variants (``name:...``) dashed
+    for index, policy in enumerate(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full")):
         points = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["budget"])
         budgets = [r["budget"] for r in points]
         below = [r["accuracy"] - r["ci"][0] for r in points]
         above = [r["ci"][1] - r["accuracy"] for r in points]
-        accuracy.errorbar(budgets, [r["accuracy"] for r in points], yerr=[below, above], marker="o", capsize=2,
-                          label=policy)  # fmt: skip
-        blocks.plot(budgets, [r.get("blocks_solved", 0.0) for r in points], marker="o", label=policy)
-        fidelity.plot(budgets, [max(r["kl"], 1e-6) for r in points], marker="o", label=policy)
+        style = {"marker": "o", "label": policy, "color": colors[index % 20],
+                 "linestyle": "--" if ":" in policy else "-"}  # fmt: skip
+        accuracy.errorbar(budgets, [r["accuracy"] for r in points], yerr=[below, above], capsize=2, **style)
+        blocks.plot(budgets, [r.get("blocks_solved", 0.0) for r in points], **style)
+        fidelity.plot(budgets, [max(r["kl"], 1e-6) for r in points], **style)
     accuracy.axhline(full["accuracy"], color="black", linestyle="--", label="full cache")
     blocks.axhline(full.get("blocks_solved", 1.0), color="black", linestyle="--", label="full cache")
     for axis in (accuracy, blocks, fidelity):

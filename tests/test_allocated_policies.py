@@ -175,6 +175,23 @@ def test_reasonalloc_over_rkv_trades_slots_at_re_selections(profiles):
     assert moved, "no head traded slots"
 
 
+@pytest.mark.parametrize("scorer", ["longflow", "rkv"])
+def test_reasonalloc_without_its_online_step_keeps_the_pre_allocated_split(profiles, scorer):
+    """online=False (the ablation): each head keeps its layer's pre-allocated share for the whole
+    generation, in exactly that many physical slots (no slack for moves)."""
+    model = tiny_model("qwen3", "gqa")
+    settings = {"buffer": 8, "rebalance_slots": 3} if scorer == "rkv" else {"rebalance_every": 1}
+    longflow_patch.apply(model, policy="reasonalloc", budget=40, profile=profiles["reasonalloc"], scorer=scorer,
+                         online=False, **settings)  # fmt: skip
+    policy = model._longflow_policy
+    assert not policy.reallocates_heads and policy.per_head
+    cache = run(model, new_tokens=120)
+    for row, layer in zip(policy.head_table, cache.layers, strict=True):
+        assert layer.keys.shape[2] == max(row), "no slack is allocated when budget never moves"
+        assert layer.slot_limit.tolist() == [row] * 2, "a head's budget moved with the online step off"
+        assert_consistent(layer)
+
+
 @pytest.mark.parametrize("per_head", [True, False], ids=["per-head", "shared"])
 def test_lukv_over_rkv_with_a_flat_profile_generates_as_uniform_rkv(tmp_path, per_head):
     """Equal budgets for every head: the allocation is a no-op, so tokens match uniform R-KV evicting

@@ -59,11 +59,13 @@ def test_policy_specs_build_the_policy_they_name():
         "reasonalloc+rkv": ("reasonalloc", True, "rkv"),
         "lukv+rkv:shared": ("lukv", False, "rkv"),
         "reasonalloc:shared": ("reasonalloc", False, "longflow"),
+        "reasonalloc+rkv:static": ("reasonalloc", True, "rkv"),
     }
     for spec, (name, per_head, scorer) in expected.items():
         assert spec in eval_accuracy.CHOICES
         policy = eval_accuracy.make_policy(spec, 256)
         assert (policy.name, policy.per_head, getattr(policy, "scorer", None)) == (name, per_head, scorer), spec
+        assert getattr(policy, "online", True) == (not spec.endswith(":static")), spec
         assert policy.budget == 256 and policy.compacting == (scorer == "rkv" or name == "rkv")
         assert not policy.compacting or policy.reserve == 32, "compacting scorers get a buffer of budget // 8"
 
