@@ -48,7 +48,7 @@ TABLE_BUFFER = 16  # R-KV's re-selection buffer in the hand-set tables of --tabl
 # ReasonAlloc without its online step ("reasonalloc+rkv:static": the pre-allocated split, fixed).
 ALLOCATORS = [f"{a}+{s}" for a in PROFILED for s in longflow_patch.SCORERS]
 CHOICES = (sorted(longflow_patch.POLICIES) + ALLOCATORS + [f"{spec}:shared" for spec in [*PROFILED, *ALLOCATORS]]
-           + [f"{spec}:static" for spec in ["reasonalloc", *ALLOCATORS] if spec.startswith("reasonalloc")]
+           + [f"{spec}:static" for spec in [*PROFILED, *ALLOCATORS] if spec.startswith("reasonalloc")]
            + [f"{name}:per_head" for name in sorted(longflow_patch.POLICIES) if name not in PROFILED])  # fmt: skip
 
 
