@@ -145,9 +145,11 @@ def main() -> None:
                         help="full-cache completions shared by parallel runs (read if they match)")  # fmt: skip
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
                         help="only merge these result files (runs split by policy) into --out")  # fmt: skip
+    parser.add_argument("--describe", default=None,
+                        help="with --merge: history entry (say, the command) for files that record none")  # fmt: skip
     args = parser.parse_args()
     if args.merge:
-        merge(args.merge, Path(args.out))
+        merge(args.merge, Path(args.out), args.describe)
         return
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -225,22 +227,26 @@ def write(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def merge(paths: list[Path], out: Path) -> None:
+def merge(paths: list[Path], out: Path, description: str | None = None) -> None:
     """Combine runs over the same problems (split by policy, or repeated) into one results file and
     plot. The full-cache row is the first file's; a (policy, budget) measured in several files keeps
-    the last file's row."""
+    the last file's row. History is kept: ``merged_from`` lists each file's own ``merged_from``
+    entries, or for a file without any its path, or ``description`` (once) in place of those paths;
+    ``note`` joins the files' notes."""
     parts = [json.loads(path.read_text()) for path in paths]
 
     def drawn(part: dict) -> tuple:
         return part["problems"], part["seed"], part["blocks"]
 
-    measured = {}
+    measured, history = {}, []
     for path, part in zip(paths, parts, strict=True):
         if drawn(part) != drawn(parts[0]):
             raise ValueError(f"{path} was run on other problems than {paths[0]}")
         measured |= {(row["policy"], row["budget_label"]): row for row in part["rows"] if row["policy"] != "full"}
+        history += [entry for entry in part.get("merged_from") or [description or str(path)] if entry not in history]
     rows = [parts[0]["rows"][0], *measured.values()]
-    write(out, {**parts[-1], "rows": rows, "merged_from": [str(p) for p in paths]})
+    notes = dict.fromkeys(part["note"] for part in parts if part.get("note"))
+    write(out, {**parts[-1], "rows": rows, "merged_from": history, **({"note": " ".join(notes)} if notes else {})})
     plot(rows, parts[0]["mean_trace_tokens"], out.with_suffix(".png"))
     print(f"wrote {out}")
 

@@ -10,6 +10,8 @@ import pytest
 from recipe_loader import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
+# The fields of a results file that merge reads (besides its rows).
+HEADER = {"benchmark": "accuracy_toy", "problems": 8, "seed": 1, "blocks": [2, 6], "mean_trace_tokens": 100.0}
 
 
 def test_accuracy_harness_smoke_run(tmp_path):
@@ -28,7 +30,6 @@ def test_accuracy_harness_smoke_run(tmp_path):
 
 def test_merge_keeps_the_last_measurement_of_each_configuration(tmp_path):
     eval_accuracy = load_recipe("eval_accuracy.py")
-    header = {"benchmark": "accuracy_toy", "problems": 8, "seed": 1, "blocks": [2, 6], "mean_trace_tokens": 100.0}
 
     def row(policy, label, accuracy):
         return {"policy": policy, "budget_label": label, "budget": 20, "accuracy": accuracy, "ci": [0.0, 1.0],
@@ -36,18 +37,39 @@ def test_merge_keeps_the_last_measurement_of_each_configuration(tmp_path):
 
     old, new = tmp_path / "old.json", tmp_path / "new.json"
     old.write_text(
-        json.dumps({**header, "rows": [row("full", "full", 1.0), row("rkv", "20%", 0.25), row("h2o", "20%", 0.0)]})
+        json.dumps({**HEADER, "rows": [row("full", "full", 1.0), row("rkv", "20%", 0.25), row("h2o", "20%", 0.0)]})
     )
-    new.write_text(json.dumps({**header, "rows": [row("full", "full", 1.0), row("rkv", "20%", 0.5)]}))
+    new.write_text(json.dumps({**HEADER, "rows": [row("full", "full", 1.0), row("rkv", "20%", 0.5)]}))
     out = tmp_path / "merged.json"
     eval_accuracy.merge([old, new], out)
-    rows = {(r["policy"], r["budget_label"]): r["accuracy"] for r in json.loads(out.read_text())["rows"]}
+    merged = json.loads(out.read_text())
+    rows = {(r["policy"], r["budget_label"]): r["accuracy"] for r in merged["rows"]}
     assert rows == {("full", "full"): 1.0, ("rkv", "20%"): 0.5, ("h2o", "20%"): 0.0}
+    assert merged["merged_from"] == [str(old), str(new)]
 
     other = tmp_path / "other.json"
-    other.write_text(json.dumps({**header, "seed": 2, "rows": [row("full", "full", 1.0)]}))
+    other.write_text(json.dumps({**HEADER, "seed": 2, "rows": [row("full", "full", 1.0)]}))
     with pytest.raises(ValueError, match="other problems"):
         eval_accuracy.merge([old, other], out)
+
+
+def test_merge_keeps_the_history_of_a_results_file(tmp_path):
+    """Merging a new run into a committed results file keeps that file's history and note and adds
+    the new run (its description when given, once for all files without history)."""
+    eval_accuracy = load_recipe("eval_accuracy.py")
+    full = {"policy": "full", "budget_label": "full", "budget": 0, "accuracy": 1.0, "ci": [1.0, 1.0],
+            "blocks_solved": 1.0, "kl": 0.0}  # fmt: skip
+    committed, part1, part2 = tmp_path / "committed.json", tmp_path / "part1.json", tmp_path / "part2.json"
+    committed.write_text(json.dumps({**HEADER, "rows": [full], "merged_from": ["run 1", "run 2"], "note": "n."}))
+    for part in (part1, part2):
+        part.write_text(json.dumps({**HEADER, "rows": [full]}))
+    out = tmp_path / "merged.json"
+    eval_accuracy.merge([committed, part1, part2], out, "run 3")
+    merged = json.loads(out.read_text())
+    assert merged["merged_from"] == ["run 1", "run 2", "run 3"] and merged["note"] == "n."
+    eval_accuracy.merge([out, part1], out)
+    merged = json.loads(out.read_text())
+    assert merged["merged_from"] == ["run 1", "run 2", "run 3", str(part1)] and merged["note"] == "n."
 
 
 def test_policy_specs_build_the_policy_they_name():
