@@ -38,4 +38,5 @@ if [ ${#parts[@]} -eq 0 ]; then
   echo "no configuration finished within $seconds s (logs: $work/log*.txt)" >&2
   exit 1
 fi
-python3 recipes/eval_accuracy.py --merge "${parts[@]}" --out "$out"
+command="POLICIES=\"${policies[*]}\" BUDGET_SETS=\"${budget_sets[*]}\" bash $0 $out $seconds $*"
+python3 recipes/eval_accuracy.py --merge "${parts[@]}" --out "$out" --describe "$command"
