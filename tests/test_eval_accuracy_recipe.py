@@ -14,6 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADER = {"benchmark": "accuracy_toy", "problems": 8, "seed": 1, "blocks": [2, 6], "mean_trace_tokens": 100.0}
 
 
+def row(policy: str, label: str, accuracy: float) -> dict:
+    """One row of a results file."""
+    return {"policy": policy, "budget_label": label, "budget": 20, "accuracy": accuracy, "ci": [0.0, 1.0],
+            "blocks_solved": accuracy, "kl": 0.1}  # fmt: skip
+
+
 def test_accuracy_harness_smoke_run(tmp_path):
     out = tmp_path / "accuracy.json"
     command = [sys.executable, str(ROOT / "recipes" / "eval_accuracy.py"), "--problems", "2", "--blocks", "1", "1",
@@ -30,10 +36,6 @@ def test_accuracy_harness_smoke_run(tmp_path):
 
 def test_merge_keeps_the_last_measurement_of_each_configuration(tmp_path):
     eval_accuracy = load_recipe("eval_accuracy.py")
-
-    def row(policy, label, accuracy):
-        return {"policy": policy, "budget_label": label, "budget": 20, "accuracy": accuracy, "ci": [0.0, 1.0],
-                "blocks_solved": accuracy, "kl": 0.1}  # fmt: skip
 
     old, new = tmp_path / "old.json", tmp_path / "new.json"
     old.write_text(
@@ -57,8 +59,7 @@ def test_merge_keeps_the_history_of_a_results_file(tmp_path):
     """Merging a new run into a committed results file keeps that file's history and note and adds
     the new run (its description when given, once for all files without history)."""
     eval_accuracy = load_recipe("eval_accuracy.py")
-    full = {"policy": "full", "budget_label": "full", "budget": 0, "accuracy": 1.0, "ci": [1.0, 1.0],
-            "blocks_solved": 1.0, "kl": 0.0}  # fmt: skip
+    full = row("full", "full", 1.0)
     committed, part1, part2 = tmp_path / "committed.json", tmp_path / "part1.json", tmp_path / "part2.json"
     committed.write_text(json.dumps({**HEADER, "rows": [full], "merged_from": ["run 1", "run 2"], "note": "n."}))
     for part in (part1, part2):
