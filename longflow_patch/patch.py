@@ -16,7 +16,7 @@ from transformers import CompileConfig
 from longflow_patch.attention import longflow_attention_forward
 from longflow_patch.cache import LongFlowCache
 from longflow_patch.ops import KERNEL_DTYPES, KERNEL_HEAD_DIMS
-from longflow_patch.policies import Policy, make_policy
+from longflow_patch.policies import Policy, ProfiledPolicy, make_policy
 
 SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SUPPORTED_ATTENTION = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention")
@@ -77,7 +77,12 @@ def apply(
     elif settings:
         raise TypeError("pass settings either inside a Policy object or as keyword arguments, not both")
     if compile and not policy.compileable:
-        raise ValueError(f"policy {policy.name!r} re-selects its cache on the host and runs eagerly; compile=False")
+        scorer = (
+            f" over scorer {policy.scorer!r} (scorer='longflow' compiles)" if isinstance(policy, ProfiledPolicy) else ""
+        )
+        raise ValueError(
+            f"policy {policy.name!r}{scorer} re-selects its cache on the host and runs eagerly; compile=False"
+        )
     if compile and len(set(getattr(model, "hf_device_map", {}).values())) > 1:
         raise ValueError("compile=True needs the whole model on one device; a model spread by device_map runs eagerly")
     if compile:

@@ -15,6 +15,7 @@ compacting ones by their own re-selection rule, observed by the last prompt quer
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -283,21 +284,25 @@ class ProfiledPolicy(Policy):
     Eviction is per KV head by default. With ``per_head=False`` the allocation is layer-wise only:
     the heads of a layer share eviction and its budget (the mean of its heads' solved budgets,
     rounded down, so the total never exceeds uniform's), and ReasonAlloc's head step is off.
-    Measured on the toy reasoner (``bench/results/accuracy_toy_allocation.json``): over the
-    LongFlow scorer only the layer-wise form beats uniform LongFlow (KL 1.22 for LU-KV and 1.19
-    for ReasonAlloc against 1.29 at 5% of the trace; per head 1.34 and 1.45, where uniform LongFlow
-    evicting per head is itself at 1.43); over R-KV the per-head form is the better one.
 
     Both papers allocate over an existing scorer (ReasonAlloc's over R-KV, LU-KV's budgets are
-    "metric-universal"), so the scorer is a setting: ``"longflow"`` (default) scores every step in
-    the fused op and compiles; ``"rkv"`` re-selects each head at once by R-KV's importance minus
-    redundancy when ``buffer`` new tokens have arrived (eager, as uniform R-KV).
+    "metric-universal"), so the scorer is a setting: ``"longflow"`` scores every step in the fused
+    op and compiles; ``"rkv"`` re-selects each head at once by R-KV's importance minus redundancy
+    when ``buffer`` new tokens have arrived (eager, as uniform R-KV). By default it is the scorer
+    the profile was measured under (its ``scorer``; ``"longflow"`` when the profile records none),
+    and another one draws a warning: budgets measured under one scorer misfit another. On the toy
+    reasoner, whose profiles are measured under R-KV (``bench/results/accuracy_toy_allocation.json``
+    and ``accuracy_toy_high_budgets.json``): over R-KV, LU-KV solves more problems than any uniform
+    policy at 256 slots, 10% and 60-90% of the trace (at 75%: 100%, against uniform R-KV's 78.5% and
+    LongFlow's 30.2%) and fewer than uniform R-KV at 512, 20% and 40%. Over LongFlow the same
+    budgets solve 1.5% at 75% per head and 9.2% layer-wise; layer-wise with ``floor_share=0.9``,
+    39.2%.
 
     Attributes:
         profile: path of the profile JSON, or several paths of profiles of this method measured at
             different operating points (their ``context_budget``): the policy solves with the one
             nearest its ``budget`` in ratio (ties: the first given).
-        scorer: the token scorer, one of ``SCORERS``.
+        scorer: the token scorer, one of ``SCORERS``; None (default): the profile's.
         buffer: free slots per head opened by each re-selection (compacting scorers only).
         floor_share: every head keeps at least this fraction of ``budget`` (on top of the
             profile's and the scorer's minimum).
@@ -305,7 +310,7 @@ class ProfiledPolicy(Policy):
 
     profile: str | Path | tuple[str | Path, ...] | None = None
     per_head: bool = True
-    scorer: str = "longflow"
+    scorer: str | None = None
     buffer: int = 64
     floor_share: float = 0.0
 
@@ -314,8 +319,22 @@ class ProfiledPolicy(Policy):
             raise ValueError(f"policy {self.name!r} needs profile=PATH (a JSON from recipes/profile_budgets.py)")
         if not isinstance(self.profile, str | Path):
             object.__setattr__(self, "profile", tuple(self.profile))  # hashable, as a frozen policy must be
+        measured = sorted({profile.scorer for _, profile in self.profiles if profile.scorer is not None})
+        if self.scorer is None:
+            if len(measured) > 1:
+                raise ValueError(f"policy {self.name!r}: its profiles were measured under different scorers "
+                                 f"{measured}; pass scorer=")  # fmt: skip
+            object.__setattr__(self, "scorer", measured[0] if measured else "longflow")
         if self.scorer not in SCORERS:
             raise ValueError(f"policy {self.name!r}: unknown scorer {self.scorer!r}; available: {SCORERS}")
+        if other := [scorer for scorer in measured if scorer != self.scorer]:
+            warnings.warn(
+                f"policy {self.name!r} over scorer {self.scorer!r} uses budgets measured under {other[0]!r}: budgets "
+                "measured under one scorer misfit another (on the toy reasoner, R-KV budgets over LongFlow solve "
+                "fewer problems than uniform LongFlow); leave scorer unset, or re-profile with "
+                f"recipes/profile_budgets.py --scorer {self.scorer}",
+                stacklevel=3,
+            )
         if not 0.0 <= self.floor_share <= 1.0:
             raise ValueError(f"policy {self.name!r}: floor_share must lie in [0, 1], got {self.floor_share}")
         try:
@@ -362,22 +381,28 @@ class ProfiledPolicy(Policy):
         return self.token_scorer.compaction_scores(keys, slot_pos, queries, scale)
 
     @cached_property
-    def budget_profile(self) -> "BudgetProfile":
-        """The profile this policy solves: the one given, or of several the one whose
-        ``context_budget`` is nearest ``budget`` in ratio."""
+    def profiles(self) -> list[tuple[str | Path, "BudgetProfile"]]:
+        """The given profile files, each with its path, loaded and checked to be of this method."""
         from longflow_patch.profiles import BudgetProfile
 
         paths = [self.profile] if isinstance(self.profile, str | Path) else list(self.profile)
-        profiles = [BudgetProfile.load(path) for path in paths]
-        for path, profile in zip(paths, profiles, strict=True):
+        loaded = [(path, BudgetProfile.load(path)) for path in paths]
+        for path, profile in loaded:
             if profile.method != self.name:
                 raise ValueError(f"{path} is a {profile.method!r} profile, not {self.name!r}")
-        if len(profiles) == 1:
-            return profiles[0]
-        unplaced = [str(path) for path, profile in zip(paths, profiles, strict=True) if profile.context_budget is None]
+        return loaded
+
+    @cached_property
+    def budget_profile(self) -> "BudgetProfile":
+        """The profile this policy solves: the one given, or of several the one whose
+        ``context_budget`` is nearest ``budget`` in ratio."""
+        if len(self.profiles) == 1:
+            return self.profiles[0][1]
+        unplaced = [str(path) for path, profile in self.profiles if profile.context_budget is None]
         if unplaced:
-            raise ValueError(f"policy {self.name!r} cannot choose among {len(paths)} profiles: {unplaced} record no "
-                             "context_budget (the operating point they were measured at)")  # fmt: skip
+            raise ValueError(f"policy {self.name!r} cannot choose among {len(self.profiles)} profiles: {unplaced} "
+                             "record no context_budget (the operating point they were measured at)")  # fmt: skip
+        profiles = [profile for _, profile in self.profiles]
         return min(profiles, key=lambda profile: abs(math.log(profile.context_budget / self.budget)))
 
     @cached_property

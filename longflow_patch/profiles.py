@@ -19,6 +19,9 @@ over its KV heads, ``head_budgets[l][h]`` the tokens KV head ``h`` of layer ``l`
 ``context_budget`` is the operating point the calibration describes: the slots every other KV head
 kept while one head was measured (``recipes/profile_budgets.py``); None when not recorded. A
 policy given several profiles of a method solves with the one measured nearest its budget.
+``scorer`` is the token scorer the curves were measured under (``--scorer`` of that recipe, a name
+in `longflow_patch.SCORERS`); None when not recorded. A policy allocates over its profile's scorer
+unless told otherwise: budgets measured under one scorer can misfit another.
 
 JSON schema: keys sorted, two-space indents, innermost number lists on one line. An ``lukv`` profile
 (``reasonalloc`` ones have ``"head_budgets": null`` or a table, and ``curves`` of shape [L][n])::
@@ -44,6 +47,7 @@ JSON schema: keys sorted, two-space indents, innermost number lists on one line.
       "model": "org/name",
       "num_kv_heads": 2,
       "num_layers": 1,
+      "scorer": "rkv",
       "total_budget": 3
     }
 """
@@ -79,6 +83,7 @@ class BudgetProfile:
         minimum: floor in tokens per KV head.
         metadata: calibration settings; JSON types only (tuples come back as lists).
         context_budget: slots every other KV head kept while the curves were measured, or None.
+        scorer: the token scorer the curves were measured under, or None.
     """
 
     method: Method
@@ -92,6 +97,7 @@ class BudgetProfile:
     minimum: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
     context_budget: int | None = None
+    scorer: str | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -107,6 +113,7 @@ class BudgetProfile:
         minimum: int = 0,
         metadata: dict[str, Any] | None = None,
         context_budget: int | None = None,
+        scorer: str | None = None,
     ) -> "BudgetProfile":
         """Solve budgets from calibration data.
 
@@ -145,6 +152,7 @@ class BudgetProfile:
             minimum=minimum,
             metadata=dict(metadata or {}),
             context_budget=context_budget,
+            scorer=scorer,
         )
 
     @classmethod
@@ -168,7 +176,7 @@ class BudgetProfile:
             raise ValueError("this profile stores no curves, so it cannot be re-solved at another total")
         minimum = self.minimum if minimum is None else minimum
         return self.from_curves(self.method, self.model, self.curves, total_budget, self.num_kv_heads,
-                                minimum, self.metadata, self.context_budget)  # fmt: skip
+                                minimum, self.metadata, self.context_budget, self.scorer)  # fmt: skip
 
     def head_budget_table(self) -> list[list[int]]:
         """Tokens per layer per KV head: ``head_budgets``, or each layer split evenly over its heads."""
@@ -227,6 +235,8 @@ def _validate(profile: BudgetProfile) -> None:
         raise ValueError(f"minimum must be a non-negative integer, got {profile.minimum!r}")
     if profile.context_budget is not None and (not _is_int(profile.context_budget) or profile.context_budget < 1):
         raise ValueError(f"context_budget must be a positive integer or null, got {profile.context_budget!r}")
+    if profile.scorer is not None and (not isinstance(profile.scorer, str) or not profile.scorer):
+        raise ValueError(f"scorer must be a scorer's name or null, got {profile.scorer!r}")
     if not _is_int(profile.total_budget):
         raise ValueError(f"total_budget must be an integer, got {profile.total_budget!r}")
     layers, heads = profile.num_layers, profile.num_kv_heads

@@ -16,6 +16,7 @@ at 128 slots (a few one more, for a whole average); ``4:256/102`` is an average 
 """
 
 import argparse
+import ast
 import json
 import math
 import sys
@@ -38,14 +39,15 @@ from longflow_patch.fidelity import mean_kl, trace_log_probs
 from common import environment
 
 DEFAULT_BUDGETS = ["5%", "10%", "20%", "40%", "128", "256", "512"]
-COMPARED = ["longflow", "streamingllm", "h2o", "snapkv", "rkv", "random", "lukv", "reasonalloc", "lukv+rkv",
-            "reasonalloc+rkv"]  # fmt: skip
+COMPARED = ["longflow", "streamingllm", "h2o", "snapkv", "rkv", "random", "lukv+longflow", "reasonalloc+longflow",
+            "lukv+rkv", "reasonalloc+rkv"]  # fmt: skip
 PROFILED = ("lukv", "reasonalloc")
 TABLE_BUFFER = 16  # R-KV's re-selection buffer in the hand-set tables of --tables
 # A policy is a registered name, an allocator over a token scorer ("lukv+rkv": LU-KV's budgets over
 # R-KV), a uniform policy evicting per KV head ("rkv:per_head", the uniform baseline of an allocator),
 # an allocator whose layer's heads share eviction ("lukv+rkv:shared": layer-wise budgets only), or
-# ReasonAlloc without its online step ("reasonalloc+rkv:static": the pre-allocated split, fixed).
+# ReasonAlloc without its online step ("reasonalloc+rkv:static": the pre-allocated split, fixed); any of
+# them with policy fields set ("lukv+longflow:shared@floor_share=0.9").
 ALLOCATORS = [f"{a}+{s}" for a in PROFILED for s in longflow_patch.SCORERS]
 CHOICES = (sorted(longflow_patch.POLICIES) + ALLOCATORS + [f"{spec}:shared" for spec in [*PROFILED, *ALLOCATORS]]
            + [f"{spec}:static" for spec in [*PROFILED, *ALLOCATORS] if spec.startswith("reasonalloc")]
@@ -62,11 +64,30 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def policy_spec(spec: str) -> str:
+    """``spec`` checked for the command line: one of ``CHOICES``, then ``@field=value`` settings
+    (Python literals) of the policy."""
+    base, *settings = spec.split("@")
+    if base not in CHOICES:
+        raise argparse.ArgumentTypeError(f"unknown policy {base!r}; choose from {', '.join(CHOICES)}")
+    for setting in settings:
+        field, equals, value = setting.partition("=")
+        try:
+            ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            equals = ""
+        if not field.isidentifier() or not equals:
+            raise argparse.ArgumentTypeError(f"{setting!r} in {spec!r} is not FIELD=VALUE (a Python literal)")
+    return spec
+
+
 def make_policy(spec: str, budget: int) -> longflow_patch.Policy:
     """The policy named by ``spec`` (``name``, ``allocator+scorer``, ``name:per_head``,
-    ``allocator:shared`` or ``reasonalloc[+scorer]:static``) at a budget: compacting scorers get a
-    buffer of an eighth of it, the allocators the toy reasoner's bundled profiles (each solves with
-    the one nearest its budget)."""
+    ``allocator:shared`` or ``reasonalloc[+scorer]:static``, then any ``@field=value``) at a budget:
+    compacting scorers get a buffer of an eighth of it, the allocators the toy reasoner's bundled
+    profiles (each solves with the one nearest its budget) and, without ``+scorer``, the scorer
+    those were measured under."""
+    spec, *fields = spec.split("@")
     spec, _, eviction = spec.partition(":")
     name, _, scorer = spec.partition("+")
     settings: dict[str, object] = {"budget": budget}
@@ -74,11 +95,15 @@ def make_policy(spec: str, budget: int) -> longflow_patch.Policy:
         settings["online"] = False
     elif eviction:
         settings["per_head"] = eviction == "per_head"
-    if issubclass(longflow_patch.POLICIES[scorer or name], longflow_patch.CompactingPolicy):
+    # An allocator without "+scorer" runs over its profiles' scorer (R-KV for the toy's), so it gets the buffer too.
+    if name in PROFILED or issubclass(longflow_patch.POLICIES[scorer or name], longflow_patch.CompactingPolicy):
         settings["buffer"] = max(8, budget // 8)
     if name in PROFILED:
         settings["profile"] = toy.profile_paths(name)
-        settings["scorer"] = scorer or "longflow"
+        if scorer:  # else the scorer the profiles were measured under
+            settings["scorer"] = scorer
+    for field, _, value in (setting.partition("=") for setting in fields):
+        settings[field] = ast.literal_eval(value)
     return longflow_patch.make_policy(name, **settings)
 
 
@@ -131,7 +156,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=400)
     parser.add_argument("--seed", type=int, default=20261122, help="problem seed (fresh: not the training seeds)")
-    parser.add_argument("--policies", nargs="*", default=COMPARED, choices=CHOICES)
+    parser.add_argument("--policies", nargs="*", default=COMPARED, type=policy_spec,
+                        help="SPEC[@FIELD=VALUE...], SPEC one of: " + ", ".join(CHOICES))  # fmt: skip
     parser.add_argument("--budgets", nargs="+", default=DEFAULT_BUDGETS)
     parser.add_argument("--tables", nargs="*", default=[], help="hand-set allocations LAYER:BUDGET/REST")
     parser.add_argument("--kl-problems", type=int, default=32, help="traces used for the KL fidelity metric")
@@ -260,14 +286,14 @@ def plot(rows: list[dict], mean_trace: float, path: Path) -> None:
     figure, (accuracy, blocks, fidelity) = plt.subplots(1, 3, figsize=(16, 4.2))
     full = next(r for r in rows if r["policy"] == "full")
     tab20 = plt.get_cmap("tab20").colors
-    colors = [*tab20[0::2], *tab20[1::2]]  # 20 colours, the 10 strong ones first; variants (``name:...``) dashed
+    colors = [*tab20[0::2], *tab20[1::2]]  # 20 colours, the 10 strong ones first; variants (``name:...``, ``@``) dashed
     for index, policy in enumerate(dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full")):
         points = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["budget"])
         budgets = [r["budget"] for r in points]
         below = [r["accuracy"] - r["ci"][0] for r in points]
         above = [r["ci"][1] - r["accuracy"] for r in points]
         style = {"marker": "o", "label": policy, "color": colors[index % 20],
-                 "linestyle": "--" if ":" in policy else "-"}  # fmt: skip
+                 "linestyle": "--" if ":" in policy or "@" in policy else "-"}  # fmt: skip
         accuracy.errorbar(budgets, [r["accuracy"] for r in points], yerr=[below, above], capsize=2, **style)
         blocks.plot(budgets, [r.get("blocks_solved", 0.0) for r in points], **style)
         fidelity.plot(budgets, [max(r["kl"], 1e-6) for r in points], **style)
@@ -281,9 +307,10 @@ def plot(rows: list[dict], mean_trace: float, path: Path) -> None:
     blocks.set_ylabel("blocks solved before the first error")
     fidelity.set_ylabel("mean KL(full || policy) per token")
     fidelity.set_yscale("log")
-    accuracy.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    # Beside the panels, not over a curve: a comparison can hold twenty policies.
+    figure.legend(*accuracy.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
 
 
 if __name__ == "__main__":

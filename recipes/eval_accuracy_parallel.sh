@@ -19,7 +19,7 @@ out=$1 seconds=$2
 shift 2
 work=$(mktemp -d)
 read -r -a budget_sets <<<"${BUDGET_SETS:-20%,10%,5%,256,512,128,40%}"
-read -r -a policies <<<"${POLICIES:-longflow streamingllm h2o lukv snapkv rkv reasonalloc random}"
+read -r -a policies <<<"${POLICIES:-longflow streamingllm h2o lukv+longflow snapkv rkv reasonalloc+longflow random}"
 reference=${REFERENCE:-$work/reference.json}
 python3 recipes/eval_accuracy.py "$@" --policies --reference "$reference" --out "$work/reference_run.json"
 part=0

@@ -194,7 +194,9 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for method, data in (("lukv", curves), ("reasonalloc", layer_curves(curves))):
-        profile = BudgetProfile.from_curves(method, str(path), data, total, kv_heads, args.minimum, metadata, others)
+        profile = BudgetProfile.from_curves(
+            method, str(path), data, total, kv_heads, args.minimum, metadata, others, args.scorer
+        )
         written.append(args.out_dir / (f"{method}-context{others}.json" if args.context_budget else f"{method}.json"))
         profile.save(written[-1])
         print(f"{method} at {args.budget} per head:", profile.head_budget_table())

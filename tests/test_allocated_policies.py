@@ -1,6 +1,9 @@
 """LU-KV and ReasonAlloc: ragged per-head budgets from a profile, on the shared cache and op."""
 
+import dataclasses
 import math
+import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -104,9 +107,33 @@ def test_profiled_policies_need_a_matching_profile(profiles):
     model = tiny_model()
     with pytest.raises(ValueError, match="needs profile=PATH"):
         longflow_patch.apply(model, policy="lukv", budget=40)
-    longflow_patch.apply(model, policy="lukv", budget=40, profile=profiles["reasonalloc"])
-    with pytest.raises(ValueError, match="is a 'reasonalloc' profile"):
-        longflow_patch.new_cache(model).layers[0].policy.head_table  # noqa: B018
+    with pytest.raises(ValueError, match="is a 'reasonalloc' profile, not 'lukv'"):
+        longflow_patch.apply(model, policy="lukv", budget=40, profile=profiles["reasonalloc"])
+
+
+def test_an_allocator_runs_over_the_scorer_its_profile_was_measured_under(profiles, tmp_path):
+    """Default scorer: the profile's (LongFlow when it records none); another one warns; profiles
+    measured under different scorers need one named; an R-KV-measured profile cannot compile."""
+    measured = {}
+    for scorer in ("rkv", "longflow"):
+        measured[scorer] = tmp_path / f"lukv-{scorer}.json"
+        profile = BudgetProfile.load(profiles["lukv"])
+        dataclasses.replace(profile, scorer=scorer, context_budget=20 if scorer == "rkv" else 80).save(measured[scorer])
+    make = partial(longflow_patch.make_policy, "lukv", budget=40, buffer=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matching scorers: no warning
+        assert make(profile=profiles["lukv"]).scorer == "longflow", "an unrecorded scorer falls back to LongFlow"
+        assert make(profile=measured["rkv"]).scorer == "rkv" and make(profile=measured["rkv"]).compacting
+        assert make(profile=measured["longflow"]).scorer == "longflow"
+        assert make(profile=measured["rkv"], scorer="rkv") == make(profile=measured["rkv"])
+    with pytest.warns(UserWarning, match="over scorer 'longflow' uses budgets measured under 'rkv'"):
+        assert not make(profile=measured["rkv"], scorer="longflow").compacting
+    with pytest.raises(ValueError, match=r"measured under different scorers \['longflow', 'rkv'\]; pass scorer="):
+        make(profile=[measured["rkv"], measured["longflow"]])
+    with pytest.warns(UserWarning, match="measured under 'longflow'"):
+        make(profile=[measured["rkv"], measured["longflow"]], scorer="rkv")
+    with pytest.raises(ValueError, match="'lukv' over scorer 'rkv' \\(scorer='longflow' compiles\\)"):
+        longflow_patch.apply(tiny_model(), policy="lukv", budget=40, profile=measured["rkv"], buffer=8, compile=True)
 
 
 def test_several_profiles_solve_with_the_one_measured_nearest_the_budget(tmp_path):

@@ -1,5 +1,6 @@
 """CPU smoke run of the accuracy harness (recipes/eval_accuracy.py) on the bundled toy reasoner."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -73,15 +74,18 @@ def test_merge_keeps_the_history_of_a_results_file(tmp_path):
     assert merged["merged_from"] == ["run 1", "run 2", "run 3", str(part1)] and merged["note"] == "n."
 
 
+@pytest.mark.filterwarnings("ignore:policy .* uses budgets measured under")  # the "+longflow" specs, on purpose
 def test_policy_specs_build_the_policy_they_name():
     eval_accuracy = load_recipe("eval_accuracy.py")
     expected = {  # spec: (class name, per_head, scorer)
         "longflow": ("longflow", False, None),
         "rkv:per_head": ("rkv", True, None),
-        "lukv": ("lukv", True, "longflow"),
+        "lukv": ("lukv", True, "rkv"),  # the scorer the toy's profiles were measured under
+        "lukv+longflow": ("lukv", True, "longflow"),
         "reasonalloc+rkv": ("reasonalloc", True, "rkv"),
         "lukv+rkv:shared": ("lukv", False, "rkv"),
-        "reasonalloc:shared": ("reasonalloc", False, "longflow"),
+        "reasonalloc:shared": ("reasonalloc", False, "rkv"),
+        "reasonalloc+longflow:shared": ("reasonalloc", False, "longflow"),
         "reasonalloc+rkv:static": ("reasonalloc", True, "rkv"),
     }
     for spec, (name, per_head, scorer) in expected.items():
@@ -104,3 +108,15 @@ def test_hand_tables_hold_one_layer_and_the_rest(spec, layer_four, average, tmp_
     rest = [limit for layer, row in enumerate(table) if layer != 4 for limit in row]
     assert max(rest) - min(rest) <= 1 and sum(map(sum, table)) == 12 * average
     assert (policy.name, policy.scorer, policy.buffer, policy.floor_share) == ("lukv", "rkv", 16, 0.0)
+
+
+@pytest.mark.filterwarnings("ignore:policy .* uses budgets measured under")
+def test_policy_specs_set_policy_fields_after_an_at_sign():
+    eval_accuracy = load_recipe("eval_accuracy.py")
+    spec = eval_accuracy.policy_spec("lukv+longflow:shared@floor_share=0.9@recent_window=16")
+    policy = eval_accuracy.make_policy(spec, 256)
+    assert (policy.scorer, policy.per_head, policy.floor_share, policy.recent_window) == ("longflow", False, 0.9, 16)
+    for bad, message in (("lukv+nope", "unknown policy 'lukv\\+nope'"), ("rkv@buffer", "is not FIELD=VALUE"),
+                         ("rkv@buffer=eight", "is not FIELD=VALUE")):  # fmt: skip
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            eval_accuracy.policy_spec(bad)

@@ -16,7 +16,7 @@ def lukv_profile(total: int = 40, minimum: int = 1) -> BudgetProfile:
     curves = [[np.cumsum(rng.random(int(rng.integers(8, 30)))) for _ in range(HEADS)] for _ in range(LAYERS)]
     curves[0][0][3] = 0.1 + 0.2  # a float whose shortest repr has many digits
     return BudgetProfile.from_curves(
-        "lukv", "org/tiny-model", curves, total, HEADS, minimum, {"prompts": 4, "tokens": [512, 1024]}, 64
+        "lukv", "org/tiny-model", curves, total, HEADS, minimum, {"prompts": 4, "tokens": [512, 1024]}, 64, "rkv"
     )
 
 
@@ -105,6 +105,7 @@ def test_golden_file():
         '  "model": "org/name",\n'
         '  "num_kv_heads": 2,\n'
         '  "num_layers": 1,\n'
+        '  "scorer": null,\n'
         '  "total_budget": 3\n'
         "}\n"
     )
@@ -144,6 +145,8 @@ def edit(data: dict, path: tuple, new) -> dict:
         (valid_lukv, ("minimum",), 100, "fewer than minimum 100"),
         (valid_lukv, ("context_budget",), 0, "context_budget must be a positive integer or null"),
         (valid_lukv, ("context_budget",), 12.5, "context_budget must be a positive integer or null"),
+        (valid_lukv, ("scorer",), 3, "scorer must be a scorer's name or null"),
+        (valid_lukv, ("scorer",), "", "scorer must be a scorer's name or null"),
         (valid_lukv, ("num_kv_heads",), 0, "num_kv_heads must be a positive integer"),
         (valid_lukv, ("num_layers",), 4, "layer_budgets must be a list of 4 integers"),
         (valid_lukv, ("curves", 1), [[0.0, 1.0]], r"curves\[1\] must hold 2 curves"),
@@ -177,6 +180,14 @@ def test_format_1_lukv_files_still_load(tmp_path):
     file = tmp_path / "lukv-format1.json"
     file.write_text(json.dumps(edit(valid_lukv(), ("format_version",), 1)))
     assert BudgetProfile.load(file) == lukv_profile()
+
+
+def test_files_that_record_no_scorer_load_with_none(tmp_path):
+    """Profiles written before the scorer was recorded: the policy then falls back to LongFlow."""
+    file = tmp_path / "lukv-unrecorded.json"
+    file.write_text(json.dumps(edit(valid_lukv(), ("scorer",), ...)))
+    assert BudgetProfile.load(file).scorer is None
+    assert lukv_profile().scorer == "rkv" and lukv_profile().rescale(60).scorer == "rkv", "re-solving keeps it"
 
 
 def test_broken_json_names_the_file(tmp_path):

@@ -49,7 +49,8 @@ def model_path() -> Path:
 def profile_paths(method: str) -> tuple[Path, ...]:
     """The toy reasoner's bundled budget profiles of ``method`` (``"lukv"`` or ``"reasonalloc"``),
     one per operating point they were measured at (``recipes/profile_budgets.py``): pass them all
-    as ``profile=`` and the policy solves with the one nearest its budget."""
+    as ``profile=`` and the policy solves with the one nearest its budget. They were measured under
+    R-KV (their ``scorer``), so a policy given them runs over R-KV unless told otherwise."""
     paths = tuple(sorted((model_path() / "profiles").glob(f"{method}*.json")))
     if not paths:
         raise ValueError(f"no bundled {method!r} profiles in {model_path() / 'profiles'}")
