@@ -72,13 +72,17 @@ def policy_spec(spec: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown policy {base!r}; choose from {', '.join(CHOICES)}")
     for setting in settings:
         field, equals, value = setting.partition("=")
-        try:
-            ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            equals = ""
-        if not field.isidentifier() or not equals:
+        if not (field.isidentifier() and equals and is_literal(value)):
             raise argparse.ArgumentTypeError(f"{setting!r} in {spec!r} is not FIELD=VALUE (a Python literal)")
     return spec
+
+
+def is_literal(text: str) -> bool:
+    try:
+        ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return False
+    return True
 
 
 def make_policy(spec: str, budget: int) -> longflow_patch.Policy:
