@@ -64,25 +64,31 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def policy_spec(spec: str) -> str:
-    """``spec`` checked for the command line: one of ``CHOICES``, then ``@field=value`` settings
-    (Python literals) of the policy."""
+def split_settings(spec: str) -> tuple[str, dict[str, object]]:
+    """``SPEC@field=value@...`` as (SPEC, {field: value}), values Python literals; ValueError
+    naming a setting that is not one."""
     base, *settings = spec.split("@")
-    if base not in CHOICES:
-        raise argparse.ArgumentTypeError(f"unknown policy {base!r}; choose from {', '.join(CHOICES)}")
+    parsed = {}
     for setting in settings:
         field, equals, value = setting.partition("=")
-        if not (field.isidentifier() and equals and is_literal(value)):
-            raise argparse.ArgumentTypeError(f"{setting!r} in {spec!r} is not FIELD=VALUE (a Python literal)")
-    return spec
+        try:
+            if not (field.isidentifier() and equals):
+                raise ValueError
+            parsed[field] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{setting!r} in {spec!r} is not FIELD=VALUE (a Python literal)") from None
+    return base, parsed
 
 
-def is_literal(text: str) -> bool:
+def policy_spec(spec: str) -> str:
+    """``spec`` checked for the command line: one of ``CHOICES``, then any ``@field=value``."""
     try:
-        ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return False
-    return True
+        base, _ = split_settings(spec)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if base not in CHOICES:
+        raise argparse.ArgumentTypeError(f"unknown policy {base!r}; choose from {', '.join(CHOICES)}")
+    return spec
 
 
 def make_policy(spec: str, budget: int) -> longflow_patch.Policy:
@@ -91,7 +97,7 @@ def make_policy(spec: str, budget: int) -> longflow_patch.Policy:
     compacting scorers get a buffer of an eighth of it, the allocators the toy reasoner's bundled
     profiles (each solves with the one nearest its budget) and, without ``+scorer``, the scorer
     those were measured under."""
-    spec, *fields = spec.split("@")
+    spec, fields = split_settings(spec)
     spec, _, eviction = spec.partition(":")
     name, _, scorer = spec.partition("+")
     settings: dict[str, object] = {"budget": budget}
@@ -106,9 +112,7 @@ def make_policy(spec: str, budget: int) -> longflow_patch.Policy:
         settings["profile"] = toy.profile_paths(name)
         if scorer:  # else the scorer the profiles were measured under
             settings["scorer"] = scorer
-    for field, _, value in (setting.partition("=") for setting in fields):
-        settings[field] = ast.literal_eval(value)
-    return longflow_patch.make_policy(name, **settings)
+    return longflow_patch.make_policy(name, **settings | fields)
 
 
 def table_policy(spec: str, whole: int, folder: Path) -> longflow_patch.Policy:
