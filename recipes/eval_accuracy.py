@@ -13,6 +13,12 @@ at 128 slots (a few one more, for a whole average); ``4:256/102`` is an average 
 
     python recipes/eval_accuracy.py --problems 400 --out bench/results/accuracy_toy.json
     python recipes/eval_accuracy.py --problems 4 --policies longflow --budgets 20% --blocks 1 1   # smoke
+
+``--pool`` adds up results files measured on different problem sets (other seeds) and tests each
+policy against a baseline: where accuracies are a few problems in a thousand, one set of 400 cannot
+tell them apart.
+
+    python recipes/eval_accuracy.py --pool bench/results/accuracy_toy_tight/seed*.json --out pooled.json
 """
 
 import argparse
@@ -181,9 +187,15 @@ def main() -> None:
                         help="only merge these result files (runs split by policy) into --out")  # fmt: skip
     parser.add_argument("--describe", default=None,
                         help="with --merge: history entry (say, the command) for files that record none")  # fmt: skip
+    parser.add_argument("--pool", nargs="+", type=Path, default=None,
+                        help="only pool these result files (other problem sets) into --out")  # fmt: skip
+    parser.add_argument("--baseline", default="longflow", help="with --pool: the policy each one is tested against")
     args = parser.parse_args()
     if args.merge:
         merge(args.merge, Path(args.out), args.describe)
+        return
+    if args.pool:
+        pool(args.pool, Path(args.out), args.baseline)
         return
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -283,6 +295,54 @@ def merge(paths: list[Path], out: Path, description: str | None = None) -> None:
     write(out, {**parts[-1], "rows": rows, "merged_from": history, **({"note": " ".join(notes)} if notes else {})})
     plot(rows, parts[0]["mean_trace_tokens"], out.with_suffix(".png"))
     print(f"wrote {out}")
+
+
+def pool(paths: list[Path], out: Path, baseline: str) -> None:
+    """Add up results files measured on different problem sets: for each (policy, budget label)
+    measured in every file, problems solved over all of them, mean partial credit, and the one-sided
+    Fisher exact p-value that the policy solves more than ``baseline`` at that label (the budget a
+    percentage label stands for differs a little between sets; ``budgets`` lists them). Writes
+    ``out`` and prints a table."""
+    parts = [json.loads(path.read_text()) for path in paths]
+    drawn = [(part["problems"], part["seed"], tuple(part["blocks"])) for part in parts]
+    for index, problems in enumerate(drawn):
+        if problems in drawn[:index]:
+            raise ValueError(f"{paths[index]} was run on the same problems as {paths[drawn.index(problems)]}")
+    measured = [{(row["policy"], row["budget_label"]): row for row in part["rows"]} for part in parts]
+    rows = {}
+    for key in (key for key in measured[0] if all(key in found for found in measured)):
+        per_set = [(found[key], part["problems"]) for found, part in zip(measured, parts, strict=True)]
+        solved = [round(row["accuracy"] * problems) for row, problems in per_set]
+        total = sum(problems for _, problems in per_set)
+        credit = sum(row["blocks_solved"] * problems for row, problems in per_set)
+        rows[key] = {"policy": key[0], "budget_label": key[1], "budgets": [row["budget"] for row, _ in per_set],
+                     "solved_per_set": solved, "correct": sum(solved), "problems": total,
+                     "accuracy": sum(solved) / total, "ci": wilson_interval(sum(solved), total),
+                     "blocks_solved": credit / total}  # fmt: skip
+    for (policy, label), row in rows.items():
+        base = rows.get((baseline, label))
+        if policy not in ("full", baseline) and base is not None:
+            row["p_above_baseline"] = fisher_greater(row["correct"], row["problems"], base["correct"], base["problems"])
+    sets = [{"file": str(path), "problems": p, "seed": seed, "blocks": list(blocks)}
+            for path, (p, seed, blocks) in zip(paths, drawn, strict=True)]  # fmt: skip
+    write(out, {"benchmark": "accuracy_toy_pooled", "baseline": baseline, "sets": sets, "rows": list(rows.values())})
+    print(f"{'policy':>24} {'budget':>6} {'solved':>12} {'accuracy':>9} {'blocks':>7} {'p > ' + baseline:>14}")
+    for row in rows.values():
+        p_value = row.get("p_above_baseline")
+        print(f"{row['policy']:>24} {row['budget_label']:>6} {row['correct']:>5} / {row['problems']:<5} "
+              f"{100 * row['accuracy']:>8.2f}% {100 * row['blocks_solved']:>6.2f}% "
+              f"{'' if p_value is None else f'{p_value:.2g}':>14}")  # fmt: skip
+    print(f"wrote {out}")
+
+
+def fisher_greater(hits: int, total: int, base_hits: int, base_total: int) -> float:
+    """One-sided Fisher exact test: the probability, with both groups drawing from one rate, that
+    the first group of ``total`` holds ``hits`` or more of the ``hits + base_hits`` successes
+    (hypergeometric upper tail, exact in integers)."""
+    successes = hits + base_hits
+    tail = sum(math.comb(total, k) * math.comb(base_total, successes - k)
+               for k in range(hits, min(successes, total) + 1))  # fmt: skip
+    return tail / math.comb(total + base_total, successes)
 
 
 def plot(rows: list[dict], mean_trace: float, path: Path) -> None:

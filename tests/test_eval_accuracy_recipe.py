@@ -74,6 +74,29 @@ def test_merge_keeps_the_history_of_a_results_file(tmp_path):
     assert merged["merged_from"] == ["run 1", "run 2", "run 3", str(part1)] and merged["note"] == "n."
 
 
+def test_pool_adds_up_problem_sets_and_tests_against_the_baseline(tmp_path):
+    eval_accuracy = load_recipe("eval_accuracy.py")
+    first, second, again = tmp_path / "seed1.json", tmp_path / "seed2.json", tmp_path / "again.json"
+    first.write_text(json.dumps({**HEADER, "rows": [row("longflow", "5%", 0.0), row("lukv", "5%", 0.25),
+                                                    row("rkv", "5%", 0.5)]}))  # fmt: skip
+    second.write_text(json.dumps({**HEADER, "seed": 2, "rows": [row("longflow", "5%", 0.0), row("lukv", "5%", 0.125)]}))
+    out = tmp_path / "pooled.json"
+    eval_accuracy.pool([first, second], out, "longflow")
+    pooled = {r["policy"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(pooled) == {"longflow", "lukv"}, "a configuration missing from one set is not pooled"
+    lukv = pooled["lukv"]
+    assert (lukv["solved_per_set"], lukv["correct"], lukv["problems"]) == ([2, 1], 3, 16)
+    assert lukv["blocks_solved"] == pytest.approx(3 / 16)
+    # 3 of 16 against 0 of 16: the 3 successes all fall in the first group with probability C(16,3) / C(32,3).
+    assert lukv["p_above_baseline"] == pytest.approx(560 / 4960)
+    assert "p_above_baseline" not in pooled["longflow"]
+    assert eval_accuracy.fisher_greater(4, 10, 4, 10) > 0.5 > eval_accuracy.fisher_greater(9, 10, 1, 10)
+
+    again.write_text(first.read_text())
+    with pytest.raises(ValueError, match="same problems"):
+        eval_accuracy.pool([first, again], out, "longflow")
+
+
 @pytest.mark.filterwarnings("ignore:policy .* uses budgets measured under")  # the "+longflow" specs, on purpose
 def test_policy_specs_build_the_policy_they_name():
     eval_accuracy = load_recipe("eval_accuracy.py")
