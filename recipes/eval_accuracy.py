@@ -180,7 +180,12 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="decode eagerly even on a GPU")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="model dtype (default: bfloat16 on a GPU, float32 on CPU)")  # fmt: skip
-    parser.add_argument("--out", default="bench/results/accuracy_toy.json")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="results JSON (default bench/results/accuracy_toy.json; "
+        "--merge and --pool need it, so a committed file is never overwritten by accident)",
+    )
     parser.add_argument("--reference", type=Path, default=None,
                         help="full-cache completions shared by parallel runs (read if they match)")  # fmt: skip
     parser.add_argument("--merge", nargs="+", type=Path, default=None,
@@ -191,6 +196,8 @@ def main() -> None:
                         help="only pool these result files (other problem sets) into --out")  # fmt: skip
     parser.add_argument("--baseline", default="longflow", help="with --pool: the policy each one is tested against")
     args = parser.parse_args()
+    if (args.merge or args.pool) and args.out is None:
+        parser.error("--merge and --pool need --out")
     if args.merge:
         merge(args.merge, Path(args.out), args.describe)
         return
@@ -221,7 +228,7 @@ def main() -> None:
     rows = [{"policy": "full", "budget_label": "full", "budget": None, "accuracy": full_correct / len(problems),
              "ci": wilson_interval(full_correct, len(problems)), "blocks_solved": full_blocks, "kl": 0.0,
              "compiled": device == "cuda" and not args.no_compile}]  # fmt: skip
-    out = Path(args.out)
+    out = Path(args.out or "bench/results/accuracy_toy.json")
     header = {"benchmark": "accuracy_toy", "environment": environment(), "problems": args.problems,
               "seed": args.seed, "blocks": args.blocks, "mean_trace_tokens": mean_trace,
               "kl_problems": len(kl_prompts), "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip

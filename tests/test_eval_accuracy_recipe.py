@@ -96,6 +96,11 @@ def test_pool_adds_up_problem_sets_and_tests_against_the_baseline(tmp_path):
     with pytest.raises(ValueError, match="same problems"):
         eval_accuracy.pool([first, again], out, "longflow")
 
+    # Without --out the default results file would be overwritten: refused.
+    command = [sys.executable, str(ROOT / "recipes" / "eval_accuracy.py"), "--pool", str(first), str(second)]
+    refused = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert refused.returncode == 2 and "--merge and --pool need --out" in refused.stderr
+
 
 @pytest.mark.filterwarnings("ignore:policy .* uses budgets measured under")  # the "+longflow" specs, on purpose
 def test_policy_specs_build_the_policy_they_name():
