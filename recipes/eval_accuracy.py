@@ -42,7 +42,7 @@ import longflow_patch
 from longflow_patch import toy
 from longflow_patch.fidelity import mean_kl, trace_log_probs
 
-from common import environment
+from common import environment, print_table, write_results
 
 DEFAULT_BUDGETS = ["5%", "10%", "20%", "40%", "128", "256", "512"]
 COMPARED = ["longflow", "streamingllm", "h2o", "snapkv", "rkv", "random", "lukv+longflow", "reasonalloc+longflow",
@@ -287,13 +287,9 @@ def merge(paths: list[Path], out: Path, description: str | None = None) -> None:
     entries, or for a file without any its path, or ``description`` (once) in place of those paths;
     ``note`` joins the files' notes."""
     parts = [json.loads(path.read_text()) for path in paths]
-
-    def drawn(part: dict) -> tuple:
-        return part["problems"], part["seed"], part["blocks"]
-
     measured, history = {}, []
     for path, part in zip(paths, parts, strict=True):
-        if drawn(part) != drawn(parts[0]):
+        if problem_set(part) != problem_set(parts[0]):
             raise ValueError(f"{path} was run on other problems than {paths[0]}")
         measured |= {(row["policy"], row["budget_label"]): row for row in part["rows"] if row["policy"] != "full"}
         history += [entry for entry in part.get("merged_from") or [description or str(path)] if entry not in history]
@@ -311,7 +307,7 @@ def pool(paths: list[Path], out: Path, baseline: str) -> None:
     percentage label stands for differs a little between sets; ``budgets`` lists them). Writes
     ``out`` and prints a table."""
     parts = [json.loads(path.read_text()) for path in paths]
-    drawn = [(part["problems"], part["seed"], tuple(part["blocks"])) for part in parts]
+    drawn = [problem_set(part) for part in parts]
     for index, problems in enumerate(drawn):
         if problems in drawn[:index]:
             raise ValueError(f"{paths[index]} was run on the same problems as {paths[drawn.index(problems)]}")
@@ -332,14 +328,19 @@ def pool(paths: list[Path], out: Path, baseline: str) -> None:
             row["p_above_baseline"] = fisher_greater(row["correct"], row["problems"], base["correct"], base["problems"])
     sets = [{"file": str(path), "problems": p, "seed": seed, "blocks": list(blocks)}
             for path, (p, seed, blocks) in zip(paths, drawn, strict=True)]  # fmt: skip
-    write(out, {"benchmark": "accuracy_toy_pooled", "baseline": baseline, "sets": sets, "rows": list(rows.values())})
-    print(f"{'policy':>24} {'budget':>6} {'solved':>12} {'accuracy':>9} {'blocks':>7} {'p > ' + baseline:>14}")
-    for row in rows.values():
-        p_value = row.get("p_above_baseline")
-        print(f"{row['policy']:>24} {row['budget_label']:>6} {row['correct']:>5} / {row['problems']:<5} "
-              f"{100 * row['accuracy']:>8.2f}% {100 * row['blocks_solved']:>6.2f}% "
-              f"{'' if p_value is None else f'{p_value:.2g}':>14}")  # fmt: skip
-    print(f"wrote {out}")
+    write_results(out, {"benchmark": "accuracy_toy_pooled", "baseline": baseline, "sets": sets,
+                        "rows": list(rows.values())})  # fmt: skip
+    p_column = f"p > {baseline}"
+    table = [{"policy": row["policy"], "budget": row["budget_label"], "solved": f"{row['correct']} / {row['problems']}",
+              "accuracy %": f"{100 * row['accuracy']:.2f}", "blocks %": f"{100 * row['blocks_solved']:.2f}",
+              p_column: f"{row['p_above_baseline']:.2g}" if "p_above_baseline" in row else None}
+             for row in rows.values()]  # fmt: skip
+    print_table(table, ["policy", "budget", "solved", "accuracy %", "blocks %", p_column])
+
+
+def problem_set(results: dict) -> tuple:
+    """What identifies the problems a results file was measured on: (count, seed, block range)."""
+    return results["problems"], results["seed"], tuple(results["blocks"])
 
 
 def fisher_greater(hits: int, total: int, base_hits: int, base_total: int) -> float:
