@@ -36,6 +36,7 @@ import torch
 from ragged_overhead import CAPACITY, ragged_limits
 
 import longflow_patch
+from longflow_patch.compat import cache_keyword
 from longflow_patch.profiles import BudgetProfile
 
 from common import SHAPES, build_model, environment, graph_median_ms, print_table, write_results
@@ -73,7 +74,7 @@ def decode_step_ms(model, batch: int, after_prompt=None) -> float:
     device, vocab = model.device, model.config.vocab_size
     cache = longflow_patch.new_cache(model)
     with torch.no_grad():
-        model(input_ids=torch.randint(3, vocab, (batch, PROMPT), device=device), past_key_values=cache)
+        model(input_ids=torch.randint(3, vocab, (batch, PROMPT), device=device), **{cache_keyword(model): cache})
         if after_prompt is not None:
             after_prompt(cache)
         token = torch.randint(3, vocab, (batch, 1), device=device)
@@ -81,7 +82,9 @@ def decode_step_ms(model, batch: int, after_prompt=None) -> float:
         cache_position = torch.tensor([PROMPT], device=device)
 
         def step():
-            return model(input_ids=token, position_ids=position, cache_position=cache_position, past_key_values=cache)
+            return model(
+                input_ids=token, position_ids=position, cache_position=cache_position, **{cache_keyword(model): cache}
+            )
 
         return graph_median_ms(step, calls_per_graph=10, repeats=11)
 

@@ -18,6 +18,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from longflow_patch.cache import LongFlowCache
+from longflow_patch.compat import cache_from_kwargs
 from longflow_patch.prefill import key_padding_from_mask
 from longflow_patch.speculative_cache import SpeculativeCache
 
@@ -58,17 +59,17 @@ def longflow_attention_forward(
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     attention_mask: torch.Tensor | None,
-    past_key_values=None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Drop-in forward for ``LlamaAttention`` / ``Qwen2Attention`` / ``Qwen3Attention``.
 
-    ``hidden_states`` ``[B, n, hidden]`` -> ``([B, n, hidden], None)``.
+    ``hidden_states`` ``[B, n, hidden]`` -> ``([B, n, hidden], None)``. The cache comes as
+    ``cache=`` or ``past_key_values=``, whichever the installed transformers passes.
     """
+    keyword, past_key_values = cache_from_kwargs(kwargs, f"{type(self).__name__} {self.layer_idx}")
     if not isinstance(past_key_values, (LongFlowCache, SpeculativeCache)):
-        return self._longflow_original_forward(
-            hidden_states, position_embeddings, attention_mask, past_key_values=past_key_values, **kwargs
-        )
+        return self._longflow_original_forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+    del kwargs[keyword]
     batch, length = hidden_states.shape[:2]
     hidden_shape = (batch, length, -1, self.head_dim)
     query = self.q_proj(hidden_states).view(hidden_shape)

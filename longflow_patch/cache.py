@@ -93,8 +93,11 @@ class LongFlowLayer(CacheLayerMixin):
         return [buffer for name in names if (buffer := getattr(self, name)) is not None]
 
     def update(self, key_states, value_states, *args, **kwargs):
-        raise NotImplementedError(
-            "LongFlowCache is filled by the patched attention (longflow_patch.apply), not by Cache.update"
+        raise RuntimeError(
+            "an unpatched attention forward called LongFlowCache.update: a LongFlowCache is filled only by the "
+            "attention that longflow_patch.apply installs. Either the model was not patched (call "
+            "longflow_patch.apply(model) first), or the patched attention did not find the cache where this "
+            "transformers release passes it; please report the latter"
         )
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int | torch.Tensor]:

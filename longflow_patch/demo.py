@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaLi
 
 import longflow_patch
 from longflow_patch import toy
+from longflow_patch.compat import cache_keyword
 from longflow_patch.progress import TokenProgress
 
 
@@ -32,8 +33,9 @@ def run(model, tokenizer, problems: list[dict], policy: str, budget: int, batch_
             cache = longflow_patch.new_cache(model, full_size)
             began = time.perf_counter()
             progress = StoppingCriteriaList([TokenProgress(bar)])
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, past_key_values=cache,
-                                 pad_token_id=tokenizer.pad_token_id, stopping_criteria=progress)  # fmt: skip
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, stopping_criteria=progress,
+                                 **{cache_keyword(model): cache})  # fmt: skip
             seconds += time.perf_counter() - began
             completions = tokenizer.batch_decode(out[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
             correct += sum(toy.is_correct(c, p["answer"]) for c, p in zip(completions, batch, strict=True))

@@ -6,6 +6,8 @@ from collections.abc import Callable
 import torch
 from transformers import Cache
 
+from longflow_patch.compat import cache_keyword
+
 
 def trace_log_probs(
     model,
@@ -45,9 +47,9 @@ def trace_log_probs(
             cache = new_cache()
             head, tail = slice(None, prompt_length), slice(prompt_length, None)
             last = model(input_ids=ids[:, head], attention_mask=mask[:, head], position_ids=positions[:, head],
-                         past_key_values=cache).logits[:, -1:]  # fmt: skip
+                         **{cache_keyword(model): cache}).logits[:, -1:]  # fmt: skip
             logits = model(input_ids=ids[:, tail], attention_mask=mask, position_ids=positions[:, tail],
-                           past_key_values=cache).logits  # fmt: skip
+                           **{cache_keyword(model): cache}).logits  # fmt: skip
             predicting = torch.cat([last, logits[:, :-1]], dim=1)
         log_probs.append(torch.log_softmax(predicting.float(), dim=-1))
     return torch.cat(log_probs), trace_mask.bool().to(model.device)

@@ -15,6 +15,7 @@ from transformers import CompileConfig
 
 from longflow_patch.attention import longflow_attention_forward
 from longflow_patch.cache import LongFlowCache
+from longflow_patch.compat import cache_from_kwargs, cache_keyword
 from longflow_patch.ops import KERNEL_DTYPES, KERNEL_HEAD_DIMS
 from longflow_patch.policies import Policy, ProfiledPolicy, make_policy
 
@@ -152,7 +153,14 @@ def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.T
     (a surprise compile per new shape, and endless recompiles under device_map's hooks), so it is
     told not to unless the caller asks for it (a ``compile_config`` of their own, or ``disable_compile``).
     """
-    if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True):
+    _, given = cache_from_kwargs(kwargs, "generate")
+    if given is not None and not isinstance(given, LongFlowCache):
+        raise TypeError(
+            f"generate of a model patched by longflow_patch got a {type(given).__name__}, which the patched "
+            "attention would fill without compression; pass no cache (each call gets a compressed one), one "
+            "from longflow_patch.new_cache(model), or call longflow_patch.unapply(model) first"
+        )
+    if given is None and kwargs.get("use_cache", True):
         policy = self._longflow_policy
         budget = max(policy.minimum_budget, _tokens_to_hold(self, args, kwargs)) if policy.sized_by_generate else None
         cache = getattr(self, "_longflow_reused_cache", None)
@@ -161,7 +169,7 @@ def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.T
         if hasattr(self, "_longflow_original_compile_config"):
             self._longflow_reused_cache = cache
         cache.reset()
-        kwargs["past_key_values"] = cache
+        kwargs[cache_keyword(self)] = cache
     config = kwargs.get("generation_config") or self.generation_config
     if not hasattr(self, "_longflow_original_compile_config") and config.compile_config is None:
         kwargs.setdefault("disable_compile", True)

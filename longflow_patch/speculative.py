@@ -32,12 +32,13 @@ ragged lengths (the verify op supports ragged prefixes; the loop and caches do n
 """
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from longflow_patch.compat import cache_keyword
 from longflow_patch.patch import SUPPORTED_MODELS, _check_model, apply, unapply
 from longflow_patch.policies import make_policy
 from longflow_patch.sampling import Sampler
@@ -90,14 +91,6 @@ def _positions(start: int, count: int, device: torch.device) -> torch.Tensor:
     return torch.arange(start, start + count, device=device)[None]
 
 
-def _forward(forward: Callable, ids: torch.Tensor, positions: torch.Tensor, cache, logits_to_keep: int = 0):
-    """Logits ``[n, V]`` (float32) of ``ids`` ``[1, n]`` at ``positions`` ``[1, n]``, from
-    ``forward`` (a model, or its compiled forward)."""
-    out = forward(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                  logits_to_keep=logits_to_keep)  # fmt: skip
-    return out.logits[0].float()
-
-
 def _compile_options(compile: bool | dict) -> dict | None:
     """torch.compile options for the draft chain and the verification forward, or None (eager)."""
     if isinstance(compile, dict):
@@ -112,9 +105,18 @@ class _Round:
                  compile_options: dict | None):  # fmt: skip
         self.target, self.draft, self.draft_cache, self.sampler, self.k = target, draft, draft_cache, sampler, k
         self.stats = SpeculativeStats()
+        self.cache_keyword = cache_keyword(target)  # read here: the compiled round does not trace a signature
         # Compiled: a full round (k draft steps, then the k + 1-token verification) is one graph per
         # number of pending tokens (1, or 2 after a round that accepted every draft).
         self.full_round = None if compile_options is None else torch.compile(self.draft_and_verify, **compile_options)
+
+    def _forward(self, model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache,
+                 logits_to_keep: int = 0) -> torch.Tensor:  # fmt: skip
+        """Logits ``[n, V]`` (float32) of ``ids`` ``[1, n]`` at ``positions`` ``[1, n]``, from
+        ``model`` over ``cache``."""
+        out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=logits_to_keep,
+                    **{self.cache_keyword: cache})  # fmt: skip
+        return out.logits[0].float()
 
     def prefill(self, prompt: torch.Tensor, capacity: int) -> torch.Tensor:
         """Fill both caches from the prompt ``[1, L]``; returns the first new token ``[1]``."""
@@ -122,9 +124,9 @@ class _Round:
         self.target_cache = SpeculativeCache(self.target.config.num_hidden_layers, capacity,
                                              self.draft_cache if shared else None)  # fmt: skip
         positions = _positions(0, prompt.shape[1], prompt.device)
-        logits = _forward(self.target, prompt, positions, self.target_cache, logits_to_keep=1)
+        logits = self._forward(self.target, prompt, positions, self.target_cache, logits_to_keep=1)
         if not shared:
-            _forward(self.draft, prompt, positions, self.draft_cache, logits_to_keep=1)
+            self._forward(self.draft, prompt, positions, self.draft_cache, logits_to_keep=1)
         self.draft_len = prompt.shape[1]  # tokens the draft cache has consumed
         return self.sampler.sample(self.sampler.probs(logits))
 
@@ -135,7 +137,7 @@ class _Round:
         inside, so it compiles into one graph; ``noise`` ``[count, V]`` comes from `Sampler.noise`."""
         tokens, scores = [], []
         for step in range(count):
-            q = self.sampler.probs(_forward(self.draft, ids, positions, self.draft_cache, logits_to_keep=1))
+            q = self.sampler.probs(self._forward(self.draft, ids, positions, self.draft_cache, logits_to_keep=1))
             token = self.sampler.pick(q, None if noise is None else noise[step : step + 1])
             tokens.append(token)
             scores.append(q)
@@ -150,7 +152,7 @@ class _Round:
         drafts, draft_scores = self.draft_chain(pending, positions, noise, count)
         verify_ids = torch.cat([pending[:, -1:], drafts[None]], dim=1)
         verify_positions = positions[:, -1:] + torch.arange(count + 1, device=positions.device)
-        logits = _forward(self.target, verify_ids, verify_positions, self.target_cache)
+        logits = self._forward(self.target, verify_ids, verify_positions, self.target_cache)
         return drafts, draft_scores, self.sampler.probs(logits)
 
     def step(self, sequence: torch.Tensor, remaining: int) -> torch.Tensor:
@@ -169,7 +171,9 @@ class _Round:
             self.stats.draft_forwards += count
         else:
             drafts, draft_scores = sequence.new_empty(0), None
-            logits = _forward(self.target, sequence[-1:][None], _positions(length - 1, 1, device), self.target_cache)
+            logits = self._forward(
+                self.target, sequence[-1:][None], _positions(length - 1, 1, device), self.target_cache
+            )
             target_scores = self.sampler.probs(logits)
         accepted, last = self.sampler.accept(drafts, draft_scores, target_scores)
         self.target_cache.rollback(length + accepted)

@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
 from longflow_patch import toy
+from longflow_patch.compat import cache_keyword
 
 from common import environment, median_ms, print_table, write_results
 
@@ -119,12 +120,14 @@ def compiled_loop(model, ids: torch.Tensor, new: int) -> Callable[[], torch.Tens
     @torch.inference_mode()
     def run() -> torch.Tensor:
         cache.reset()
-        logits = model(input_ids=ids, past_key_values=cache, cache_position=positions[:length]).logits
+        logits = model(input_ids=ids, **{cache_keyword(model): cache}, cache_position=positions[:length]).logits
         token = logits[:, -1].argmax(dim=-1, keepdim=True)
         tokens = [token]
         for index in range(length, length + new - 1):
             where = positions[index : index + 1]
-            logits = step(input_ids=token, position_ids=where[None], cache_position=where, past_key_values=cache).logits
+            logits = step(
+                input_ids=token, position_ids=where[None], cache_position=where, **{cache_keyword(model): cache}
+            ).logits
             token = logits[:, -1].argmax(dim=-1, keepdim=True).clone()  # the graph's output buffer is reused
             tokens.append(token)
         return torch.cat([ids, *tokens], dim=1)

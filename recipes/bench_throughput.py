@@ -37,6 +37,7 @@ from transformers import DynamicCache, StaticCache, StoppingCriteria, StoppingCr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
+from longflow_patch.compat import cache_keyword
 from longflow_patch.progress import TokenProgress
 
 from common import SHAPES, build_model, copy_bandwidth_gbs, environment, print_table, write_results
@@ -73,7 +74,7 @@ def timed_generate(model, batch: int, context: int, new_tokens: int, cache=None)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_keyword(model): cache},
                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)  # fmt: skip
     if model.device.type == "cuda":
         torch.cuda.synchronize()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import longflow_patch
+from longflow_patch.compat import cache_keyword
 from longflow_patch.profiles import BudgetProfile
 
 from models import left_padded_prompts, tiny_model
@@ -37,7 +38,7 @@ def run(model, new_tokens=90):
     ids, mask = left_padded_prompts(batch=2, length=30)
     cache = longflow_patch.new_cache(model)
     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                   do_sample=False, pad_token_id=0, past_key_values=cache)  # fmt: skip
+                   do_sample=False, pad_token_id=0, **{cache_keyword(model): cache})  # fmt: skip
     return cache
 
 
@@ -94,7 +95,7 @@ def test_allocated_policies_compile_as_one_graph(profiles, method):
     assert model._longflow_policy.compileable
     eager_cache = longflow_patch.new_cache(model)
     eager = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=50, min_new_tokens=50, do_sample=False,
-                           pad_token_id=0, past_key_values=eager_cache)  # fmt: skip
+                           pad_token_id=0, **{cache_keyword(model): eager_cache})  # fmt: skip
     graphs = []
     assert torch.equal(compiled_generate(model, ids, mask, 50, counting_backend(graphs)), eager)
     assert len(graphs) == 1

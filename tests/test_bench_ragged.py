@@ -11,6 +11,8 @@ import longflow_patch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import ragged_decode
 
+from longflow_patch.compat import cache_keyword
+
 
 @pytest.mark.parametrize("budget", [64, 200])
 def test_synthetic_profile_solves_to_the_drawn_ragged_table(tmp_path, budget):
@@ -34,7 +36,7 @@ def test_decode_step_runs_on_the_synthetic_allocation(tmp_path):
     longflow_patch.apply(model, policy="lukv", budget=64, profile=str(profile), floor_share=0.0)
     cache = longflow_patch.new_cache(model)
     with torch.no_grad():
-        model(input_ids=torch.randint(3, 512, (2, ragged_decode.PROMPT)), past_key_values=cache)
+        model(input_ids=torch.randint(3, 512, (2, ragged_decode.PROMPT)), **{cache_keyword(model): cache})
     for layer, row in zip(cache.layers, table, strict=True):
         assert layer.slot_limit.tolist() == [row, row]
         assert layer.keys.shape[2] == max(row)
@@ -47,7 +49,7 @@ def test_moved_reasonalloc_layout_keeps_each_layers_total(tmp_path):
     longflow_patch.apply(model, policy="reasonalloc", budget=64, per_head=True, profile=str(profile))
     cache = longflow_patch.new_cache(model)
     with torch.no_grad():
-        model(input_ids=torch.randint(3, 512, (3, ragged_decode.PROMPT)), past_key_values=cache)
+        model(input_ids=torch.randint(3, 512, (3, ragged_decode.PROMPT)), **{cache_keyword(model): cache})
     assert all(layer.slot_limit.tolist() == [[64, 64]] * 3 for layer in cache.layers)
     ragged_decode.move_budgets(cache, 64, seed=0)
     for layer in cache.layers:

@@ -6,6 +6,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import CompileConfig
 
 import longflow_patch
+from longflow_patch.compat import cache_keyword
 
 from models import left_padded_prompts, tiny_model
 
@@ -68,14 +69,16 @@ def test_user_compiled_forward_is_one_graph_for_every_decode_step():
     step = torch.compile(model.forward, fullgraph=True, backend=counter, dynamic=False)
     ids = torch.randint(3, 128, (2, 9))
     cache = longflow_patch.new_cache(model)
-    logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+    logits = model(input_ids=ids, **{cache_keyword(model): cache}, use_cache=True).logits
     reference_cache = longflow_patch.new_cache(model)
-    model(input_ids=ids, past_key_values=reference_cache, use_cache=True)
+    model(input_ids=ids, **{cache_keyword(model): reference_cache}, use_cache=True)
     token = logits[:, -1:].argmax(-1)
     for position in range(9, 49):
         positions = torch.full((2, 1), position)
-        compiled_logits = step(input_ids=token, position_ids=positions, past_key_values=cache, use_cache=True).logits
-        eager_logits = model(input_ids=token, position_ids=positions, past_key_values=reference_cache,
+        compiled_logits = step(
+            input_ids=token, position_ids=positions, **{cache_keyword(model): cache}, use_cache=True
+        ).logits
+        eager_logits = model(input_ids=token, position_ids=positions, **{cache_keyword(model): reference_cache},
                              use_cache=True).logits  # fmt: skip
         torch.testing.assert_close(compiled_logits, eager_logits)
         token = compiled_logits[:, -1:].argmax(-1)

@@ -6,6 +6,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import longflow_patch
 from longflow_patch.cache import LongFlowCache
+from longflow_patch.compat import cache_keyword
 
 from models import left_padded_prompts, tiny_model
 
@@ -24,7 +25,7 @@ def test_small_budget_long_generation_stays_fixed_size(per_head, prompt):
         min_new_tokens=150,
         do_sample=False,
         pad_token_id=0,
-        past_key_values=cache,
+        **{cache_keyword(model): cache},
         output_logits=True,
         return_dict_in_generate=True,
     )
@@ -54,7 +55,7 @@ def test_memory_flat_in_output_length():
             max_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
-            past_key_values=cache,
+            **{cache_keyword(model): cache},
         )
         sizes.append(cache.kv_bytes())
     assert sizes[0] == sizes[1] == 2 * 2 * (1 * 2 * 32 * 16) * 4  # layers x (K, V) x elements x fp32
@@ -65,7 +66,7 @@ def test_long_prompt_keeps_sinks_recent_and_most_attended():
     longflow_patch.apply(model, budget=20, sink_tokens=2, recent_window=6)
     ids = torch.randint(3, 128, (1, 60))
     cache = longflow_patch.new_cache(model)
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, **{cache_keyword(model): cache}, use_cache=True)
     kept = sorted(cache.layers[0].slot_pos[0, 0].tolist())
     assert len(kept) == 20 and kept[:2] == [0, 1] and kept[-6:] == list(range(54, 60))
 
@@ -74,7 +75,7 @@ def test_full_policy_cache_reports_sequence_length_not_slots():
     model = tiny_model("qwen3", "gqa")
     longflow_patch.apply(model, budget=16)
     cache = longflow_patch.new_cache(model)
-    model(input_ids=torch.randint(3, 128, (1, 30)), past_key_values=cache, use_cache=True)
+    model(input_ids=torch.randint(3, 128, (1, 30)), **{cache_keyword(model): cache}, use_cache=True)
     assert cache.get_seq_length() == 30
     assert isinstance(cache, LongFlowCache)
 

@@ -199,8 +199,15 @@ def test_ragged_split_plan_is_no_longer_than_uniform(batch, budget):
 
 def reallocating_step(batch, kv_heads, group, slots, head_dim, dtype, filled, every):
     """A per-head step with ragged limits (slots past a head's limit empty, as the cache keeps
-    them), where rows alternate between due and not due for re-allocation every ``every``."""
+    them), where rows alternate between due and not due for re-allocation every ``every``.
+
+    In rows 2, 4, ... head 0's tokens are worth nothing (zero values) and the other heads have room
+    for one more slot, so when those rows are due and full a move is certain, whatever the draw."""
     step = random_step(batch, kv_heads, group, slots, head_dim, dtype, filled, ragged=True, shared=False)
+    step["v_cache"][2::2, 0] = 0
+    step["value_norm"][2::2, 0] = 0
+    step["slot_limit"][2::2, 1:].clamp_(max=slots - 1)
+    step["write_slot"] = torch.minimum(step["write_slot"], step["slot_limit"] - 1)
     beyond = torch.arange(slots, device=DEVICE) >= step["slot_limit"][..., None]
     step["slot_pos"].masked_fill_(beyond, -1)
     step["position"] = 4 * slots * every + torch.arange(batch, device=DEVICE, dtype=torch.int32) % 2

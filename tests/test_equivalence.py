@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import longflow_patch
+from longflow_patch.compat import cache_keyword
 
 from models import ARCHITECTURES, HEAD_LAYOUTS, left_padded_prompts, tiny_model
 
@@ -61,9 +62,9 @@ def test_logits_match_step_by_step_with_user_passed_cache():
         pad_token_id=0,
         output_logits=True,
         return_dict_in_generate=True,
-        past_key_values=cache,
+        **{cache_keyword(model): cache},
     )
-    assert got.past_key_values is cache
+    assert got[cache_keyword(model)] is cache
     for step_expected, step_got in zip(expected.logits, got.logits, strict=True):
         torch.testing.assert_close(step_got, step_expected, rtol=1e-4, atol=1e-4)
 

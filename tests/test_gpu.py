@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import longflow_patch
+from longflow_patch.compat import cache_keyword
 
 from models import left_padded_prompts, tiny_model
 
@@ -23,7 +24,7 @@ def test_teacher_forced_logits_match_plain_transformers(arch, dtype):
 
     def run(cache):
         logits, attention = [], mask
-        out = model(input_ids=ids, attention_mask=attention, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=attention, **{cache_keyword(model): cache}, use_cache=True)
         positions = mask.sum(-1, keepdim=True) - 1
         for step in range(tokens.shape[1]):
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
@@ -32,7 +33,7 @@ def test_teacher_forced_logits_match_plain_transformers(arch, dtype):
                 input_ids=tokens[:, step : step + 1],
                 attention_mask=attention,
                 position_ids=positions,
-                past_key_values=cache,
+                **{cache_keyword(model): cache},
                 use_cache=True,
             )
             logits.append(out.logits[:, -1].float())
@@ -57,7 +58,7 @@ def test_small_budget_generation_on_gpu_is_finite_and_fixed_size():
         min_new_tokens=300,
         do_sample=False,
         pad_token_id=0,
-        past_key_values=cache,
+        **{cache_keyword(model): cache},
         output_logits=True,
         return_dict_in_generate=True,
     )

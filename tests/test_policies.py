@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import longflow_patch
+from longflow_patch.compat import cache_keyword
 
 from models import left_padded_prompts, tiny_model
 
@@ -13,7 +14,7 @@ PROFILED = ["lukv", "reasonalloc"]  # need a budget profile: tests/test_allocate
 
 def generate(model, ids, mask, new_tokens, cache=None):
     return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                          do_sample=False, pad_token_id=0, past_key_values=cache)  # fmt: skip
+                          do_sample=False, pad_token_id=0, **{cache_keyword(model): cache})  # fmt: skip
 
 
 @pytest.mark.parametrize("policy", sorted(set(longflow_patch.POLICIES) - set(PROFILED)))
@@ -147,7 +148,7 @@ def test_compacting_policies_select_a_long_prompt_by_their_own_rule(policy):
     object.__setattr__(chosen, "prompt_scores", record)
     ids = torch.randint(3, 128, (1, 60))
     cache = longflow_patch.new_cache(model)
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    model(input_ids=ids, **{cache_keyword(model): cache}, use_cache=True)
     kept = set(cache.layers[0].slot_pos[0, 0].tolist()) - {-1}
     protected = {0, 1, *range(54, 60)}
     ranked = captured["scores"][0].sum(dim=0).argsort(descending=True).tolist()

@@ -7,6 +7,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import Qwen3Config, Qwen3ForCausalLM, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import longflow_patch
+from longflow_patch.compat import cache_keyword
 from longflow_patch.sampling import Sampler
 from longflow_patch.speculative_cache import DraftCache
 
@@ -86,7 +87,7 @@ def snapshot(cache: DraftCache) -> list[torch.Tensor]:
 
 def feed(model, cache, tokens, start):
     positions = torch.arange(start, start + tokens.shape[1])[None]
-    return model(input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True).logits
+    return model(input_ids=tokens, position_ids=positions, **{cache_keyword(model): cache}, use_cache=True).logits
 
 
 @pytest.mark.parametrize("together", [False, True], ids=["one-per-forward", "one-forward"])

@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import longflow_patch
 from longflow_patch import toy
+from longflow_patch.compat import cache_keyword
 from longflow_patch.speculative_cache import SpeculativeCache
 
 from models import tiny_model
@@ -20,11 +21,13 @@ def test_verification_logits_match_plain_transformers(dtype):
     tokens = torch.randint(3, 128, (1, 300), device="cuda")
 
     def run(cache) -> torch.Tensor:
-        logits = [model(input_ids=tokens[:, :100], past_key_values=cache, use_cache=True).logits[:, -1:]]
+        logits = [model(input_ids=tokens[:, :100], **{cache_keyword(model): cache}, use_cache=True).logits[:, -1:]]
         for start in range(100, 300, 5):
             positions = torch.arange(start, start + 5, device="cuda")[None]
             chunk = tokens[:, start : start + 5]
-            logits.append(model(input_ids=chunk, position_ids=positions, past_key_values=cache, use_cache=True).logits)
+            logits.append(
+                model(input_ids=chunk, position_ids=positions, **{cache_keyword(model): cache}, use_cache=True).logits
+            )
         return torch.cat(logits, dim=1).float()
 
     expected = run(DynamicCache(config=model.config))
