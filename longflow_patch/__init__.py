@@ -6,6 +6,8 @@ out = model.generate(**inputs, max_new_tokens=32768)
 """
 
 from longflow_patch.cache import LongFlowCache, LongFlowLayer
+from longflow_patch.draft_tree import DraftTree
+from longflow_patch.glide import GlideConfig, GlideDraft, load_glide_draft, save_glide_draft
 from longflow_patch.kernels.verify_attention_reference import merge_attention_states
 from longflow_patch.patch import SUPPORTED_MODELS, apply, new_cache, unapply
 from longflow_patch.policies import (
@@ -31,7 +33,10 @@ __all__ = [
     "SUPPORTED_MODELS",
     "CompactingPolicy",
     "DraftCache",
+    "DraftTree",
     "FullCachePolicy",
+    "GlideConfig",
+    "GlideDraft",
     "H2OPolicy",
     "LongFlowCache",
     "LongFlowLayer",
@@ -44,9 +49,11 @@ __all__ = [
     "SpeculativeStats",
     "StreamingLLMPolicy",
     "apply",
+    "load_glide_draft",
     "make_policy",
     "merge_attention_states",
     "new_cache",
+    "save_glide_draft",
     "speculative_generate",
     "unapply",
 ]

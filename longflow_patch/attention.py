@@ -87,7 +87,7 @@ def longflow_attention_forward(
         positions = torch.arange(length, device=hidden_states.device) + past_key_values.get_seq_length()
     positions = positions.expand(batch, length)
     if isinstance(past_key_values, SpeculativeCache) and layer.prefilled:
-        attn_output = layer.verify(query, key, value, self.scaling)
+        attn_output = layer.verify(query, key, value, self.scaling, past_key_values.draft_mask)
     elif isinstance(past_key_values, SpeculativeCache):
         attn_output = _prompt_attention(self, query, key, value, attention_mask, **kwargs)
         layer.append(key, value)

@@ -2,14 +2,17 @@
 
 Sampling follows ``generate``'s warpers in its order (temperature, top-k, top-p, with the same
 tie and boundary rules), so draft and target distributions are the ones ``generate`` samples from.
-Acceptance is standard speculative sampling (Leviathan et al. 2023; Chen et al. 2023), which
-leaves the target's distribution unchanged.
+Acceptance of a chain is standard speculative sampling (Leviathan et al. 2023; Chen et al. 2023),
+which leaves the target's distribution unchanged; a tree's nodes (top-k, not sampled) are kept while
+the target's own choice at each node is one of its children (`Sampler.accept_tree`).
 """
 
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
+
+from longflow_patch.draft_tree import accepted_path
 
 # generate settings that change the distribution in ways this sampler does not reproduce
 _UNSUPPORTED = {
@@ -128,3 +131,24 @@ class Sampler:
         if float(residual.sum()) <= 0.0:  # p == q: a rejection had probability 0
             residual = target_scores[accepted]
         return accepted, self.sample((residual / residual.sum())[None])
+
+    def accept_tree(
+        self, tokens: torch.Tensor, parents: torch.Tensor, target_scores: torch.Tensor
+    ) -> tuple[list[int], torch.Tensor]:
+        """The draft-tree nodes the target keeps, and the token that follows them.
+
+        ``tokens`` / ``parents`` ``[N]`` int64: each node's token and parent node (-1: the root);
+        ``target_scores`` ``[N + 1, V]``: row 0 the target's distribution after the root, row
+        ``1 + i`` after node ``i``. At each node from the root the target chooses a token from its
+        own distribution there (argmax, or a sample); the walk descends to the child holding it and
+        stops at the first node where none does, emitting that token. Every token out is thus the
+        target's choice given the tokens before it, whatever the tree holds: lossless for
+        candidates that were not sampled from the draft (a tree's top-k). Returns ``(path, token
+        [1])``, ``path`` the kept nodes, root side first.
+        """
+        picks = self.sample(target_scores)
+        nodes = tokens.shape[0]
+        flat = torch.cat([picks, tokens, parents]).tolist()  # one device-to-host copy
+        path = accepted_path(flat[: nodes + 1], flat[nodes + 1 : 2 * nodes + 1], flat[2 * nodes + 1 :])
+        row = path[-1] + 1 if path else 0
+        return path, picks[row : row + 1]

@@ -5,7 +5,9 @@
 Each round (a plain loop, gpt-fast style):
 
 1. the draft proposes ``k`` tokens, one decode step each, over its constant-size LongFlow cache
-   (``draft="self"``: the target's own weights; or a smaller model with the same vocabulary);
+   (``draft="self"``: the target's own weights; or a smaller model with the same vocabulary); or a
+   GLIDE draft (LongSpec's one layer over the target's cache, `longflow_patch.glide_round`)
+   proposes a chain or a static-shape tree (``draft_tree``);
 2. the target scores the last accepted token and the ``k`` drafts in one forward over its full
    cache; each layer's attention is ``torch.ops.longflow.verify_attention`` (the long prefix read
    once for all draft queries, the draft tokens under a causal mask, merged by log-sum-exp);
@@ -33,44 +35,18 @@ ragged lengths (the verify op supports ragged prefixes; the loop and caches do n
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from longflow_patch.compat import cache_keyword
+from longflow_patch.draft_tree import DraftTree
+from longflow_patch.glide import GlideDraft
+from longflow_patch.glide_round import GlideRound
 from longflow_patch.patch import SUPPORTED_MODELS, _check_model, apply, unapply
 from longflow_patch.policies import make_policy
 from longflow_patch.sampling import Sampler
 from longflow_patch.speculative_cache import DraftCache, SpeculativeCache
-
-
-@dataclass
-class SpeculativeStats:
-    """Counters of one `speculative_generate` call.
-
-    Attributes:
-        new_tokens: tokens generated (EOS included).
-        rounds: verification forwards of the target (after the prompt forward).
-        drafted: draft tokens proposed; ``accepted``: those the target kept.
-        draft_forwards: decode forwards of the draft model.
-    """
-
-    new_tokens: int = 0
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    draft_forwards: int = 0
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted / drafted (0 when nothing was drafted)."""
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def tokens_per_round(self) -> float:
-        """New tokens per target forward, the prompt forward included."""
-        return self.new_tokens / (self.rounds + 1)
+from longflow_patch.speculative_round import RoundBase, SpeculativeStats, compile_settings, position_ids
 
 
 @contextlib.contextmanager
@@ -86,44 +62,20 @@ def _patched(model: nn.Module, budget: int) -> Iterator[None]:
         unapply(model)
 
 
-def _positions(start: int, count: int, device: torch.device) -> torch.Tensor:
-    """Position ids ``[1, count]`` int64: ``start, start + 1, ...``."""
-    return torch.arange(start, start + count, device=device)[None]
-
-
-def _compile_options(compile: bool | dict) -> dict | None:
-    """torch.compile options for the draft chain and the verification forward, or None (eager)."""
-    if isinstance(compile, dict):
-        return compile
-    return dict(fullgraph=True, dynamic=False, mode="reduce-overhead") if compile else None
-
-
-class _Round:
-    """The decoding state of one `speculative_generate` call (batch size 1)."""
+class _Round(RoundBase):
+    """A round of a draft model (the target itself, or a smaller one) over a LongFlow `DraftCache`."""
 
     def __init__(self, target: nn.Module, draft: nn.Module, draft_cache: DraftCache, sampler: Sampler, k: int,
                  compile_options: dict | None):  # fmt: skip
-        self.target, self.draft, self.draft_cache, self.sampler, self.k = target, draft, draft_cache, sampler, k
-        self.stats = SpeculativeStats()
-        self.cache_keyword = cache_keyword(target)  # read here: the compiled round does not trace a signature
-        # Compiled: a full round (k draft steps, then the k + 1-token verification) is one graph per
-        # number of pending tokens (1, or 2 after a round that accepted every draft).
-        self.full_round = None if compile_options is None else torch.compile(self.draft_and_verify, **compile_options)
-
-    def _forward(self, model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache,
-                 logits_to_keep: int = 0) -> torch.Tensor:  # fmt: skip
-        """Logits ``[n, V]`` (float32) of ``ids`` ``[1, n]`` at ``positions`` ``[1, n]``, from
-        ``model`` over ``cache``."""
-        out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=logits_to_keep,
-                    **{self.cache_keyword: cache})  # fmt: skip
-        return out.logits[0].float()
+        super().__init__(target, sampler, compile_options)
+        self.draft, self.draft_cache, self.k = draft, draft_cache, k
 
     def prefill(self, prompt: torch.Tensor, capacity: int) -> torch.Tensor:
         """Fill both caches from the prompt ``[1, L]``; returns the first new token ``[1]``."""
         shared = self.draft is self.target
         self.target_cache = SpeculativeCache(self.target.config.num_hidden_layers, capacity,
                                              self.draft_cache if shared else None)  # fmt: skip
-        positions = _positions(0, prompt.shape[1], prompt.device)
+        positions = position_ids(0, prompt.shape[1], prompt.device)
         logits = self._forward(self.target, prompt, positions, self.target_cache, logits_to_keep=1)
         if not shared:
             self._forward(self.draft, prompt, positions, self.draft_cache, logits_to_keep=1)
@@ -166,13 +118,13 @@ class _Round:
             noise = self.sampler.noise(count, self.target.config.vocab_size, device)
             full = self.full_round is not None and count == self.k  # short rounds at the end run eagerly
             round_fn = self.full_round if full else self.draft_and_verify
-            positions = _positions(self.draft_len, pending.shape[1], device)
+            positions = position_ids(self.draft_len, pending.shape[1], device)
             drafts, draft_scores, target_scores = round_fn(pending, positions, noise, count)
             self.stats.draft_forwards += count
         else:
             drafts, draft_scores = sequence.new_empty(0), None
             logits = self._forward(
-                self.target, sequence[-1:][None], _positions(length - 1, 1, device), self.target_cache
+                self.target, sequence[-1:][None], position_ids(length - 1, 1, device), self.target_cache
             )
             target_scores = self.sampler.probs(logits)
         accepted, last = self.sampler.accept(drafts, draft_scores, target_scores)
@@ -181,9 +133,7 @@ class _Round:
             kept = min(accepted, count - 1)  # the draft has consumed its pending tokens and count - 1 drafts
             self.draft_cache.rollback(count - 1 - kept, logged=pending.shape[1] + count - 1)
             self.draft_len = length + kept
-        self.stats.rounds += 1
-        self.stats.drafted += count
-        self.stats.accepted += accepted
+        self.count_round(count, accepted)
         return torch.cat([drafts[:accepted], last])
 
 
@@ -193,7 +143,13 @@ def _check_inputs(model: nn.Module, draft: nn.Module, input_ids: torch.Tensor, n
         raise ValueError(f"speculative_generate supports batch size 1; got input_ids of shape {tuple(input_ids.shape)}")
     if num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
-    if draft is not model:
+    if isinstance(draft, GlideDraft):
+        draft.check_target(model)
+        mine, theirs = next(draft.parameters()), next(model.parameters())
+        if (mine.dtype, mine.device) != (theirs.dtype, theirs.device):
+            raise ValueError(f"the GLIDE draft is {mine.dtype} on {mine.device}, the target {theirs.dtype} on "
+                             f"{theirs.device}; load it with load_glide_draft(..., target=model)")  # fmt: skip
+    elif draft is not model:
         if type(draft).__name__ not in SUPPORTED_MODELS:
             raise TypeError(f"unsupported draft model {type(draft).__name__}; supported: {', '.join(SUPPORTED_MODELS)}")
         if draft.config.vocab_size != model.config.vocab_size:
@@ -222,6 +178,7 @@ def speculative_generate(
     draft: str | nn.Module = "self",
     budget: int = 1024,
     num_draft_tokens: int = 4,
+    draft_tree: tuple[int, ...] | None = None,
     do_sample: bool | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
@@ -238,12 +195,16 @@ def speculative_generate(
         input_ids: ``[1, L]`` prompt; ``attention_mask`` ``[1, L]`` may mark left padding.
         max_new_tokens: defaults to the generation config's (or ``max_length - L``).
         draft: ``"self"`` (the same model over a constant-size LongFlow cache of ``budget`` slots
-            per layer) or a smaller Llama / Qwen2 / Qwen3 model with the same vocabulary (also
-            over a ``budget``-slot LongFlow cache).
+            per layer), a smaller Llama / Qwen2 / Qwen3 model with the same vocabulary (also
+            over a ``budget``-slot LongFlow cache), or a `GlideDraft` trained for this target
+            (`load_glide_draft`; one layer over its own sink-and-window cache and the target's cache).
         num_draft_tokens: draft tokens per round ``k``; each round verifies ``k + 1`` positions.
+        draft_tree: a GLIDE draft only: draft a tree of ``draft_tree[d - 1]`` nodes at depth ``d``
+            (top-k at each depth, `DraftTree`) instead of a ``num_draft_tokens`` chain; each round
+            verifies ``1 + sum(draft_tree)`` positions in one forward under the tree mask.
         do_sample, temperature, top_k, top_p: default to the model's generation config.
         generator: random source for sampling (on the model's device).
-        compile: compile each round's ``k``-step draft chain and ``k + 1``-token verification as one graph
+        compile: compile each round's draft steps and its verification forward as one graph
             (``fullgraph=True``, static shapes; ``True``: ``mode="reduce-overhead"``, CUDA graphs on
             a GPU; a dict: these ``torch.compile`` options). Apply `longflow_patch.apply` to the
             models first, or each call re-patches them and recompiles.
@@ -257,6 +218,10 @@ def speculative_generate(
     if isinstance(draft_model, str):
         raise ValueError(f"draft must be 'self' or a model, got {draft!r}")
     _check_inputs(model, draft_model, input_ids, num_draft_tokens)
+    glide = isinstance(draft_model, GlideDraft)
+    if draft_tree is not None and not glide:
+        raise ValueError("draft_tree needs a GLIDE draft (draft=load_glide_draft(...)): a LongFlow draft cache "
+                         "cannot hold branches")  # fmt: skip
     config = model.generation_config
     sampler = Sampler.from_config(config, do_sample, temperature, top_k, top_p, generator)
     prompt = input_ids[0] if attention_mask is None else input_ids[0][attention_mask[0].bool()]
@@ -264,14 +229,20 @@ def speculative_generate(
         max_new_tokens = config.max_new_tokens or max(config.max_length - input_ids.shape[1], 0)
     eos = config.eos_token_id if config.eos_token_id is not None else []
     eos = {eos} if isinstance(eos, int) else set(eos)
-    draft_cache = DraftCache(make_policy("longflow", budget=budget), draft_model.config.num_hidden_layers,
-                             num_draft_tokens + 1)  # fmt: skip
-
-    decoder = _Round(model, draft_model, draft_cache, sampler, num_draft_tokens, _compile_options(compile))
+    if glide:
+        tree = DraftTree(tuple(draft_tree) if draft_tree is not None else (1,) * num_draft_tokens)
+        decoder = GlideRound(model, draft_model, sampler, tree, compile_settings(compile))
+        verified = tree.nodes + 1
+    else:
+        draft_cache = DraftCache(make_policy("longflow", budget=budget), draft_model.config.num_hidden_layers,
+                                 num_draft_tokens + 1)  # fmt: skip
+        decoder = _Round(model, draft_model, draft_cache, sampler, num_draft_tokens, compile_settings(compile))
+        verified = num_draft_tokens + 1
     new = prompt.new_empty(0)
     if max_new_tokens > 0:
-        with _patched(model, budget), _patched(draft_model, budget):
-            new = decoder.prefill(prompt[None], prompt.shape[0] + max_new_tokens + num_draft_tokens + 1)
+        patch_draft = contextlib.nullcontext() if glide else _patched(draft_model, budget)
+        with _patched(model, budget), patch_draft:
+            new = decoder.prefill(prompt[None], prompt.shape[0] + max_new_tokens + verified)
             stop = _stop_index(new, eos)
             while stop is None and new.shape[0] < max_new_tokens:
                 tokens = decoder.step(torch.cat([prompt, new]), max_new_tokens - new.shape[0])

@@ -66,14 +66,16 @@ class SpeculativeLayer(CacheLayerMixin):
         length = int(self.length)
         return self.keys[:, :, :length], self.values[:, :, :length]
 
-    def verify(self, query: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, scale: float):
-        """Attend ``T`` chained draft tokens over the prefix and themselves, then append them.
+    def verify(self, query: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, scale: float,
+               draft_mask: torch.Tensor | None = None):  # fmt: skip
+        """Attend ``T`` draft tokens over the prefix and themselves, then append them.
 
-        ``query`` ``[B, Hq, T, D]``; ``key_states`` / ``value_states`` ``[B, Hkv, T, D]``.
+        ``query`` ``[B, Hq, T, D]``; ``key_states`` / ``value_states`` ``[B, Hkv, T, D]``;
+        ``draft_mask`` ``[T, T]`` bool (a draft tree's; None: a chain, causal).
         Returns ``[B, T, Hq, D]`` (the layout of transformers' attention functions).
         """
         prefix_len = self.length.to(torch.int32).expand(query.shape[0]).contiguous()
-        out = verify_attention(query, self.keys, self.values, prefix_len, key_states, value_states, None, scale)
+        out = verify_attention(query, self.keys, self.values, prefix_len, key_states, value_states, draft_mask, scale)
         self.append(key_states, value_states)
         return out.transpose(1, 2)
 
@@ -93,17 +95,32 @@ class SpeculativeCache(Cache):
     """The target model's full cache for `speculative_generate`, with `rollback`.
 
     ``draft``: an optional `DraftCache` of the same model (the self-draft), prefilled from the same
-    prompt forward, so the prompt is run once for both.
+    prompt forward, so the prompt is run once for both. ``draft_mask``: the ``[T, T]`` bool mask of
+    the next verification's draft tokens (a draft tree's), or None for a chain.
     """
 
     def __init__(self, num_layers: int, capacity: int, draft: "DraftCache | None" = None):
         super().__init__(layers=[SpeculativeLayer(capacity) for _ in range(num_layers)])
         self.draft = draft
+        self.draft_mask: torch.Tensor | None = None
 
     def rollback(self, length: int) -> None:
         """Keep the first ``length`` tokens of every layer (drop rejected draft tokens)."""
         for layer in self.layers:
             layer.length.fill_(length)
+
+    def keep(self, start: int, rows: list[int]) -> None:
+        """After a verification that appended its tokens at ``start``: keep its first token (the
+        root) and its tokens ``rows`` (increasing; a draft tree's accepted path), moved to follow the
+        root in every layer, and drop the rest."""
+        if rows != list(range(1, len(rows) + 1)):
+            device = self.layers[0].keys.device
+            source = torch.tensor([start + row for row in rows], device=device)
+            moved = torch.arange(start + 1, start + 1 + len(rows), device=device)
+            for layer in self.layers:
+                layer.keys.index_copy_(2, moved, layer.keys.index_select(2, source))
+                layer.values.index_copy_(2, moved, layer.values.index_select(2, source))
+        self.rollback(start + 1 + len(rows))
 
 
 class DraftLayer(LongFlowLayer):

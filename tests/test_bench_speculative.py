@@ -15,5 +15,9 @@ def test_smoke_run_writes_results(tmp_path):
     results = json.loads(out.read_text())
     assert {"device", "torch", "transformers", "triton"} <= set(results["environment"])
     toy = [row for row in results["rows"] if row["part"] == "toy" and row["config"] == "speculative"]
-    assert toy and all(row["identical"] for row in toy)
+    assert {row["draft"] for row in toy} == {"self", "toy", "glide", "glide-tree"}
+    assert all(row["identical"] for row in toy)
+    assert next(row for row in toy if row["draft"] == "glide-tree")["tree"] == "2x2"
     assert [row for row in results["rows"] if row["part"] == "verify"]
+    cost = [row for row in results["rows"] if row["part"] == "cost"]
+    assert [row["draft"] for row in cost] == ["chain", "tree"] and all(row["round_ms"] > 0 for row in cost)

@@ -37,22 +37,25 @@ def test_verification_logits_match_plain_transformers(dtype):
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "cuda-graphs"])
-@pytest.mark.parametrize("draft", ["self", "toy"])
+@pytest.mark.parametrize("draft", ["self", "toy", "glide", "glide-tree"])
 def test_toy_reasoner_greedy_output_identical_to_generate(compile, draft):
     model = AutoModelForCausalLM.from_pretrained(toy.model_path(), dtype=torch.bfloat16).cuda().eval()
     tokenizer = AutoTokenizer.from_pretrained(toy.model_path())
     model.generation_config.eos_token_id = None
+    tree = (4, 4, 4, 4) if draft == "glide-tree" else None
     if draft == "toy":
         draft = AutoModelForCausalLM.from_pretrained(toy.draft_path(), dtype=torch.bfloat16).cuda().eval()
         longflow_patch.apply(draft, budget=256)
+    elif draft.startswith("glide"):
+        draft = longflow_patch.load_glide_draft(toy.glide_path(), target=model)
     problem = toy.make_problems(1, seed=0)[0]
     ids = tokenizer(problem["prompt"], return_tensors="pt").input_ids.cuda()
     expected = model.generate(input_ids=ids, max_new_tokens=300, do_sample=False, pad_token_id=0)
     longflow_patch.apply(model, budget=256)
     for _ in range(2):  # compiled: the second call replays the captured graphs
         got, stats = longflow_patch.speculative_generate(
-            model, ids, max_new_tokens=300, draft=draft, budget=256, num_draft_tokens=4, compile=compile,
-            return_stats=True,
+            model, ids, max_new_tokens=300, draft=draft, budget=256, num_draft_tokens=4, draft_tree=tree,
+            compile=compile, return_stats=True,
         )  # fmt: skip
         assert torch.equal(got, expected)
         assert stats.acceptance_rate > 0.5

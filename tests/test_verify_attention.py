@@ -126,3 +126,18 @@ def test_op_compiles_fullgraph_and_matches_eager():
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     compiled = torch.compile(verify, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*args), verify(*args))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_no_visible_draft_keys_is_attention_over_the_prefix_alone(backend):
+    """The GLIDE draft's cross-attention: queries over the target's cache, an all-False draft mask."""
+    dtype = torch.float32 if backend == "reference" else torch.bfloat16
+    args = random_inputs(2, 2, 4, 90, 3, 32, dtype)
+    hidden = torch.zeros(3, 3, dtype=torch.bool, device=DEVICE)
+    run = verify_attention_reference if backend == "reference" else verify_attention_triton
+    got = run(*args, hidden, 32**-0.5).float()
+    q, k_prefix, v_prefix, prefix_len = (a.float() if a.is_floating_point() else a for a in args[:4])
+    empty = k_prefix[:, :, :0]
+    expected = concatenated_attention(q, k_prefix, v_prefix, prefix_len, empty, empty, hidden[:, :0], 32**-0.5)
+    error = (got - expected).norm() / expected.norm()
+    assert error < (1e-5 if backend == "reference" else 1.5e-2), f"relative error {error:.2e}"

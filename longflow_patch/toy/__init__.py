@@ -21,10 +21,17 @@ from longflow_patch.toy.tokenizer import build_tokenizer
 
 MODEL_DIR = Path(__file__).parent / "model"
 DRAFT_DIR = Path(__file__).parent / "draft"
+GLIDE_DIR = Path(__file__).parent / "glide"
 TRAIN_COMMAND = "python recipes/train_toy_reasoner.py --device cuda"
 DRAFT_TRAIN_COMMAND = (
     "python recipes/train_toy_reasoner.py --device cuda --layers 2 --steps 3000 --warmup-steps 200 "
     "--eval-problems 0 --out longflow_patch/toy/draft --checkpoint-dir checkpoints/toy_draft"
+)
+
+
+GLIDE_TRAIN_COMMAND = (
+    "python recipes/train_glide_draft.py --target toy --steps 300 --threads 2 --out longflow_patch/toy/glide "
+    "--checkpoint-dir checkpoints/glide_toy"
 )
 
 
@@ -67,13 +74,25 @@ def draft_path() -> Path:
     return _trained(DRAFT_DIR, "toy draft", DRAFT_TRAIN_COMMAND)
 
 
+def glide_path() -> Path:
+    """The bundled GLIDE draft for speculative decoding (`longflow_patch.load_glide_draft`): one
+    layer over the toy reasoner's last-layer cache, trained with anchor-offset positions by
+    ``GLIDE_TRAIN_COMMAND`` on a 2-core CPU (log in ``bench/results/train_glide_draft_toy.log``).
+
+    Raises FileNotFoundError while its weights are absent.
+    """
+    return _trained(GLIDE_DIR, "toy GLIDE draft", GLIDE_TRAIN_COMMAND)
+
+
 __all__ = [
     "DRAFT_DIR",
+    "GLIDE_DIR",
     "MODEL_DIR",
     "Problem",
     "blocks_solved",
     "build_tokenizer",
     "draft_path",
+    "glide_path",
     "is_correct",
     "make_problems",
     "model_config",
