@@ -35,6 +35,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import DynamicCache
+
+from longflow_patch.compat import cache_keyword
 
 CONFIG_FILE = "glide_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -250,6 +253,41 @@ def cross_attention_mask(length: int, lag: torch.Tensor) -> torch.Tensor:
     i = torch.arange(length, device=lag.device)[:, None]
     j = torch.arange(length, device=lag.device)[None]
     return (j <= (i - lag[:, None, None]).clamp_min(0))[:, None]
+
+
+@torch.no_grad()
+def target_key_values(
+    target: nn.Module, ids: torch.Tensor, positions: torch.Tensor, layer: int
+) -> tuple[torch.Tensor, ...]:
+    """The target's layer ``layer`` keys (rotated at ``positions`` ``[B, T]``) and values
+    ``[B, Hkv, T, D]`` over ``ids`` ``[B, T]``: what the draft's cross-attention reads."""
+    cache = DynamicCache(config=target.config)
+    target.model(input_ids=ids, position_ids=positions, use_cache=True, **{cache_keyword(target): cache})
+    return cache.layers[layer].keys, cache.layers[layer].values
+
+
+def teacher_forced_logits(draft: GlideDraft, target: nn.Module, ids: torch.Tensor, positions: torch.Tensor,
+                          lag: torch.Tensor, target_keys: torch.Tensor,
+                          target_values: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The draft's logits ``[B, T, V]`` (float32) at every token of ``ids`` ``[B, T]`` at once, as in
+    training: self-attention under the decoding cache's sink-and-window mask, cross-attention over the
+    target's keys (`target_key_values`) ``lag`` ``[B]`` tokens behind. Decoding gives the same logits
+    (``tests/test_glide.py``)."""
+    config, length = draft.config, ids.shape[1]
+    embeds = target.get_input_embeddings()(ids)
+    cos, sin = target.model.rotary_emb(embeds, positions)
+    own = self_attention_mask(length, config.sink_tokens, config.window, ids.device)
+    lagged = cross_attention_mask(length, lag)
+    scale = config.head_dim**-0.5
+
+    def self_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=own, scale=scale, enable_gqa=True)
+
+    def cross_attention(query: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(query, target_keys, target_values, attn_mask=lagged, scale=scale,
+                                              enable_gqa=True)  # fmt: skip
+
+    return target.lm_head(draft(embeds, cos, sin, self_attention, cross_attention)).float()
 
 
 def save_glide_draft(draft: GlideDraft, directory: str | Path, **metadata: object) -> Path:

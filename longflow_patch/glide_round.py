@@ -52,8 +52,8 @@ class GlideRound(RoundBase):
         logits = self._forward(self.target, prompt, position_ids(0, length, device), self.target_cache, 1)
         parameter = next(self.glide.parameters())
         self.cache = GlideCache(self.glide.config, self.tree.fed, parameter.dtype, device)
-        self.mask = torch.zeros(self.tree.nodes + 1, self.tree.nodes + 1, dtype=torch.bool, device=device)
-        torch._dynamo.mark_static_address(self.mask)
+        self.tree_mask = torch.zeros(self.tree.nodes + 1, self.tree.nodes + 1, dtype=torch.bool, device=device)
+        torch._dynamo.mark_static_address(self.tree_mask)
         sinks, window = self.cache.sinks, self.cache.window
         kept = torch.cat([torch.arange(min(sinks, length)), torch.arange(max(sinks, length - window), length)])
         kept = kept.to(device)
@@ -156,7 +156,7 @@ class GlideRound(RoundBase):
             self.target_cache.draft_mask = None
         else:
             self.target_cache.draft_mask = (
-                self.mask if tree is self.tree else self.mask[: tree.nodes + 1, : tree.nodes + 1].clone()
+                self.tree_mask if tree is self.tree else self.tree_mask[: tree.nodes + 1, : tree.nodes + 1].clone()
             )
         pending = sequence[self.draft_len :][None]
         noise = self.sampler.noise(depth, self.target.config.vocab_size, device) if tree.is_chain else None

@@ -21,7 +21,12 @@ acceptance of each draft at long contexts, and the cost of a GLIDE round on the 
 (c) ``acceptance`` (no timing, CPU is fine): for ``--problems`` contexts of each length, every
     draft's acceptance and tokens per round over ``--new-tokens``, eager; ``--glide-ablation``
     adds a second GLIDE draft (e.g. trained without anchor-offset positions) beside the bundled one.
-(d) ``cost``: a GLIDE round's device time on the Qwen3-8B shape with random weights (bf16, one GPU,
+(d) ``positions`` (no timing, CPU is fine): on ``--problems`` contexts of the longest ``--contexts``
+    length, teacher-forced, how often each GLIDE draft's next token is the target's own (lag 1: its
+    cross-attention reads the target's cache up to the token before, as in a round's first step),
+    by position span, separately for the table look-ups (the digit after ``>k k=``, a fact from far
+    back) and for the other chain-of-thought tokens; prompts are not scored.
+(e) ``cost``: a GLIDE round's device time on the Qwen3-8B shape with random weights (bf16, one GPU,
     each call replayed from a CUDA graph, or its summed kernel time if it cannot be captured; the
     ``timing`` column says which): the target's one-token step (what the bare compiled loop
     pays per token), one draft step, and a whole round (draft steps + verification) for a chain and
@@ -33,7 +38,7 @@ Writes ``bench/results/speculative.json`` (device, versions, settings, rows) and
 any speculative output differed from the target's. ``--smoke`` runs a tiny CPU-sized version.
 
     python recipes/bench_speculative.py --part toy cost --static --compile   # GPU, a few minutes
-    python recipes/bench_speculative.py --part acceptance --glide-ablation DIR   # CPU
+    python recipes/bench_speculative.py --part acceptance positions --glide-ablation DIR   # CPU
     python recipes/bench_speculative.py --smoke --out /tmp/smoke.json
 """
 
@@ -48,14 +53,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
 from longflow_patch import toy
 from longflow_patch.compat import cache_keyword
 from longflow_patch.draft_tree import DraftTree
-from longflow_patch.glide import GlideConfig, GlideDraft, load_glide_draft, read_glide_config
+from longflow_patch.glide import (
+    GlideConfig,
+    GlideDraft,
+    load_glide_draft,
+    read_glide_config,
+    teacher_forced_logits,
+)
 from longflow_patch.glide_round import GlideRound
 from longflow_patch.sampling import Sampler
 
@@ -64,14 +75,14 @@ from common import build_model, environment, graph_median_ms, median_ms, print_t
 REPO = Path(__file__).resolve().parents[1]
 QWEN3_8B = dict(q_heads=32, kv_heads=8, head_dim=128)
 TINY_SHAPE = dict(q_heads=4, kv_heads=2, head_dim=16)
-PARTS = ("toy", "verify", "acceptance", "cost")
+PARTS = ("toy", "verify", "acceptance", "positions", "cost")
 LONGSPEC_TOKENS_PER_ROUND = 4.82  # LongSpec's 3.82 accepted tokens per round (QwQ, AIME24) plus the target's own
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=[*PARTS, "all"], nargs="+", default=["all"],
-                        help="all: toy, verify and cost (acceptance runs only when named)")  # fmt: skip
+                        help="all: toy, verify and cost (acceptance and positions run only when named)")  # fmt: skip
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192],
                         help="final context lengths (past ~4.8k the toy reasoner is outside its training)")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=1024, help="tokens generated per run")
@@ -125,6 +136,7 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int)
 
 
 PROBLEM_BLOCKS = 7  # the longest problems the toy reasoner was trained on (about 4.8k tokens)
+PROMPT_CHARACTERS = 131  # every toy prompt's length, its last newline included (`longflow_patch.toy.task`)
 
 
 def toy_context(tokenizer, length: int, seed: int = 0) -> torch.Tensor:
@@ -272,7 +284,7 @@ def load_glide(path: Path | None, model, label: str) -> GlideDraft:
     return draft
 
 
-def toy_models(args: argparse.Namespace, device: torch.device):
+def toy_models(args: argparse.Namespace, device: torch.device) -> tuple:
     """The toy reasoner, its tokenizer and the drafts asked for, by name."""
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(toy.model_path(), dtype=dtype).to(device).eval()
@@ -326,6 +338,50 @@ def bench_acceptance(args: argparse.Namespace, device: torch.device, rows: list[
                                     accepted_per_round=accepted / rounds,
                                     tokens_per_round=sum(s.new_tokens for s in stats) / (rounds + len(runs)),
                                     identical=all(row["identical"] for row, _ in runs)))  # fmt: skip
+
+
+def lookup_tokens(ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """``[T]`` bool: the looked-up table values of toy chains of thought ``ids`` ``[T]`` (the digit
+    after ``>k k=``)."""
+    marks = torch.tensor(tokenizer.convert_tokens_to_ids([">", "="]))
+    found = torch.zeros_like(ids, dtype=torch.bool)
+    found[5:] = (ids[:-5] == marks[0]) & (ids[4:-1] == marks[1])
+    return found
+
+
+@torch.no_grad()
+def bench_positions(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
+    """Teacher-forced agreement of each GLIDE draft with the target, by position span, look-ups apart."""
+    model, tokenizer, drafts = toy_models(args, device)
+    drafts = {name: draft for name, draft in drafts.items() if isinstance(draft, GlideDraft)}
+    length = max(args.contexts)
+    edges = [0, 1024, 2048, 4096, 8192, 16384]
+    spans = [(start, end) for start, end in itertools.pairwise(edges) if start < length]
+    counts = {(name, span, kind): [0, 0] for name in drafts for span in spans for kind in ("lookup", "other")}
+    for problem in range(args.problems):
+        ids = toy_context(tokenizer, length, seed=problem).to(device)
+        positions = torch.arange(length, device=device)[None]
+        scored = torch.ones(length, dtype=torch.bool, device=device)
+        for start in (ids[0] == tokenizer.bos_token_id).nonzero()[:, 0].tolist():  # each <bos> and prompt
+            scored[start : start + 1 + PROMPT_CHARACTERS] = False
+        lookups = lookup_tokens(ids[0], tokenizer)
+        cache = DynamicCache(config=model.config)
+        target_tokens = model(input_ids=ids, position_ids=positions, use_cache=True,
+                              **{cache_keyword(model): cache}).logits[0].argmax(-1)  # fmt: skip
+        lag = torch.ones(1, dtype=torch.int64, device=device)
+        for name, draft in drafts.items():
+            layer = cache.layers[draft.target_layer_index(len(model.model.layers))]
+            predicted = teacher_forced_logits(draft, model, ids, positions, lag, layer.keys, layer.values)[0].argmax(-1)
+            # token t counts as right when the draft's guess after token t - 1 is the target's own
+            right = torch.cat([torch.zeros(1, dtype=torch.bool, device=device), predicted[:-1] == target_tokens[:-1]])
+            for (start, end), kind in itertools.product(spans, ("lookup", "other")):
+                where = scored[start:end] & (lookups[start:end] if kind == "lookup" else ~lookups[start:end])
+                counts[(name, (start, end), kind)][0] += int(right[start:end][where].sum())
+                counts[(name, (start, end), kind)][1] += int(where.sum())
+    for (name, (start, end), kind), (right, total) in counts.items():
+        record(args, rows, dict(part="positions", draft=name, anchor_offset=drafts[name].anchor_offset,
+                                span=f"{start}-{min(end, length)}", tokens=kind, scored=total,
+                                agreement=right / total if total else None))  # fmt: skip
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 20) -> float:
@@ -429,7 +485,7 @@ def round_costs(model, glide: GlideDraft, prefix: int, trees: dict[str, DraftTre
     timed = {"target_step": graph_ms(target_step, device),
              "draft_step": graph_ms(lambda: decoder.draft_logits(token, at, None, None), device)}  # fmt: skip
     for name, tree in trees.items():
-        cache.draft_mask = None if tree.is_chain else decoder.mask[: tree.nodes + 1, : tree.nodes + 1]
+        cache.draft_mask = None if tree.is_chain else decoder.tree_mask[: tree.nodes + 1, : tree.nodes + 1]
 
         def whole_round(tree: DraftTree = tree) -> None:
             decoder.draft_and_verify(token, at, None, tree)
@@ -477,6 +533,8 @@ def main() -> None:
         bench_toy(args, device, rows)
     if "acceptance" in args.part:
         bench_acceptance(args, device, rows)
+    if "positions" in args.part:
+        bench_positions(args, device, rows)
     if "verify" in args.part:
         bench_verify(args, device, rows)
     tables = {
@@ -484,6 +542,7 @@ def main() -> None:
                 "speedup_vs_loop", "acceptance", "accepted_per_round", "tokens_per_round", "identical"],
         "acceptance-pooled": ["context", "draft", "anchor_offset", "k", "tree", "problem", "acceptance",
                               "accepted_per_round", "tokens_per_round", "identical"],
+        "positions": ["draft", "anchor_offset", "span", "tokens", "scored", "agreement"],
         "verify": ["prefix", "T", "verify_ms", "sdpa_ms", "decode_steps_ms", "relative_error_vs_sdpa"],
         "cost": ["shape", "prefix", "draft", "widths", "verified", "target_step_ms", "draft_step_ms", "round_ms",
                  "break_even_tokens", "modeled_speedup_at_longspec_acceptance", "timing"],

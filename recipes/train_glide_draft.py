@@ -47,17 +47,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, DynamicCache, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from longflow_patch import toy
-from longflow_patch.compat import cache_keyword
-from longflow_patch.glide import (
-    GlideConfig,
-    GlideDraft,
-    cross_attention_mask,
-    save_glide_draft,
-    self_attention_mask,
-)
+from longflow_patch.glide import GlideConfig, GlideDraft, save_glide_draft, target_key_values, teacher_forced_logits
 from longflow_patch.toy.task import random_problem
 
 SMOLLM2_PROMPTS = (
@@ -222,35 +215,6 @@ def anchor_offset_positions(rng: random.Random, count: int, length: int, sinks: 
     return positions
 
 
-@torch.no_grad()
-def target_key_values(target, ids: torch.Tensor, positions: torch.Tensor, layer: int) -> tuple[torch.Tensor, ...]:
-    """The frozen target's layer ``layer`` keys (rotated at ``positions``) and values ``[B, Hkv, T, D]``."""
-    cache = DynamicCache(config=target.config)
-    target.model(input_ids=ids, position_ids=positions, use_cache=True, **{cache_keyword(target): cache})
-    return cache.layers[layer].keys, cache.layers[layer].values
-
-
-def draft_logits(draft: GlideDraft, target, ids: torch.Tensor, positions: torch.Tensor, lag: torch.Tensor,
-                 target_keys: torch.Tensor, target_values: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """The draft's logits ``[B, T, V]`` (float32) in training: self-attention under the decoding
-    cache's sink-and-window mask, cross-attention over the target's keys ``lag`` tokens behind."""
-    config, length = draft.config, ids.shape[1]
-    embeds = target.get_input_embeddings()(ids)
-    cos, sin = target.model.rotary_emb(embeds, positions)
-    own = self_attention_mask(length, config.sink_tokens, config.window, ids.device)
-    lagged = cross_attention_mask(length, lag)
-    scale = config.head_dim**-0.5
-
-    def self_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=own, scale=scale, enable_gqa=True)
-
-    def cross_attention(query: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(query, target_keys, target_values, attn_mask=lagged, scale=scale,
-                                              enable_gqa=True)  # fmt: skip
-
-    return target.lm_head(draft(embeds, cos, sin, self_attention, cross_attention)).float()
-
-
 def learning_rate(step: int, args: argparse.Namespace) -> float:
     """Linear warmup, then cosine decay to a tenth at ``args.steps``."""
     if step < args.warmup_steps:
@@ -296,7 +260,7 @@ def train(args: argparse.Namespace) -> GlideDraft:
         positions = anchor_offset_positions(rng, args.rows, args.length, args.sink_tokens, max_position).to(device)
         lag = torch.tensor([rng.randint(1, args.max_lag) for _ in range(args.rows)], device=device)
         keys, values = target_key_values(target, ids, positions, layer)
-        logits = draft_logits(draft, target, ids, positions, lag, keys, values)
+        logits = teacher_forced_logits(draft, target, ids, positions, lag, keys, values)
         targets = labels[:, 1:]
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
         for group in optimizer.param_groups:

@@ -5,12 +5,19 @@ the target's distribution, files round-trip, clear errors."""
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
-from transformers import DynamicCache
 
 import longflow_patch
-from longflow_patch.compat import cache_keyword
 from longflow_patch.draft_tree import DraftTree, accepted_path, expand
-from longflow_patch.glide import GlideConfig, GlideDraft, load_glide_draft, save_glide_draft
+from longflow_patch.glide import (
+    GlideConfig,
+    GlideDraft,
+    cross_attention_mask,
+    load_glide_draft,
+    save_glide_draft,
+    self_attention_mask,
+    target_key_values,
+    teacher_forced_logits,
+)
 from longflow_patch.glide_cache import GlideCache
 from longflow_patch.glide_round import GlideRound
 from longflow_patch.sampling import Sampler
@@ -40,11 +47,9 @@ def test_decoding_logits_equal_the_training_forward(arch):
     glide = glide_for(model, sink_tokens=3, window=6)
     ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(2))
     positions = torch.arange(24)[None]
-    cache = DynamicCache(config=model.config)
+    keys, values = target_key_values(model, ids, positions, 1)
     with torch.no_grad():
-        model.model(input_ids=ids, position_ids=positions, use_cache=True, **{cache_keyword(model): cache})
-        keys, values = cache.layers[-1].keys, cache.layers[-1].values
-        expected = {lag: train_recipe.draft_logits(glide, model, ids, positions, torch.tensor([lag]), keys, values)[0]
+        expected = {lag: teacher_forced_logits(glide, model, ids, positions, torch.tensor([lag]), keys, values)[0]
                     for lag in (1, 2, 3, 4)}  # fmt: skip
         root = 17
         decoder = GlideRound(model, glide, Sampler(do_sample=False), DraftTree((1, 1, 1, 1)), None)
@@ -61,10 +66,10 @@ def test_decoding_logits_equal_the_training_forward(arch):
 
 def test_training_masks_lag_and_window():
     """Self-attention: causal, sinks and a window; cross-attention: ``lag`` tokens behind per row."""
-    own = train_recipe.self_attention_mask(8, 2, 3, "cpu")
+    own = self_attention_mask(8, 2, 3, "cpu")
     assert own[7].tolist() == [True, True, False, False, False, True, True, True]
     assert not own[2, 3] and own[2].sum() == 3
-    lagged = train_recipe.cross_attention_mask(6, torch.tensor([1, 3]))
+    lagged = cross_attention_mask(6, torch.tensor([1, 3]))
     assert lagged[0, 0, 4].tolist() == [True] * 4 + [False] * 2
     assert lagged[1, 0, 4].tolist() == [True, True, False, False, False, False]
     assert lagged[1, 0, 1].tolist() == [True] + [False] * 5  # nothing to see yet: key 0 only
