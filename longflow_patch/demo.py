@@ -20,6 +20,7 @@ the model; the toy: about 25 CPU-seconds).
 """
 
 import argparse
+import importlib.util
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,15 @@ class Workload:
     trade_off: str
     solved: Callable[[list[str]], list[bool]] | None = None  # per completion, where answers can be checked
     settings: dict = field(default_factory=dict)  # policy settings this workload supplies (toy profiles)
+
+
+def smollm2_installed() -> bool:
+    """Whether SmolLM2's GGUF file and the ``gguf`` reader are both installed."""
+    try:
+        smollm2_path()
+    except FileNotFoundError:
+        return False
+    return importlib.util.find_spec("gguf") is not None
 
 
 def smollm2_workload(args: argparse.Namespace) -> Workload:
@@ -215,10 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
     use_smollm2 = args.model == "smollm2"
     if args.model == "auto":
-        try:
-            smollm2_path()
-            use_smollm2 = True
-        except FileNotFoundError:
+        use_smollm2 = smollm2_installed()
+        if not use_smollm2:
             print(f"SmolLM2-135M-Instruct is not installed ({SMOLLM2_INSTALL}): running the bundled toy reasoner")
     work = smollm2_workload(args) if use_smollm2 else toy_workload(args)
     longest = max(len(work.tokenizer(p).input_ids) for p in work.prompts) + work.new_tokens

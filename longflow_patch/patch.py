@@ -20,6 +20,7 @@ from longflow_patch.ops import KERNEL_DTYPES, KERNEL_HEAD_DIMS
 from longflow_patch.policies import Policy, ProfiledPolicy, check_budget, make_policy
 
 SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+"""The model classes `apply` patches (full-attention layers only); any other is refused."""
 SUPPORTED_ATTENTION = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention")
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 

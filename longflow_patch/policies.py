@@ -286,6 +286,7 @@ class RandomPolicy(CompactingPolicy):
 
 
 SCORERS = ("longflow", "rkv")
+"""Token scorers the allocating policies (``lukv``, ``reasonalloc``) can run over (``scorer=``)."""
 
 
 @dataclass(frozen=True)
@@ -550,6 +551,8 @@ POLICIES: dict[str, type[Policy]] = {
         ReasonAllocPolicy,
     )
 }
+"""Every policy by name: ``apply(model, policy=NAME)`` and ``make_policy(NAME, ...)`` take these keys;
+``list(POLICIES)`` lists them, `policy_settings` gives each one's settings."""
 
 
 def check_policy_name(name: object) -> None:

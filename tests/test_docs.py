@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import pydoc
 import re
 import subprocess
 import sys
@@ -103,3 +104,14 @@ def test_version_is_the_changelog_head():
     changelog = (REPO / "CHANGELOG.md").read_text(encoding="utf-8")
     assert re.search(r"^## (\S+)", changelog, flags=re.MULTILINE).group(1) == longflow_patch.__version__
     assert re.fullmatch(r"\d+\.\d+\.\d+", longflow_patch.__version__)
+
+
+def test_help_reads_well():
+    text = pydoc.render_doc(longflow_patch, renderer=pydoc.plaintext)
+    assert "Patch a Llama, Qwen2 or Qwen3 model in place with one line" in text
+    undocumented = [
+        name
+        for name in longflow_patch.__all__
+        if callable(obj := getattr(longflow_patch, name)) and not (obj.__doc__ or "").strip()
+    ]
+    assert undocumented == []
