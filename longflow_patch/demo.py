@@ -193,7 +193,8 @@ def agreement_lines(work: Workload, full: Run, compressed: Run, policy: str) -> 
     if identical == len(differences):
         lines.append(f"outputs: every {policy} output is token for token the full cache's")
     else:
-        firsts = ", ".join(str(d) if d is not None else "all" for d in differences)
+        counts = [str(d) if d is not None else "all" for d in differences]
+        firsts = counts[0] if len(counts) == 1 else f"{', '.join(counts[:-1])} and {counts[-1]}"
         lines.append(f"outputs: {policy}'s match the full cache's token for token for the first {firsts} tokens "
                      f"(of up to {work.new_tokens}), then word things differently")  # fmt: skip
     agree, kl = teacher_forced_agreement(work, decode(full.tokens, skip_special_tokens=True))
