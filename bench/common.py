@@ -1,6 +1,7 @@
 """Shared by the benchmarks: CUDA-event medians, graph replay, environment record, and
 random-weight models of real shapes (weights do not change speed)."""
 
+import argparse
 import json
 import platform
 import statistics
@@ -18,6 +19,16 @@ SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True),
 }  # fmt: skip
+
+
+def parse_args_on_gpu(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args`` for a GPU-only benchmark: its ``--help`` says "GPU only", and on a machine
+    without a CUDA device it exits with one line (status 2) instead of a CUDA assertion mid-run."""
+    parser.description = f"GPU only: needs a CUDA device.\n\n{parser.description or ''}"
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.exit(2, f"{parser.prog}: GPU only: no CUDA device here (this benchmark times CUDA kernels)\n")
+    return args
 
 
 def build_model(shape: str, device: str) -> Qwen3ForCausalLM:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from longflow_patch.kernels.decode_attention import AttendLaunch, ScoreLaunch, decode_attention_triton
 
+import common
 from common import copy_bandwidth_gbs, environment, graph_median_ms, median_ms, print_table, write_results
 
 QUERY_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -94,7 +95,7 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true", help="print GPU time per kernel (torch.profiler)")
     parser.add_argument("--out", default="bench/results/decode_op.json")
-    args = parser.parse_args()
+    args = common.parse_args_on_gpu(parser)
     import longflow_patch  # noqa: F401  (registers the op)
 
     bandwidth = copy_bandwidth_gbs()

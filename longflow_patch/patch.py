@@ -17,9 +17,10 @@ from longflow_patch.attention import longflow_attention_forward
 from longflow_patch.cache import LongFlowCache
 from longflow_patch.compat import cache_from_kwargs, cache_keyword
 from longflow_patch.ops import KERNEL_DTYPES, KERNEL_HEAD_DIMS
-from longflow_patch.policies import Policy, ProfiledPolicy, make_policy
+from longflow_patch.policies import Policy, ProfiledPolicy, check_budget, make_policy
 
 SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+"""The model classes `apply` patches (full-attention layers only); any other is refused."""
 SUPPORTED_ATTENTION = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention")
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 
@@ -65,14 +66,25 @@ def apply(
 ) -> nn.Module:
     """Patch ``model`` in place so decoding keeps at most ``budget`` KV slots per layer; returns it.
 
-    ``policy`` is a registered name (see `longflow_patch.POLICIES`) or a ready `Policy`;
-    ``settings`` are that policy's options (``sink_tokens``, ``recent_window``, ``per_head``,
-    ``observation_window``, ``pooling_kernel``; ``buffer`` for compacting policies). With
-    ``compile=True``, ``generate`` on a GPU compiles the decode step once (``fullgraph=True``)
-    and replays it under CUDA graphs (``mode="reduce-overhead"``) for any output length, through
-    transformers' own compile path. Applying again replaces the previous settings.
+        longflow_patch.apply(model, policy="longflow", budget=2048)
+        out = model.generate(**inputs, max_new_tokens=32768)  # each call gets a fresh compressed cache
+
+    ``model`` is a ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` (`SUPPORTED_MODELS`).
+    ``policy`` is a registered name (a key of `longflow_patch.POLICIES`: ``longflow``, ``h2o``,
+    ``streamingllm``, ``full``, ``snapkv``, ``rkv``, ``random``, ``lukv``, ``reasonalloc``) or a
+    ready `Policy`. ``budget`` is an integer count of KV slots per sequence per layer (per KV head
+    for the allocating policies, on average), at least ``sink_tokens + recent_window + 1`` (plus
+    ``buffer`` for compacting policies); a float, text or None raises TypeError at once.
+    ``settings`` are the policy's options (``sink_tokens``, ``recent_window``, ``per_head``,
+    ``observation_window``, ``pooling_kernel``; ``buffer`` for compacting policies; ``profile``
+    for ``lukv``/``reasonalloc``; the full list: `longflow_patch.policy_settings`); a setting the
+    policy does not take raises ValueError listing those it does. With ``compile=True``,
+    ``generate`` on a GPU compiles the decode step once (``fullgraph=True``) and replays it under
+    CUDA graphs (``mode="reduce-overhead"``) for any output length, through transformers' own
+    compile path. Applying again replaces the previous settings; `unapply` undoes the patch.
     """
     _check_model(model)
+    check_budget(budget)
     if not isinstance(policy, Policy):
         policy = make_policy(policy, budget=budget, **settings)
     elif settings:
@@ -119,7 +131,8 @@ def unapply(model: nn.Module) -> nn.Module:
 
 
 def new_cache(model: nn.Module, budget: int | None = None) -> LongFlowCache:
-    """A fresh, empty compressed cache for a patched model (what `generate` builds per call).
+    """A fresh, empty compressed cache for a patched model (what `generate` builds per call), to
+    pass to ``generate`` or ``forward`` yourself, e.g. to read ``cache.kv_bytes()`` afterwards.
 
     ``budget`` overrides the policy's budget (the full-cache policy sizes it per call).
     """
