@@ -23,7 +23,8 @@ from longflow_patch.progress import TokenProgress
 
 def run(model, tokenizer, problems: list[dict], policy: str, budget: int, batch_size: int, max_new_tokens: int) -> dict:
     """Solve ``problems`` greedily under one policy; returns accuracy, tokens/s and KV bytes."""
-    longflow_patch.apply(model, policy=policy, budget=budget)
+    # Eager for every policy: tokens/s side by side, with no compile time in one of them.
+    longflow_patch.apply(model, policy=policy, budget=budget, compile=False)
     correct, generated, kv_bytes, seconds = 0, 0, 0, 0.0
     with tqdm(desc=f"{policy:>8}", unit="tok", leave=True) as bar:
         for start in range(0, len(problems), batch_size):
