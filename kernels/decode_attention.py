@@ -37,6 +37,10 @@ chunks are sized for the mean live budget (``planned_slots``) and launched over 
 slots; programs past a head's live limit exit at once, and the scoring and combine passes read
 only the live ones, so a ragged layer does the work of a uniform one of the same total.
 
+Launch metadata (grids, split and chunk sizes, block sizes) depends only on the shape and is
+planned once per shape (`plan_decode`); the scratch buffers of the passes (`DecodeWorkspace`) are
+allocated per call, or kept by the caller from call to call (eager decoding: ``workspaces``).
+
 Extra traffic over plain attention: ``G * 4`` bytes of logits per slot and KV head written and
 read back, and ``4`` bytes of value norm read, against ``4 * D`` bytes of bf16 K/V (about 3% each
 way for G=4, D=128).
