@@ -62,7 +62,7 @@ def main() -> None:
     # recompiles compiled LongFlow with dynamic shapes, the others only capture CUDA graphs.
     parser.set_defaults(outputs=[8192, 32768, 16384, 4096], steps=32)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (or GPU), a few seconds a part")
-    parser.add_argument("--budget-s", type=float, default=450.0, help="wall-time budget of the whole run")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="wall-time budget of the whole run")
     parser.add_argument("--eager-slots", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--profile-outputs", type=int, nargs="*", default=[8192, 16384],
                         help="outputs whose compiled LongFlow row is profiled (8B: batch 171, 95)")  # fmt: skip

@@ -370,7 +370,7 @@ def estimated_seconds(kind: str, shapes_before: int) -> float:
     compiles; through generate, its second compiles again (dynamic shapes; the loops compile
     dynamic from the first); later shapes only capture CUDA graphs."""
     if kind not in COMPILED:
-        return 30
+        return 20
     if kind in LOOPS:
         return 150 if shapes_before == 0 else 30
     return (150, 120, 30)[min(shapes_before, 2)]
