@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.policy}: {budget} KV slots per layer ({budget / longest:.0%} of the longest prompt + output)\n")
 
     full = generate(work, DynamicCache(), "full cache")
-    longflow_patch.apply(work.model, policy=policy)
+    longflow_patch.apply(work.model, policy=policy, compile=False)  # eager on both sides: like for like
     size = longest if policy.sized_by_generate else None
     compressed = generate(work, longflow_patch.new_cache(work.model, size), args.policy)
 
