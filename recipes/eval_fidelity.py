@@ -12,7 +12,7 @@ Three measurements (``--parts``), for every policy at every budget:
   and top-1 agreement. The model falls into repetition loops, and inside a loop any recency
   policy predicts the copy well, so positions before an answer's first repeated ``--loop-span``-token
   window (its loop-free prefix, `longflow_patch.fidelity.repetition_start`) are reported apart from
-  positions inside loops.
+  positions inside loops (of which the first ``--loop-tail`` tokens are measured).
 - ``ppl``: long real text in StreamingLLM's protocol: Python standard-library sources (``--ppl-modules``,
   the first ``--ppl-tokens`` tokens of each), decoded token by token under compression after a
   one-token prompt (teacher-forced, as above); perplexity overall and against position.
@@ -20,8 +20,10 @@ Three measurements (``--parts``), for every policy at every budget:
   questions, ``--free-tokens`` new tokens: the first position where the output leaves the full
   cache's (run in the same batches), and how often it falls into a repetition loop.
 
-Budgets: slots (``256``) or a percentage of the mean length of the full cache's answers (``10%``;
-the same slots in every part). The prompt takes slots too, as in any use of the cache. Policies
+Budgets: slots (``256``) or a percentage (``10%``) of the part's mean sequence: the measured
+answers (``traces``, ``free``) or the document span (``ppl``). The prompt takes slots too, as in any
+use of the cache. A budget that holds every row whole (in every KV head, with a compacting
+policy's buffer) evicts nothing: its row is the full cache's, recorded without running. Policies
 are the specs of ``recipes/eval_accuracy.py`` (``lukv+rkv``, ``longflow:per_head``,
 ``longflow@sink_tokens=16``, ...); the allocators read their profiles from ``--profiles``
 (``recipes/profile_budgets.py``). One setting is the recipe's own, for the study of LongFlow's
@@ -45,7 +47,7 @@ import json
 import shlex
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
 
@@ -79,8 +81,9 @@ RECIPE_SETTINGS = ("protect_prompt",)  # spec settings this recipe reads itself 
 @dataclass
 class Answer:
     """A full-cache answer: its question's ``set`` and ``index``, how it was decoded (``greedy`` or
-    ``sampled``), the prompt and answer token ids, and where the answer falls into a loop
-    (`repetition_start`; None if it never does)."""
+    ``sampled``), the prompt token ids, the answer's tokens measured (all of them, or up to
+    ``--loop-tail`` tokens past where it falls into a loop), where it falls into a loop
+    (`repetition_start`; None if it never does) and how many tokens it had."""
 
     set: str
     index: int
@@ -88,6 +91,7 @@ class Answer:
     prompt_ids: list[int]
     answer_ids: list[int]
     loop_start: int | None
+    generated: int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     questions.add_argument("--temperature", type=float, default=0.6, help="of the sampled answers")
     questions.add_argument("--seed", type=int, default=0, help="of the sampled answers")
     questions.add_argument("--loop-span", type=int, default=32, help="a repeated window this long is a loop")
+    questions.add_argument("--loop-tail", type=int, default=64,
+                           help="tokens of a loop measured (the rest repeats what came before)")  # fmt: skip
     text = parser.add_argument_group("long text (ppl)")
     text.add_argument("--ppl-modules", nargs="+", default=DEFAULT_PPL_MODULES, help="standard-library modules")
     text.add_argument("--ppl-tokens", type=int, default=2048, help="tokens of each module's source")
@@ -147,8 +153,8 @@ def budget_label(label: str) -> str:
 
 def settings_key(args: argparse.Namespace) -> dict:
     """What identifies the measurements a results file holds (policies and budgets may be added)."""
-    names = ("model", "dtype", "sets", "new_tokens", "sampled", "temperature", "seed", "loop_span", "ppl_modules",
-             "ppl_tokens", "ppl_window", "free_prompts", "free_tokens", "batch_size")  # fmt: skip
+    names = ("model", "dtype", "sets", "new_tokens", "sampled", "temperature", "seed", "loop_span", "loop_tail",
+             "ppl_modules", "ppl_tokens", "ppl_window", "free_prompts", "free_tokens", "batch_size")  # fmt: skip
     return {name: getattr(args, name) for name in names}
 
 
@@ -220,7 +226,8 @@ def full_cache_answers(model, tokenizer, args, questions: list[dict]) -> list[An
     ``--batch-size`` through the patched op with nothing evicted, or read from the answers file
     beside ``--out`` when it holds them for these settings (kept after every batch: resumable)."""
     path = args.out.with_suffix(".answers.json")
-    key = {name: value for name, value in settings_key(args).items() if not name.startswith(("ppl", "free"))}
+    generation = ("model", "dtype", "sets", "new_tokens", "sampled", "temperature", "seed", "batch_size")
+    key = {name: value for name, value in settings_key(args).items() if name in generation}
     saved = json.loads(path.read_text()) if path.exists() else {}
     answers = saved.get("answers", []) if saved.get("key") == key else []
     kinds = ["greedy", "sampled"] if args.sampled else ["greedy"]
@@ -247,8 +254,12 @@ def full_cache_answers(model, tokenizer, args, questions: list[dict]) -> list[An
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps({"key": key, "answers": answers}) + "\n")
         longflow_patch.unapply(model)
-    return [Answer(a["set"], a["index"], a["kind"], prompts[a["set"], a["index"]], a["answer_ids"],
-                   repetition_start(a["answer_ids"], args.loop_span)) for a in answers]  # fmt: skip
+    measured = []
+    for a in answers:
+        ids, start = a["answer_ids"], repetition_start(a["answer_ids"], args.loop_span)
+        kept = ids if start is None else ids[: start + args.loop_tail]
+        measured.append(Answer(a["set"], a["index"], a["kind"], prompts[a["set"], a["index"]], kept, start, len(ids)))
+    return measured
 
 
 @dataclass
@@ -408,120 +419,178 @@ def main(argv: list[str] | None = None) -> None:
         results = saved
     results["environment"] = environment()
     results.setdefault("commands", []).append(shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv))
-    done = {(row["part"], row["policy"], row["budget_label"]) for row in results["rows"]}
-
-    def record(row: dict) -> None:
-        results["rows"].append(row)
-        done.add((row["part"], row["policy"], row["budget_label"]))
-        write_results(args.out, results)
-
-    model, tokenizer = load_model(args.model, args.device, getattr(torch, args.dtype))
-    pad_id, ends = tokenizer.pad_token_id, end_ids(model, tokenizer)
-    needs_answers = "traces" in args.parts or "free" in args.parts or any(b.endswith("%") for b in args.budgets)
-    questions = read_questions(args.data, args.sets) if needs_answers else []
-    answers = full_cache_answers(model, tokenizer, args, questions) if needs_answers else []
-    mean_answer = sum(len(a.answer_ids) for a in answers) / max(1, len(answers))
-    budgets = {label: round(float(label[:-1]) / 100 * mean_answer) if label.endswith("%") else int(label)
-               for label in args.budgets}  # fmt: skip
-    results["mean_answer_tokens"] = mean_answer
-    results["budgets"] = budgets
-    results["answers"] = [{"set": a.set, "index": a.index, "kind": a.kind, "prompt_tokens": len(a.prompt_ids),
-                           "answer_tokens": len(a.answer_ids), "loop_start": a.loop_start}
-                          for a in answers]  # fmt: skip
-    configurations = [(spec, label) for spec in args.policies for label in budgets]
-    longest_prompt = max((len(a.prompt_ids) for a in answers), default=1)
-
-    def makers(part: str):
-        """(spec, label, budget, policy maker) of every configuration still to measure in ``part``."""
-        for spec, label in configurations:
-            if (part, spec, label) in done:
-                continue
-            if part == "free" and "protect_prompt" in spec:
-                continue
-            try:
-                yield spec, label, budgets[label], policy_maker(spec, budgets[label], args.profiles, longest_prompt)
-            except ValueError as error:  # below the policy's minimum budget
-                tqdm.write(f"skip {spec} at {label} ({budgets[label]} slots): {error}")
-
-    if "traces" in args.parts:
-        batches = reference_batches(model, pad_id, [a.prompt_ids for a in answers], [a.answer_ids for a in answers],
-                                    args.batch_size)  # fmt: skip
-        if ("traces", "full", "full") not in done:
-            loops = [a.loop_start is not None for a in answers]
-            record({"part": "traces", "policy": "full", "budget_label": "full", "budget": None, "kl": 0.0,
-                    "agreement": 1.0, "looping_answers": sum(loops) / len(loops)})  # fmt: skip
-        todo = list(makers("traces"))
-        tokens = sum(len(a.answer_ids) for a in answers)
-        for spec, label, budget, maker in tqdm(todo, desc="traces: configurations", unit="config"):
-            protect = "protect_prompt" in spec
-            with tqdm(total=tokens, desc=f"{spec} {label}", unit="tok", leave=False) as bar:
-                metrics = teacher_forced(model, split_batches(batches) if protect else batches, pad_id, maker, bar)
-            record({"part": "traces", "policy": spec, "budget_label": label, "budget": budget,
-                    **summarize_traces(answers, metrics)})  # fmt: skip
-            tqdm.write(f"traces {spec:>24} {label:>4} ({budget:>4} slots): KL {results['rows'][-1]['kl']:.4f} "
-                       f"agreement {results['rows'][-1]['agreement']:.3f} (loop-free positions)")  # fmt: skip
-
-    if "ppl" in args.parts:
-        documents = [module_tokens(tokenizer, module, args.ppl_tokens) for module in args.ppl_modules]
-        ids = [tokens for tokens, _ in documents]
-        results["ppl_documents"] = [{"module": module, "file": file, "sha256": sha256(str(t).encode()).hexdigest()}
-                                    for module, (t, file) in zip(args.ppl_modules, documents, strict=True)]  # fmt: skip
-        batches = reference_batches(model, pad_id, [t[:1] for t in ids], [t[1:] for t in ids], args.batch_size)
-        if ("ppl", "full", "full") not in done:
-            nll = torch.stack([metrics["nll_reference"] for metrics in
-                               teacher_forced_reference(model, batches, len(ids)).values()])  # fmt: skip
-            overall, windows = perplexity(nll, args.ppl_window)
-            record({"part": "ppl", "policy": "full", "budget_label": "full", "budget": None, "ppl": overall,
-                    "ppl_by_position": windows})  # fmt: skip
-        for spec, label, budget, maker in tqdm(list(makers("ppl")), desc="ppl: configurations", unit="config"):
-            batches_used = split_batches(batches) if "protect_prompt" in spec else batches
-            with tqdm(total=len(ids) * args.ppl_tokens, desc=f"{spec} {label}", unit="tok", leave=False) as bar:
-                metrics = teacher_forced(model, batches_used, pad_id, maker, bar)
-            nll = torch.stack([metrics[row]["nll"] for row in range(len(ids))])
-            overall, windows = perplexity(nll, args.ppl_window)
-            record({"part": "ppl", "policy": spec, "budget_label": label, "budget": budget, "ppl": overall,
-                    "ppl_by_position": windows})  # fmt: skip
-            tqdm.write(f"ppl {spec:>24} {label:>4} ({budget:>4} slots): perplexity {overall:.3f}")
-
-    if "free" in args.parts:
-        chosen = [a for a in answers if a.kind == "greedy"][: args.free_prompts]
-        prompts = [a.prompt_ids for a in chosen]
-
-        def run_free(policy_for: Callable, desc: str) -> list[list[int]]:
-            outputs = []
-            with tqdm(total=len(prompts) * args.free_tokens, desc=desc, unit="tok", leave=False) as bar:
-                for start in range(0, len(prompts), args.batch_size):
-                    batch = prompts[start : start + args.batch_size]
-                    longflow_patch.apply(model, policy=policy_for(batch))
-                    outputs += generate(model, tokenizer, batch, args.free_tokens, bar)
-            longflow_patch.unapply(model)
-            return outputs
-
-        full_row = next((r for r in results["rows"] if r["part"] == "free" and r["policy"] == "full"), None)
-        if full_row is None:
-            full = longflow_patch.make_policy("full", budget=args.free_tokens)  # generate sizes it to hold everything
-            outputs = run_free(lambda batch: full, "free: full cache")
-            rate, starts = loop_rate(outputs, ends, args.loop_span)
-            full_row = {"part": "free", "policy": "full", "budget_label": "full", "budget": None, "looping": rate,
-                        "loop_starts": starts, "outputs": outputs}  # fmt: skip
-            record(full_row)
-        for spec, label, budget, maker in tqdm(list(makers("free")), desc="free: configurations", unit="config"):
-            outputs = run_free(maker, f"{spec} {label}")
-            divergence = [first_divergence(o, r) for o, r in zip(outputs, full_row["outputs"], strict=True)]
-            rate, starts = loop_rate(outputs, ends, args.loop_span)
-            record({"part": "free", "policy": spec, "budget_label": label, "budget": budget,
-                    "first_divergence": divergence, "median_first_divergence": median(divergence),
-                    "identical": sum(d == args.free_tokens for d in divergence) / len(divergence), "looping": rate,
-                    "loop_starts": starts})  # fmt: skip
-            tqdm.write(f"free {spec:>24} {label:>4} ({budget:>4} slots): median first divergence "
-                       f"{median(divergence):.0f}, looping {rate:.2f}")  # fmt: skip
-
+    run = Run(args, results, *load_model(args.model, args.device, getattr(torch, args.dtype)))
+    if "traces" in args.parts or "free" in args.parts:
+        run.answers = full_cache_answers(run.model, run.tokenizer, args, read_questions(args.data, args.sets))
+        results["answers"] = [{"set": a.set, "index": a.index, "kind": a.kind, "prompt_tokens": len(a.prompt_ids),
+                               "answer_tokens": a.generated, "loop_start": a.loop_start,
+                               "measured_tokens": len(a.answer_ids)} for a in run.answers]  # fmt: skip
+        results["mean_answer_tokens"] = sum(len(a.answer_ids) for a in run.answers) / len(run.answers)
+    for part in args.parts:
+        {"traces": measure_traces, "ppl": measure_ppl, "free": measure_free}[part](run)
     write_results(args.out, results)
     print_summary(results)
     plot(results, args.out.with_suffix(".png"))
 
 
-def teacher_forced_reference(model, batches: list[Batch], rows: int) -> dict[int, dict]:
+@dataclass
+class Run:
+    """One run of the recipe: its arguments, the results so far (written after each configuration),
+    the model and tokenizer, and the full cache's answers (traces and free parts)."""
+
+    args: argparse.Namespace
+    results: dict
+    model: torch.nn.Module
+    tokenizer: object
+    answers: list[Answer] = field(default_factory=list)
+
+    def record(self, row: dict) -> None:
+        self.results["rows"].append(row)
+        write_results(self.args.out, self.results)
+
+    def budgets(self, part: str, length: float) -> dict[str, int]:
+        """Slots of each budget label in ``part``: ``N%`` of ``length`` (the part's mean sequence),
+        recorded in the results."""
+        slots = {label: round(float(label[:-1]) / 100 * length) if label.endswith("%") else int(label)
+                 for label in self.args.budgets}  # fmt: skip
+        self.results.setdefault("budgets", {}).setdefault(part, {}).update(slots)
+        return slots
+
+    def configurations(self, part: str, budgets: dict[str, int], prompts: list[list[int]], longest: int):
+        """``(spec, label, budget, policy maker)`` for each configuration of ``part`` not measured
+        yet; a budget too small for a policy is skipped with a message, and one that holds every
+        row whole (``longest`` tokens, and a compacting policy's buffer, in every KV head) is
+        recorded as the full cache's ``row`` (`whole_row`) without running: nothing is evicted."""
+        done = {(row["part"], row["policy"], row["budget_label"]) for row in self.results["rows"]}
+        longest_prompt = max(map(len, prompts))
+        layers = self.model.config.num_hidden_layers
+        for spec, label in ((spec, label) for spec in self.args.policies for label in budgets):
+            if (part, spec, label) in done or (part == "free" and "protect_prompt" in spec):
+                continue
+            try:
+                maker = policy_maker(spec, budgets[label], self.args.profiles, longest_prompt)
+            except ValueError as error:  # below the policy's minimum budget
+                tqdm.write(f"skip {spec} at {label} ({budgets[label]} slots): {error}")
+                continue
+            policy = maker(prompts)
+            if smallest_head_budget(policy, layers) >= longest + policy.reserve:
+                self.record({"part": part, "policy": spec, "budget_label": label, "budget": budgets[label],
+                             "holds_everything": True, **self.whole_row(part)})  # fmt: skip
+                continue
+            yield spec, label, budgets[label], maker
+
+    def whole_row(self, part: str) -> dict:
+        """The results of a cache that evicts nothing in ``part``: the full cache's."""
+        full = next(r for r in self.results["rows"] if r["part"] == part and r["policy"] == "full")
+        if part == "traces":
+            return {"kl": 0.0, "agreement": 1.0}
+        if part == "ppl":
+            return {"ppl": full["ppl"], "ppl_by_position": full["ppl_by_position"]}
+        count, tokens = len(full["outputs"]), self.args.free_tokens
+        return {"first_divergence": [tokens] * count, "median_first_divergence": tokens, "identical": 1.0,
+                "looping": full["looping"], "loop_starts": full["loop_starts"]}  # fmt: skip
+
+    def has(self, part: str) -> bool:
+        return any(r["part"] == part and r["policy"] == "full" for r in self.results["rows"])
+
+
+def smallest_head_budget(policy: longflow_patch.Policy, layers: int) -> int:
+    """The fewest live slots any KV head of any layer has under ``policy``."""
+    return min(min(policy.head_limits(layer) or [policy.layer_slots(layer)]) for layer in range(layers))
+
+
+def measure_traces(run: Run) -> None:
+    """The ``traces`` part: every configuration teacher-forced on the full cache's answers."""
+    args, answers, model = run.args, run.answers, run.model
+    pad_id = run.tokenizer.pad_token_id
+    prompts, traces = [a.prompt_ids for a in answers], [a.answer_ids for a in answers]
+    budgets = run.budgets("traces", run.results["mean_answer_tokens"])
+    if not run.has("traces"):
+        loops = [a.loop_start is not None for a in answers]
+        run.record({"part": "traces", "policy": "full", "budget_label": "full", "budget": None, "kl": 0.0,
+                    "agreement": 1.0, "looping_answers": sum(loops) / len(loops)})  # fmt: skip
+    longest = max(map(len, prompts)) + max(map(len, traces))
+    todo = list(run.configurations("traces", budgets, prompts, longest))
+    if not todo:
+        return
+    batches = reference_batches(model, pad_id, prompts, traces, args.batch_size)
+    for spec, label, budget, maker in tqdm(todo, desc="traces: configurations", unit="config"):
+        used = split_batches(batches) if "protect_prompt" in spec else batches
+        with tqdm(total=sum(map(len, traces)), desc=f"{spec} {label}", unit="tok", leave=False) as bar:
+            metrics = teacher_forced(model, used, pad_id, maker, bar)
+        row = {"part": "traces", "policy": spec, "budget_label": label, "budget": budget,
+               **summarize_traces(answers, metrics)}  # fmt: skip
+        run.record(row)
+        tqdm.write(f"traces {spec:>24} {label:>4} ({budget:>4} slots): KL {row['kl']:.4f} "
+                   f"agreement {row['agreement']:.3f} (loop-free positions)")  # fmt: skip
+
+
+def measure_ppl(run: Run) -> None:
+    """The ``ppl`` part: perplexity of the standard-library sources under every configuration."""
+    args, model = run.args, run.model
+    pad_id = run.tokenizer.pad_token_id
+    documents = [module_tokens(run.tokenizer, module, args.ppl_tokens) for module in args.ppl_modules]
+    ids = [tokens for tokens, _ in documents]
+    run.results["ppl_documents"] = [{"module": module, "file": file, "sha256": sha256(str(t).encode()).hexdigest()}
+                                    for module, (t, file) in zip(args.ppl_modules, documents, strict=True)]  # fmt: skip
+    prompts, traces = [t[:1] for t in ids], [t[1:] for t in ids]
+    budgets = run.budgets("ppl", args.ppl_tokens)
+    batches = reference_batches(model, pad_id, prompts, traces, args.batch_size)
+    if not run.has("ppl"):
+        nll = torch.stack([metrics["nll_reference"] for metrics in full_metrics(model, batches).values()])
+        overall, windows = perplexity(nll, args.ppl_window)
+        run.record({"part": "ppl", "policy": "full", "budget_label": "full", "budget": None, "ppl": overall,
+                    "ppl_by_position": windows})  # fmt: skip
+    todo = list(run.configurations("ppl", budgets, prompts, args.ppl_tokens + 1))
+    for spec, label, budget, maker in tqdm(todo, desc="ppl: configurations", unit="config"):
+        used = split_batches(batches) if "protect_prompt" in spec else batches
+        with tqdm(total=len(ids) * args.ppl_tokens, desc=f"{spec} {label}", unit="tok", leave=False) as bar:
+            metrics = teacher_forced(model, used, pad_id, maker, bar)
+        overall, windows = perplexity(torch.stack([metrics[row]["nll"] for row in range(len(ids))]), args.ppl_window)
+        run.record({"part": "ppl", "policy": spec, "budget_label": label, "budget": budget, "ppl": overall,
+                    "ppl_by_position": windows})  # fmt: skip
+        tqdm.write(f"ppl {spec:>24} {label:>4} ({budget:>4} slots): perplexity {overall:.3f}")
+
+
+def measure_free(run: Run) -> None:
+    """The ``free`` part: greedy generation under every configuration against the full cache's."""
+    args, model, tokenizer = run.args, run.model, run.tokenizer
+    ends = end_ids(model, tokenizer)
+    prompts = [a.prompt_ids for a in run.answers if a.kind == "greedy"][: args.free_prompts]
+    budgets = run.budgets("free", run.results["mean_answer_tokens"])
+
+    def generated(policy_for: Callable, desc: str) -> list[list[int]]:
+        outputs = []
+        with tqdm(total=len(prompts) * args.free_tokens, desc=desc, unit="tok", leave=False) as bar:
+            for start in range(0, len(prompts), args.batch_size):
+                batch = prompts[start : start + args.batch_size]
+                longflow_patch.apply(model, policy=policy_for(batch))
+                outputs += generate(model, tokenizer, batch, args.free_tokens, bar)
+        longflow_patch.unapply(model)
+        return outputs
+
+    longest = max(map(len, prompts)) + args.free_tokens
+    if not run.has("free"):
+        full = longflow_patch.make_policy("full", budget=longest)  # holds everything
+        outputs = generated(lambda batch: full, "free: full cache")
+        rate, starts = loop_rate(outputs, ends, args.loop_span)
+        run.record({"part": "free", "policy": "full", "budget_label": "full", "budget": None, "looping": rate,
+                    "loop_starts": starts, "outputs": outputs})  # fmt: skip
+    reference = next(r for r in run.results["rows"] if r["part"] == "free" and r["policy"] == "full")["outputs"]
+    todo = list(run.configurations("free", budgets, prompts, longest))
+    for spec, label, budget, maker in tqdm(todo, desc="free: configurations", unit="config"):
+        outputs = generated(maker, f"{spec} {label}")
+        divergence = [first_divergence(o, r) for o, r in zip(outputs, reference, strict=True)]
+        rate, starts = loop_rate(outputs, ends, args.loop_span)
+        run.record({"part": "free", "policy": spec, "budget_label": label, "budget": budget,
+                    "first_divergence": divergence, "median_first_divergence": median(divergence),
+                    "identical": sum(d == args.free_tokens for d in divergence) / len(divergence), "looping": rate,
+                    "loop_starts": starts})  # fmt: skip
+        tqdm.write(f"free {spec:>24} {label:>4} ({budget:>4} slots): median first divergence "
+                   f"{median(divergence):.0f}, looping {rate:.2f}")  # fmt: skip
+
+
+def full_metrics(model, batches: list[Batch]) -> dict[int, dict]:
     """The full cache's own metrics by row (`position_metrics` of the reference against itself)."""
     lm_head, metrics = model.get_output_embeddings(), {}
     for batch in batches:
@@ -586,24 +655,25 @@ def plot(results: dict, path: Path) -> None:
         if ppl := points("ppl", policy):
             ppl_axis.plot([r["budget"] for r in ppl], [r["ppl"] for r in ppl], **style[policy])
     full_ppl = next((r for r in rows if r["part"] == "ppl" and r["policy"] == "full"), None)
-    mean = results.get("mean_answer_tokens", 0)
-    for axis, label in ((kl_axis, "mean KL(full || policy) per token, loop-free positions"),
-                        (agreement_axis, "top-1 agreement with the full cache, loop-free positions"),
-                        (divergence_axis, "free-running: median first position leaving the full cache"),
-                        (ppl_axis, "perplexity, standard-library sources")):  # fmt: skip
+    answers = f"KV budget (slots; mean answer {results.get('mean_answer_tokens', 0):.0f} tokens)"
+    documents = f"KV budget (slots; documents of {results['settings']['ppl_tokens']} tokens)"
+    for axis, label, unit in ((kl_axis, "mean KL(full || policy) per token, loop-free positions", answers),
+                              (agreement_axis, "top-1 agreement with the full cache, loop-free positions", answers),
+                              (divergence_axis, "free-running: median first position leaving the full cache", answers),
+                              (ppl_axis, "perplexity, standard-library sources", documents)):  # fmt: skip
         axis.set_xscale("log", base=2)
-        axis.set_xlabel(f"KV budget (slots; mean answer {mean:.0f} tokens)")
+        axis.set_xlabel(unit)
         axis.set_ylabel(label, fontsize=9)
         axis.grid(alpha=0.3)
     kl_axis.set_yscale("log")
     ppl_axis.set_yscale("log")
     if full_ppl is not None:
         ppl_axis.axhline(full_ppl["ppl"], color="black", linestyle="--", label="full cache")
-    # Perplexity against position at two budgets: the smallest percentage ones measured.
-    labels = sorted({r["budget_label"] for r in rows if r["part"] == "ppl" and r["policy"] != "full"},
-                    key=lambda label: (not label.endswith("%"), float(label.rstrip("%"))))  # fmt: skip
+    # Perplexity against position at two budgets: 10% and 20% when measured, else the first two.
+    measured = list(dict.fromkeys(r["budget_label"] for r in rows if r["part"] == "ppl" and r["policy"] != "full"))
+    labels = [label for label in ("10%", "20%") if label in measured] or measured[:2]
     window = results["settings"]["ppl_window"]
-    for axis, label in zip(position_axes, labels[1:3] if len(labels) > 2 else labels, strict=False):
+    for axis, label in zip(position_axes, labels, strict=False):
         for policy in policies:
             row = next((r for r in rows if r["part"] == "ppl" and r["policy"] == policy and r["budget_label"] == label),
                        None)  # fmt: skip
@@ -615,7 +685,7 @@ def plot(results: dict, path: Path) -> None:
                       color="black", linestyle="--", label="full cache")  # fmt: skip
         axis.set_yscale("log")
         axis.set_xlabel("position in the document (end of each window)")
-        axis.set_ylabel(f"perplexity at budget {label} ({results['budgets'].get(label, '?')} slots)", fontsize=9)
+        axis.set_ylabel(f"perplexity at budget {label} ({results['budgets']['ppl'][label]} slots)", fontsize=9)
         axis.grid(alpha=0.3)
     figure.tight_layout()
     handles, names = [], []
