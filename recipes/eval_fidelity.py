@@ -20,10 +20,11 @@ Three measurements (``--parts``), for every policy at every budget:
   questions, ``--free-tokens`` new tokens: the first position where the output leaves the full
   cache's (run in the same batches), and how often it falls into a repetition loop.
 
-Budgets: slots (``256``) or a percentage (``10%``) of the part's mean sequence: the measured
-answers (``traces``, ``free``) or the document span (``ppl``). The prompt takes slots too, as in any
-use of the cache. A budget that holds every row whole (in every KV head, with a compacting
-policy's buffer) evicts nothing: its row is the full cache's, recorded without running. Policies
+Budgets: slots (``256``) or a percentage (``10%``) of the part's mean sequence: prompt and
+measured answer (``traces``, ``free``; a reasoning model's answer dwarfs its prompt, a small chat
+model's may not) or the document (``ppl``). The prompt takes slots too, as in any use of the
+cache. A budget that holds every row whole (in every KV head, with a compacting policy's buffer)
+evicts nothing: its row is the full cache's, recorded without running. Policies
 are the specs of ``recipes/eval_accuracy.py`` (``lukv+rkv``, ``longflow:per_head``,
 ``longflow@sink_tokens=16``, ...); the allocators read their profiles from ``--profiles``
 (``recipes/profile_budgets.py``). One setting is the recipe's own, for the study of LongFlow's
@@ -128,7 +129,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     free.add_argument("--free-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward / generate call")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fidelity_smollm2.json")
+    parser.add_argument("--answers", type=Path, default=None,
+                        help="the full cache's answers, kept and reused (default: OUT's .answers.json)")  # fmt: skip
+    parser.add_argument("--merge", nargs="+", type=Path, default=None,
+                        help="only merge these results files (one setting, split by part or policy)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.answers is None:
+        args.answers = args.out.with_suffix(".answers.json")
     if args.profiles is None and args.model == "smollm2":
         args.profiles = ROOT / "bench" / "results" / "profiles" / "smollm2"
     return args
@@ -225,7 +232,7 @@ def full_cache_answers(model, tokenizer, args, questions: list[dict]) -> list[An
     """The full cache's greedy answers (and sampled ones with ``--sampled``), generated in batches of
     ``--batch-size`` through the patched op with nothing evicted, or read from the answers file
     beside ``--out`` when it holds them for these settings (kept after every batch: resumable)."""
-    path = args.out.with_suffix(".answers.json")
+    path = args.answers
     generation = ("model", "dtype", "sets", "new_tokens", "sampled", "temperature", "seed", "batch_size")
     key = {name: value for name, value in settings_key(args).items() if name in generation}
     saved = json.loads(path.read_text()) if path.exists() else {}
@@ -332,12 +339,17 @@ def policy_maker(
     protect = bool(fields.pop("protect_prompt", False))
     spec = "@".join([base, *(f"{k}={v!r}" for k, v in fields.items())])
 
+    scorer = base.partition(":")[0].partition("+")[2]
+
     def found(method: str) -> list[Path]:
+        """The ``method`` profiles in ``profiles``: those measured under the spec's scorer when it
+        names one and any are, else all."""
         paths = sorted(profiles.glob(f"{method}*.json")) if profiles is not None and profiles.is_dir() else []
         if not paths:
             raise SystemExit(f"{spec}: no {method} profiles in {profiles}; write them with recipes/profile_budgets.py "
                              "and pass --profiles FOLDER")  # fmt: skip
-        return paths
+        same = [path for path in paths if json.loads(path.read_text()).get("scorer") == scorer]
+        return same or paths
 
     policy = make_policy(spec + (f"@sink_tokens={longest_prompt}" if protect else ""), budget, found)
     if not protect:
@@ -408,6 +420,9 @@ def loop_rate(outputs: list[list[int]], ends: set[int], span: int) -> tuple[floa
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     results = {"benchmark": "fidelity", "settings": settings_key(args), "rows": []}
@@ -426,6 +441,8 @@ def main(argv: list[str] | None = None) -> None:
                                "answer_tokens": a.generated, "loop_start": a.loop_start,
                                "measured_tokens": len(a.answer_ids)} for a in run.answers]  # fmt: skip
         results["mean_answer_tokens"] = sum(len(a.answer_ids) for a in run.answers) / len(run.answers)
+        sequences = [len(a.prompt_ids) + len(a.answer_ids) for a in run.answers]
+        results["mean_sequence_tokens"] = sum(sequences) / len(sequences)
     for part in args.parts:
         {"traces": measure_traces, "ppl": measure_ppl, "free": measure_free}[part](run)
     write_results(args.out, results)
@@ -504,7 +521,7 @@ def measure_traces(run: Run) -> None:
     args, answers, model = run.args, run.answers, run.model
     pad_id = run.tokenizer.pad_token_id
     prompts, traces = [a.prompt_ids for a in answers], [a.answer_ids for a in answers]
-    budgets = run.budgets("traces", run.results["mean_answer_tokens"])
+    budgets = run.budgets("traces", run.results["mean_sequence_tokens"])
     if not run.has("traces"):
         loops = [a.loop_start is not None for a in answers]
         run.record({"part": "traces", "policy": "full", "budget_label": "full", "budget": None, "kl": 0.0,
@@ -557,7 +574,7 @@ def measure_free(run: Run) -> None:
     args, model, tokenizer = run.args, run.model, run.tokenizer
     ends = end_ids(model, tokenizer)
     prompts = [a.prompt_ids for a in run.answers if a.kind == "greedy"][: args.free_prompts]
-    budgets = run.budgets("free", run.results["mean_answer_tokens"])
+    budgets = run.budgets("free", run.results["mean_sequence_tokens"])
 
     def generated(policy_for: Callable, desc: str) -> list[list[int]]:
         outputs = []
@@ -588,6 +605,27 @@ def measure_free(run: Run) -> None:
                     "loop_starts": starts})  # fmt: skip
         tqdm.write(f"free {spec:>24} {label:>4} ({budget:>4} slots): median first divergence "
                    f"{median(divergence):.0f}, looping {rate:.2f}")  # fmt: skip
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """Combine results files measured with one setting (runs split by part or policy) into ``out``,
+    and plot it; a configuration measured in several files keeps the last file's row."""
+    files = [json.loads(path.read_text()) for path in paths]
+    for path, results in zip(paths, files, strict=True):
+        if results["settings"] != files[0]["settings"]:
+            raise SystemExit(f"{path} was measured with other settings than {paths[0]}")
+    merged = {key: value for results in files for key, value in results.items() if key not in ("rows", "budgets")}
+    rows, budgets = {}, {}
+    for results in files:
+        rows |= {(row["part"], row["policy"], row["budget_label"]): row for row in results["rows"]}
+        for part, slots in results.get("budgets", {}).items():
+            budgets.setdefault(part, {}).update(slots)
+    commands = [command for results in files for command in results.get("commands", [])]
+    merged |= {"rows": list(rows.values()), "budgets": budgets, "commands": list(dict.fromkeys(commands)),
+               "merged_from": [str(path) for path in paths]}  # fmt: skip
+    write_results(out, merged)
+    print_summary(merged)
+    plot(merged, out.with_suffix(".png"))
 
 
 def full_metrics(model, batches: list[Batch]) -> dict[int, dict]:
@@ -655,7 +693,8 @@ def plot(results: dict, path: Path) -> None:
         if ppl := points("ppl", policy):
             ppl_axis.plot([r["budget"] for r in ppl], [r["ppl"] for r in ppl], **style[policy])
     full_ppl = next((r for r in rows if r["part"] == "ppl" and r["policy"] == "full"), None)
-    answers = f"KV budget (slots; mean answer {results.get('mean_answer_tokens', 0):.0f} tokens)"
+    answers = (f"KV budget (slots; mean prompt + answer {results.get('mean_sequence_tokens', 0):.0f} tokens, "
+               f"answer {results.get('mean_answer_tokens', 0):.0f})")  # fmt: skip
     documents = f"KV budget (slots; documents of {results['settings']['ppl_tokens']} tokens)"
     for axis, label, unit in ((kl_axis, "mean KL(full || policy) per token, loop-free positions", answers),
                               (agreement_axis, "top-1 agreement with the full cache, loop-free positions", answers),

@@ -2,7 +2,7 @@
 
 Calibration traces (the toy reasoner's own problems with their reference solutions by default; for
 another model, ``--answers``: the full cache's answers that ``recipes/eval_fidelity.py`` keeps beside
-its results, each cut to its loop-free prefix and to ``--answer-tokens``) run teacher-forced
+its results, the longest loop-free prefixes, cut to ``--answer-tokens``) run teacher-forced
 through the patched decode path with one KV head at a time held to a budget ``b``
 under a token scorer (R-KV by default). Every other head either keeps the whole trace (isolated,
 the default) or is held to ``--context-budget`` slots under the same scorer (in context: the
@@ -150,16 +150,18 @@ def model_config(name: str | None):
 
 
 def calibration_ids(args: argparse.Namespace, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt and trace token ids: the first ``--problems`` answers of ``--answers`` (each cut to its
-    loop-free prefix, then to ``--answer-tokens``), or toy problems with their reference solutions."""
+    """Prompt and trace token ids: of the answers in ``--answers`` cut to their loop-free prefixes,
+    the ``--problems`` longest (first ones on ties), each then cut to ``--answer-tokens``; or toy
+    problems with their reference solutions."""
     if args.answers is not None:
-        answers = json.loads(args.answers.read_text())["answers"][: args.problems]
-        traces = []
+        answers = json.loads(args.answers.read_text())["answers"]
+        prefixes = []
         for answer in answers:
             ids = answer["answer_ids"]
             start = repetition_start(ids, args.loop_span)
-            traces.append(ids[: start if start is not None else len(ids)][: args.answer_tokens])
-        return [answer["prompt_ids"] for answer in answers], traces
+            prefixes.append(ids[: start if start is not None else len(ids)])
+        chosen = sorted(range(len(answers)), key=lambda i: -len(prefixes[i]))[: args.problems]
+        return [answers[i]["prompt_ids"] for i in chosen], [prefixes[i][: args.answer_tokens] for i in chosen]
     problems = toy.make_problems(args.problems, args.seed, blocks=tuple(args.blocks), with_solution=True)
     prompts = [tokenizer(p["prompt"]).input_ids for p in problems]
     return prompts, [tokenizer(p["solution"], add_special_tokens=False).input_ids for p in problems]
@@ -264,7 +266,8 @@ def main() -> None:
     others = other_heads_budget(args, length)
     context = f"every other head at {others}" if args.context_budget else "the others whole"
     if args.answers is not None:
-        calibration = f"{args.problems} answers of {args.answers}, loop-free prefixes of <= {args.answer_tokens} tokens"
+        calibration = (f"the {args.problems} longest loop-free answer prefixes of {args.answers}, "
+                       f"cut to {args.answer_tokens} tokens")  # fmt: skip
     else:
         calibration = f"{args.problems} toy traces ({args.blocks[0]}-{args.blocks[1]} blocks), seed {args.seed!r}"
     metadata = {
@@ -281,7 +284,8 @@ def main() -> None:
         profile = BudgetProfile.from_curves(
             method, str(path), data, total, kv_heads, args.minimum, metadata, others, args.scorer
         )
-        written.append(args.out_dir / (f"{method}-context{others}.json" if args.context_budget else f"{method}.json"))
+        name = method if args.model is None else f"{method}-{args.scorer}"  # the toy's are all R-KV's
+        written.append(args.out_dir / (f"{name}-context{others}.json" if args.context_budget else f"{name}.json"))
         profile.save(written[-1])
         print(f"{method} at {args.budget} per head:", profile.head_budget_table())
     print("wrote", *written)
