@@ -74,7 +74,7 @@ DEFAULT_BUDGETS = ["5%", "10%", "20%", "40%", "128", "256", "512"]
 DEFAULT_POLICIES = ["longflow", "streamingllm", "h2o", "snapkv", "rkv", "random", "lukv+longflow",
                     "reasonalloc+longflow", "lukv+rkv", "reasonalloc+rkv"]  # fmt: skip
 # Standard-library modules every Python has; their sources are the long documents of the ppl part.
-DEFAULT_PPL_MODULES = ["inspect", "argparse", "typing", "dataclasses"]
+DEFAULT_PPL_MODULES = ["inspect", "argparse"]
 PARTS = ("traces", "ppl", "free")
 RECIPE_SETTINGS = ("protect_prompt",)  # spec settings this recipe reads itself (not policy fields)
 
@@ -122,11 +122,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            help="tokens of a loop measured (the rest repeats what came before)")  # fmt: skip
     text = parser.add_argument_group("long text (ppl)")
     text.add_argument("--ppl-modules", nargs="+", default=DEFAULT_PPL_MODULES, help="standard-library modules")
-    text.add_argument("--ppl-tokens", type=int, default=2048, help="tokens of each module's source")
-    text.add_argument("--ppl-window", type=int, default=256, help="positions per point of perplexity vs position")
+    text.add_argument("--ppl-tokens", type=int, default=1024, help="tokens of each module's source")
+    text.add_argument("--ppl-window", type=int, default=128, help="positions per point of perplexity vs position")
     free = parser.add_argument_group("free-running generation (free)")
     free.add_argument("--free-prompts", type=int, default=8, help="the first questions (of --sets, in order)")
-    free.add_argument("--free-tokens", type=int, default=256)
+    free.add_argument("--free-tokens", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=8, help="rows per forward / generate call")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fidelity_smollm2.json")
     parser.add_argument("--answers", type=Path, default=None,
@@ -230,8 +230,9 @@ def end_ids(model, tokenizer) -> set[int]:
 
 def full_cache_answers(model, tokenizer, args, questions: list[dict]) -> list[Answer]:
     """The full cache's greedy answers (and sampled ones with ``--sampled``), generated in batches of
-    ``--batch-size`` through the patched op with nothing evicted, or read from the answers file
-    beside ``--out`` when it holds them for these settings (kept after every batch: resumable)."""
+    ``--batch-size`` through the patched op with nothing evicted, or read from ``--answers`` when it
+    holds them for these settings (written after every batch: resumable). Each is measured whole,
+    or up to ``--loop-tail`` tokens past where it falls into a loop."""
     path = args.answers
     generation = ("model", "dtype", "sets", "new_tokens", "sampled", "temperature", "seed", "batch_size")
     key = {name: value for name, value in settings_key(args).items() if name in generation}
@@ -298,8 +299,8 @@ def reference_batches(model, pad_id: int, prompts, traces, batch_size: int) -> l
 
 
 def teacher_forced(model, batches: list[Batch], pad_id: int, policy_for: Callable, bar: tqdm) -> dict[int, dict]:
-    """Each row's ``[T]`` metrics (`position_metrics`) under the policy ``policy_for(prompts)``
-    gives for a batch's prompts (None: skip the batch), by row."""
+    """Each row's ``[T]`` metrics (`position_metrics`), by row, each batch under the policy
+    ``policy_for(its prompts)`` gives."""
     lm_head = model.get_output_embeddings()
     metrics = {}
     for batch in batches:
