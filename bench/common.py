@@ -1,9 +1,11 @@
 """Shared by the benchmarks: CUDA-event medians, graph replay, environment record, and
 random-weight models of real shapes (weights do not change speed)."""
 
+import argparse
 import json
 import platform
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +20,16 @@ SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=True),
 }  # fmt: skip
+
+
+def parse_args_on_gpu(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args`` for a GPU-only benchmark: its ``--help`` says "GPU only", and on a machine
+    without a CUDA device it exits with one line (status 2) instead of a CUDA assertion mid-run."""
+    parser.description = f"GPU only: needs a CUDA device.\n\n{parser.description or ''}"
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.exit(2, f"{parser.prog}: GPU only: no CUDA device here (this benchmark times CUDA kernels)\n")
+    return args
 
 
 def build_model(shape: str, device: str) -> Qwen3ForCausalLM:
@@ -47,18 +59,46 @@ def environment() -> dict:
     }
 
 
+def synchronize() -> None:
+    """Wait for the GPU (nothing to wait for on a CPU-only machine)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_ms(fn: Callable[[], object], warmup: int = 5, repeats: int = 30) -> float:
-    """Median wall time of ``fn`` on the GPU, in ms, from CUDA events around each call."""
+    """Median time of one ``fn`` call in ms: from CUDA events around each call on a GPU (host
+    launch time included while the GPU waits for it), from the wall clock on a CPU-only machine."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if not torch.cuda.is_available():
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def wall_ms_per_call(fn: Callable[[], object], calls: int = 50, repeats: int = 7) -> float:
+    """Wall-clock time per call of ``calls`` back-to-back calls then one synchronisation, in ms
+    (median over ``repeats``): what a host-bound loop of such calls pays per call."""
+    for _ in range(3):
+        fn()
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize()
+        times.append((time.perf_counter() - start) * 1e3 / calls)
     return statistics.median(times)
 
 

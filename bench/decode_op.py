@@ -10,7 +10,20 @@ decode step, every slot holding a token. For each batch x cache size it reports:
 Times are GPU time per call from CUDA-graph replay (``graph``), the way a compiled decode loop
 runs, and also eager (``eager``: Python launch overhead included). Medians after warm-up.
 
+``--eager`` times one eager call at batch 1, where the host is the bottleneck, three ways: the
+registered op (``torch.ops.longflow.decode_attention``: what ``torch.compile`` traces), the
+eager decode step (``longflow_patch.ops.decode_step``: what the cache calls when not compiled;
+no ``torch.library`` dispatch, scratch buffers kept) and SDPA; each from CUDA events around one
+call and from the wall clock over 50 back-to-back calls, with the ratios to SDPA.
+
+``--candidates`` times the attention of full-cache decoding candidates (one CUDA-graph replay
+each): the split-K GQA kernel of ``longflow::verify_attention`` with one query over a cache of
+``capacity`` slots of which the first ``filled`` hold tokens (it reads only those), SDPA
+(``enable_gqa``) over exactly the filled slots (a shape that changes every step, so no static
+graph could use it) and SDPA over the whole capacity (what a static cache reads).
+
     python bench/decode_op.py                 # the table of the issue
+    python bench/decode_op.py --eager         # batch-1 eager overhead only
     python bench/decode_op.py --sweep         # also sweep the attention pass's launch shape
     python bench/decode_op.py --score-sweep   # also time the scoring pass's launch shapes side by side
 """
@@ -22,31 +35,49 @@ import torch
 import torch.nn.functional as F
 
 from longflow_patch.kernels.decode_attention import AttendLaunch, ScoreLaunch, decode_attention_triton
+from longflow_patch.ops import decode_step
 
-from common import copy_bandwidth_gbs, environment, graph_median_ms, median_ms, print_table, write_results
+import common
+from common import (
+    copy_bandwidth_gbs,
+    environment,
+    graph_median_ms,
+    median_ms,
+    print_table,
+    wall_ms_per_call,
+    write_results,
+)
 
 QUERY_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 # Scoring-pass launch shapes timed by --score-sweep: the default first, the earlier one (256, 8) second.
 SCORE_LAUNCHES = [ScoreLaunch(), ScoreLaunch(256, 8), ScoreLaunch(256, 4), ScoreLaunch(512, 8), ScoreLaunch(1024, 4)]
+SETTINGS = dict(scale=HEAD_DIM**-0.5, sink_tokens=4, recent_window=8, shared=True, score_kind=0)
+# Full-cache candidates at the 8B shape's baseline operating points (batch, capacity, filled):
+# half-way through 4k, 8k and 32k outputs after a 512-token prompt, at the largest batch in 70 GB.
+CANDIDATE_SHAPES = [(71, 4608, 2560), (38, 8704, 4608), (10, 33280, 16896)]
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_inputs(batch: int, slots: int, limits: torch.Tensor | None = None) -> dict:
     """Decode-op inputs with a token in every usable slot: all ``slots`` of each KV head, or the
     first ``limits[b, h]`` (``[B, Hkv]`` int32, ragged budgets) with the rest empty."""
-    device, dtype = "cuda", torch.bfloat16
+    where, dtype = device(), torch.bfloat16
     limits = torch.full((batch, KV_HEADS), slots, dtype=torch.int32) if limits is None else limits
-    limits = limits.to(device=device, dtype=torch.int32).contiguous()
-    slot = torch.arange(slots, dtype=torch.int32, device=device)
+    limits = limits.to(device=where, dtype=torch.int32).contiguous()
+    slot = torch.arange(slots, dtype=torch.int32, device=where)
     return dict(
-        q=torch.randn(batch, QUERY_HEADS, HEAD_DIM, dtype=dtype, device=device),
-        k_new=torch.randn(batch, KV_HEADS, HEAD_DIM, dtype=dtype, device=device),
-        v_new=torch.randn(batch, KV_HEADS, HEAD_DIM, dtype=dtype, device=device),
-        k_cache=torch.randn(batch, KV_HEADS, slots, HEAD_DIM, dtype=dtype, device=device),
-        v_cache=torch.randn(batch, KV_HEADS, slots, HEAD_DIM, dtype=dtype, device=device),
-        value_norm=torch.rand(batch, KV_HEADS, slots, device=device) * HEAD_DIM,
+        q=torch.randn(batch, QUERY_HEADS, HEAD_DIM, dtype=dtype, device=where),
+        k_new=torch.randn(batch, KV_HEADS, HEAD_DIM, dtype=dtype, device=where),
+        v_new=torch.randn(batch, KV_HEADS, HEAD_DIM, dtype=dtype, device=where),
+        k_cache=torch.randn(batch, KV_HEADS, slots, HEAD_DIM, dtype=dtype, device=where),
+        v_cache=torch.randn(batch, KV_HEADS, slots, HEAD_DIM, dtype=dtype, device=where),
+        value_norm=torch.rand(batch, KV_HEADS, slots, device=where) * HEAD_DIM,
         slot_pos=torch.where(slot < limits[..., None], slot, -1).contiguous(),
         write_slot=limits // 2,
-        position=torch.full((batch,), slots, dtype=torch.int32, device=device),
+        position=torch.full((batch,), slots, dtype=torch.int32, device=where),
         slot_limit=limits,
         accumulated=None,
     )
@@ -54,10 +85,17 @@ def make_inputs(batch: int, slots: int, limits: torch.Tensor | None = None) -> d
 
 def fused_call(inputs: dict, launch: AttendLaunch | None = None, score_launch: ScoreLaunch | None = None,
                shared: bool = True):  # fmt: skip
-    settings = dict(scale=HEAD_DIM**-0.5, sink_tokens=4, recent_window=8, shared=shared, score_kind=0)
+    """The registered op (what compiled decoding runs), or the launcher with launch-shape overrides."""
+    settings = {**SETTINGS, "shared": shared}
     if launch is None and score_launch is None:
         return lambda: torch.ops.longflow.decode_attention(*inputs.values(), *settings.values())
     return lambda: decode_attention_triton(**inputs, **settings, launch=launch, score_launch=score_launch)
+
+
+def step_call(inputs: dict):
+    """The eager decode step the cache runs (`longflow_patch.ops.decode_step`), scratch kept."""
+    workspaces = {}
+    return lambda: decode_step(*inputs.values(), *SETTINGS.values(), workspaces=workspaces)
 
 
 def sdpa_call(inputs: dict):
@@ -82,10 +120,71 @@ def kernel_times_us(fn, calls: int = 20) -> dict[str, float]:
     }
 
 
+def eager_overhead_rows(slots_list: list[int], batch: int = 1) -> list[dict]:
+    """Per-call cost of the op, the eager decode step and SDPA at ``batch``, in microseconds:
+    ``*_event_us`` from CUDA events around one call (wall clock off the GPU), ``*_wall_us`` per
+    call of 50 back-to-back calls, ``*_graph_us`` GPU time in a replayed CUDA graph."""
+    rows = []
+    for slots in slots_list:
+        inputs = make_inputs(batch, slots)
+        calls = {"op": fused_call(inputs), "step": step_call(inputs), "sdpa": sdpa_call(inputs)}
+        row = {"batch": batch, "slots": slots}
+        for name, call in calls.items():
+            row[f"{name}_event_us"] = median_ms(call) * 1e3
+            row[f"{name}_wall_us"] = wall_ms_per_call(call) * 1e3
+            row[f"{name}_graph_us"] = graph_median_ms(call) * 1e3 if torch.cuda.is_available() else None
+        for clock in ("event", "wall"):
+            row[f"step/sdpa {clock}"] = row[f"step_{clock}_us"] / row[f"sdpa_{clock}_us"]
+            row[f"op/sdpa {clock}"] = row[f"op_{clock}_us"] / row[f"sdpa_{clock}_us"]
+        rows.append(row)
+    return rows
+
+
+EAGER_COLUMNS = ["batch", "slots", "op_event_us", "step_event_us", "sdpa_event_us", "step/sdpa event",
+                 "op/sdpa event", "op_wall_us", "step_wall_us", "sdpa_wall_us", "step/sdpa wall", "op/sdpa wall",
+                 "step_graph_us", "sdpa_graph_us"]  # fmt: skip
+
+
+def candidate_calls(batch: int, capacity: int, filled: int) -> dict:
+    """One decode step's attention over a full cache of ``capacity`` slots holding ``filled`` tokens,
+    by each candidate: the verify kernel with one query, SDPA over the filled slots, SDPA over all."""
+    where, dtype = device(), torch.bfloat16
+    q = torch.randn(batch, QUERY_HEADS, 1, HEAD_DIM, dtype=dtype, device=where)
+    k = torch.randn(batch, KV_HEADS, capacity, HEAD_DIM, dtype=dtype, device=where)
+    v = torch.randn_like(k)
+    k_new, v_new = k[:, :, :1].clone(), v[:, :, :1].clone()
+    length = torch.full((batch,), filled, dtype=torch.int32, device=where)
+    verify = torch.ops.longflow.verify_attention
+    return {
+        "verify_t1": lambda: verify(q, k, v, length, k_new, v_new, None, HEAD_DIM**-0.5),
+        "sdpa_filled": lambda: F.scaled_dot_product_attention(q, k[:, :, :filled], v[:, :, :filled], enable_gqa=True),
+        "sdpa_capacity": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+    }
+
+
+def candidate_rows(shapes: list[tuple[int, int, int]]) -> list[dict]:
+    """Attention time per call of full-cache decoding candidates, in microseconds (CUDA-graph
+    replay on a GPU; the wall clock off it), at (batch, capacity, filled) shapes."""
+    rows = []
+    timer = graph_median_ms if torch.cuda.is_available() else median_ms
+    for batch, capacity, filled in shapes:
+        row = {"batch": batch, "capacity": capacity, "filled": filled}
+        row.update({f"{name}_us": timer(call) * 1e3 for name, call in candidate_calls(batch, capacity, filled).items()})
+        row["verify_t1/sdpa_filled"] = row["verify_t1_us"] / row["sdpa_filled_us"]
+        rows.append(row)
+    return rows
+
+
+CANDIDATE_COLUMNS = ["batch", "capacity", "filled", "verify_t1_us", "sdpa_filled_us", "sdpa_capacity_us",
+                     "verify_t1/sdpa_filled"]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--slots", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--eager", action="store_true", help="only the batch-1 eager overhead table")
+    parser.add_argument("--candidates", action="store_true", help="also time full-cache attention candidates")
     parser.add_argument("--sweep", action="store_true", help="time launch-shape variants of the attention pass")
     parser.add_argument(
         "--score-sweep",
@@ -94,24 +193,32 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true", help="print GPU time per kernel (torch.profiler)")
     parser.add_argument("--out", default="bench/results/decode_op.json")
-    args = parser.parse_args()
+    args = common.parse_args_on_gpu(parser)
     import longflow_patch  # noqa: F401  (registers the op)
 
     bandwidth = copy_bandwidth_gbs()
     print(f"device copy bandwidth: {bandwidth:.0f} GB/s (read + write)")
+    eager_rows = eager_overhead_rows(args.slots)
+    print("\neager call at batch 1 (us; event: CUDA events around one call; wall: per call of 50 in a row)")
+    print_table(eager_rows, EAGER_COLUMNS)
+    candidates = candidate_rows(CANDIDATE_SHAPES) if args.candidates else []
+    if candidates:
+        print("\nfull-cache attention candidates (us per call, CUDA-graph replay)")
+        print_table(candidates, CANDIDATE_COLUMNS)
     rows, sweep_rows, score_rows = [], [], []
-    for batch, slots in itertools.product(args.batches, args.slots):
+    for batch, slots in itertools.product([] if args.eager else args.batches, args.slots):
         inputs = make_inputs(batch, slots)
         kv_bytes = 2 * inputs["k_cache"].numel() * inputs["k_cache"].element_size()
         row = {"batch": batch, "slots": slots, "floor_ms": kv_bytes / (bandwidth * 1e9) * 1e3}
         row["fused_graph_ms"] = graph_median_ms(fused_call(inputs))
         row["sdpa_graph_ms"] = graph_median_ms(sdpa_call(inputs))
         row["fused_eager_ms"] = median_ms(fused_call(inputs))
+        row["step_eager_ms"] = median_ms(step_call(inputs))
         row["sdpa_eager_ms"] = median_ms(sdpa_call(inputs))
         row["fused/sdpa"] = row["fused_graph_ms"] / row["sdpa_graph_ms"]
         row["fused/floor"] = row["fused_graph_ms"] / row["floor_ms"]
         row["sdpa/floor"] = row["sdpa_graph_ms"] / row["floor_ms"]
-        row["eager fused/sdpa"] = row["fused_eager_ms"] / row["sdpa_eager_ms"]
+        row["eager step/sdpa"] = row["step_eager_ms"] / row["sdpa_eager_ms"]
         rows.append(row)
         if args.profile:
             for name, call in (("fused", fused_call(inputs)), ("sdpa", sdpa_call(inputs))):
@@ -157,23 +264,11 @@ def main() -> None:
     if score_rows:
         print("\nscoring-pass launch shapes (whole step, ms; vs_default: against block 512, 4 warps)")
         print_table(score_rows, ["batch", "slots", "shared", "block", "warps", "ms", "vs_default"])
-    print()
-    print_table(
-        rows,
-        [
-            "batch",
-            "slots",
-            "floor_ms",
-            "sdpa_graph_ms",
-            "fused_graph_ms",
-            "fused/sdpa",
-            "fused/floor",
-            "sdpa/floor",
-            "fused_eager_ms",
-            "sdpa_eager_ms",
-            "eager fused/sdpa",
-        ],
-    )
+    if rows:
+        print()
+        columns = ["batch", "slots", "floor_ms", "sdpa_graph_ms", "fused_graph_ms", "fused/sdpa", "fused/floor",
+                   "sdpa/floor", "fused_eager_ms", "step_eager_ms", "sdpa_eager_ms", "eager step/sdpa"]  # fmt: skip
+        print_table(rows, columns)
     write_results(
         args.out,
         {
@@ -181,6 +276,8 @@ def main() -> None:
             "environment": environment(),
             "copy_bandwidth_gbs": bandwidth,
             "shape": {"query_heads": QUERY_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
+            "eager": eager_rows,
+            "candidates": candidates,
             "rows": rows,
             "sweep": sweep_rows,
             "score_sweep": score_rows,

@@ -39,7 +39,7 @@ import longflow_patch
 from longflow_patch.compat import cache_keyword
 from longflow_patch.profiles import BudgetProfile
 
-from common import SHAPES, build_model, environment, graph_median_ms, print_table, write_results
+from common import SHAPES, build_model, environment, graph_median_ms, parse_args_on_gpu, print_table, write_results
 
 PROMPT = 16
 
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--memory-cap-gb", type=float, default=64.0, help="skip shapes whose weights + cache exceed it")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/ragged_decode.json")
-    args = parser.parse_args()
+    args = parse_args_on_gpu(parser)
 
     model = build_model(args.shape, "cuda")
     layers, kv_heads = model.config.num_hidden_layers, model.config.num_key_value_heads

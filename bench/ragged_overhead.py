@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from common import environment, graph_median_ms, print_table, write_results
+from common import environment, graph_median_ms, parse_args_on_gpu, print_table, write_results
 from decode_op import HEAD_DIM, KV_HEADS, QUERY_HEADS, make_inputs
 
 CAPACITY = 1.5
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[512, 2048, 8192], help="per-head budget b")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/ragged_overhead.json")
-    args = parser.parse_args()
+    args = parse_args_on_gpu(parser)
     import longflow_patch  # noqa: F401  (registers the op)
 
     generator = torch.Generator().manual_seed(args.seed)

@@ -37,11 +37,16 @@ chunks are sized for the mean live budget (``planned_slots``) and launched over 
 slots; programs past a head's live limit exit at once, and the scoring and combine passes read
 only the live ones, so a ragged layer does the work of a uniform one of the same total.
 
+Launch metadata (grids, split and chunk sizes, block sizes) depends only on the shape and is
+planned once per shape (`plan_decode`); the scratch buffers of the passes (`DecodeWorkspace`) are
+allocated per call, or kept by the caller from call to call (eager decoding: ``workspaces``).
+
 Extra traffic over plain attention: ``G * 4`` bytes of logits per slot and KV head written and
 read back, and ``4`` bytes of value norm read, against ``4 * D`` bytes of bf16 K/V (about 3% each
 way for G=4, D=128).
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -375,8 +380,9 @@ def _reallocate_kernel(
     tl.store(Slot_limit + row * kv_heads + recipient, recipient_limit + 1)
 
 
+@functools.cache
 def multiprocessor_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (4 off the GPU, for the interpreter)."""
+    """Streaming multiprocessors of ``device`` (4 off the GPU, for the interpreter); read once per device."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
@@ -420,6 +426,134 @@ def _plan_chunks(selectors: int, slots: int, block: int, num_sms: int, planned_s
     return chunk_size, math.ceil(slots / chunk_size)
 
 
+@dataclass(frozen=True, eq=False)
+class DecodePlan:
+    """Everything about a decode step's three (four) launches that depends only on its shape and
+    settings: grids, split and chunk sizes, block sizes and warps. `plan_decode` computes it
+    once per shape, so an eager call does no planning (flashinfer's plan / run split). Plans
+    compare by identity (cheap to look up): `plan_decode` returns one object per shape.
+
+    Shape: ``batch`` B, ``kv_heads`` Hkv, ``group`` G query heads per KV head, ``slots`` S,
+    ``head_dim`` D; ``top2``: the scoring pass keeps runner-ups (online re-allocation).
+    """
+
+    batch: int
+    kv_heads: int
+    group: int
+    slots: int
+    head_dim: int
+    top2: bool
+    # attention pass
+    n_splits: int
+    split_size: int
+    block_g: int
+    block_s: int
+    attend_warps: int
+    attend_stages: int
+    # scoring pass
+    n_sel: int
+    heads: int
+    block_h: int
+    score_g: int
+    score_block: int
+    score_warps: int
+    chunk_size: int
+    n_chunks: int
+    block_splits: int
+    # combine pass
+    combine_g: int
+    d_slice: int
+    split_chunk: int
+    block_chunks: int
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_decode(
+    batch: int,
+    kv_heads: int,
+    group: int,
+    slots: int,
+    head_dim: int,
+    num_sms: int,
+    shared: bool,
+    planned_slots: int = 0,
+    top2: bool = False,
+    n_splits: int | None = None,
+    launch: AttendLaunch | None = None,
+    score_launch: ScoreLaunch | None = None,
+) -> DecodePlan:
+    """The `DecodePlan` of one shape (cached: the same arguments give the same object)."""
+    launch = launch or AttendLaunch()
+    score_launch = score_launch or ScoreLaunch()
+    block_s = launch.block_s if head_dim <= 128 else launch.block_s // 2
+    if n_splits is None:
+        n_splits, split_size = plan_splits(
+            batch, kv_heads, slots, block_s, num_sms, launch.min_tiles_per_split, planned_slots
+        )
+    else:
+        split_size = math.ceil(math.ceil(slots / n_splits) / block_s) * block_s
+        n_splits = math.ceil(slots / split_size)
+    n_sel = 1 if shared else kv_heads
+    heads = kv_heads if shared else 1
+    block_h, score_g = triton.next_power_of_2(heads), max(2, triton.next_power_of_2(group))
+    score_block = min(score_launch.block, max(16, 4096 // (block_h * score_g)))
+    chunk_size, n_chunks = _plan_chunks(batch * n_sel, slots, score_block, num_sms, planned_slots)
+    combine_g = max(2, triton.next_power_of_2(group))  # no tl.dot here: no padding to 16 rows
+    d_slice = min(COMBINE_D_SLICE, head_dim)
+    return DecodePlan(
+        batch=batch, kv_heads=kv_heads, group=group, slots=slots, head_dim=head_dim, top2=top2,
+        n_splits=n_splits, split_size=split_size, block_g=max(16, triton.next_power_of_2(group)), block_s=block_s,
+        attend_warps=launch.num_warps, attend_stages=launch.num_stages,
+        n_sel=n_sel, heads=heads, block_h=block_h, score_g=score_g, score_block=score_block,
+        score_warps=score_launch.num_warps, chunk_size=chunk_size, n_chunks=n_chunks,
+        block_splits=max(2, triton.next_power_of_2(n_splits)),
+        combine_g=combine_g, d_slice=d_slice,
+        # All splits in one load (up to 8192 floats: 64 registers a thread), so a head above the
+        # mean budget costs no extra trip.
+        split_chunk=min(triton.next_power_of_2(n_splits), max(1, 8192 // (combine_g * d_slice))),
+        block_chunks=max(2, triton.next_power_of_2(n_chunks)),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DecodeWorkspace:
+    """Scratch of one decode step (float32 unless noted; P = ``n_splits``, C = ``n_chunks``):
+    ``out_part`` ``[B, Hkv, P, G, D]``, ``m_part`` / ``l_part`` ``[B, Hkv, P, G]`` split partials;
+    ``logits`` ``[B, Hkv, G, S]`` base-2 logits; ``chunk_min`` ``[B, Hsel, C]`` and ``chunk_arg``
+    (int32) each score chunk's lowest rank and its slot; ``chunk_min2`` / ``chunk_arg2`` the
+    runner-ups (only with ``top2``; else the lowest's buffers stand in, unused).
+
+    Every pass reads only what an earlier pass of the same step wrote (live splits, usable slots,
+    live chunks), so a workspace can serve step after step, and layer after layer on one stream.
+    """
+
+    out_part: torch.Tensor
+    m_part: torch.Tensor
+    l_part: torch.Tensor
+    logits: torch.Tensor
+    chunk_min: torch.Tensor
+    chunk_arg: torch.Tensor
+    chunk_min2: torch.Tensor
+    chunk_arg2: torch.Tensor
+
+    @classmethod
+    def allocate(cls, plan: DecodePlan, device: torch.device) -> "DecodeWorkspace":
+        f32 = dict(dtype=torch.float32, device=device)
+        batch, kv_heads, group = plan.batch, plan.kv_heads, plan.group
+        chunk_min = torch.empty((batch, plan.n_sel, plan.n_chunks), **f32)
+        chunk_arg = torch.empty((batch, plan.n_sel, plan.n_chunks), dtype=torch.int32, device=device)
+        return cls(
+            out_part=torch.empty((batch, kv_heads, plan.n_splits, group, plan.head_dim), **f32),
+            m_part=torch.empty((batch, kv_heads, plan.n_splits, group), **f32),
+            l_part=torch.empty((batch, kv_heads, plan.n_splits, group), **f32),
+            logits=torch.empty((batch, kv_heads, group, plan.slots), **f32),
+            chunk_min=chunk_min,
+            chunk_arg=chunk_arg,
+            chunk_min2=torch.empty_like(chunk_min) if plan.top2 else chunk_min,
+            chunk_arg2=torch.empty_like(chunk_arg) if plan.top2 else chunk_arg,
+        )
+
+
 def decode_attention_triton(
     q: torch.Tensor,
     k_new: torch.Tensor,
@@ -440,9 +574,11 @@ def decode_attention_triton(
     planned_slots: int = 0,
     reallocate_every: int = 0,
     min_limit: int = 0,
+    *,
     n_splits: int | None = None,
     launch: AttendLaunch | None = None,
     score_launch: ScoreLaunch | None = None,
+    workspaces: dict | None = None,
 ) -> torch.Tensor:
     """Triton implementation of `decode_attention_reference` (same arguments and result).
 
@@ -451,106 +587,67 @@ def decode_attention_triton(
     ``reallocate_every`` and ``min_limit``: online re-allocation, as in the reference.
     ``n_splits`` overrides the split-K heuristic (tests use it to exercise many splits);
     ``launch`` and ``score_launch`` override the attention and scoring passes' launch shapes
-    (the benchmark sweeps them).
+    (the benchmark sweeps them). ``workspaces``: a dict in which the step keeps its scratch
+    buffers (`DecodeWorkspace`, one per plan and device) from call to call instead of allocating
+    them, for eager decoding; it must only be used by calls in stream order (not while a CUDA
+    graph captures, whose memory is private). The result is the same bit for bit either way.
     Requires ``q`` / caches in float16 or bfloat16, ``D`` a power of two >= 16, last dims
     contiguous, and contiguous ``slot_pos`` / ``write_slot`` / ``slot_limit`` / ``position``.
     """
     check_reallocation(reallocate_every, shared, accumulated)
     batch, kv_heads, slots, head_dim = k_cache.shape
-    group = q.shape[1] // kv_heads
-    block_g = max(16, triton.next_power_of_2(group))
-    launch = launch or AttendLaunch()
-    block_s = launch.block_s if head_dim <= 128 else launch.block_s // 2
-    num_sms = multiprocessor_count(q.device)
-    if n_splits is None:
-        n_splits, split_size = plan_splits(
-            batch, kv_heads, slots, block_s, num_sms, launch.min_tiles_per_split, planned_slots
-        )
-    else:
-        split_size = math.ceil(math.ceil(slots / n_splits) / block_s) * block_s
-        n_splits = math.ceil(slots / split_size)
+    device = q.device
+    plan = plan_decode(batch, kv_heads, q.shape[1] // kv_heads, slots, head_dim, multiprocessor_count(device),
+                       shared, planned_slots, reallocate_every > 0, n_splits, launch, score_launch)  # fmt: skip
+    if workspaces is None:
+        work = DecodeWorkspace.allocate(plan, device)
+    elif (work := workspaces.get((plan, device))) is None:
+        work = workspaces[plan, device] = DecodeWorkspace.allocate(plan, device)
+    group = plan.group
 
-    f32 = dict(dtype=torch.float32, device=q.device)
-    out_part = torch.empty((batch, kv_heads, n_splits, group, head_dim), **f32)
-    m_part = torch.empty((batch, kv_heads, n_splits, group), **f32)
-    l_part = torch.empty((batch, kv_heads, n_splits, group), **f32)
-    logits = torch.empty((batch, kv_heads, group, slots), **f32)
-    _attend_split_kernel[(n_splits, kv_heads, batch)](
+    _attend_split_kernel[(plan.n_splits, kv_heads, batch)](
         q, k_new, v_new, k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit,
-        out_part, m_part, l_part, logits,
+        work.out_part, work.m_part, work.l_part, work.logits,
         q.stride(0), q.stride(1),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         slot_pos.stride(0), slot_pos.stride(1),
-        n_splits, split_size, slots, scale * LOG2E,
-        G=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_S=block_s,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        plan.n_splits, plan.split_size, slots, scale * LOG2E,
+        G=group, BLOCK_G=plan.block_g, HEAD_DIM=head_dim, BLOCK_S=plan.block_s,
+        num_warps=plan.attend_warps, num_stages=plan.attend_stages,
     )  # fmt: skip
 
-    n_sel = 1 if shared else kv_heads
-    heads = kv_heads if shared else 1
-    block_h, score_g = triton.next_power_of_2(heads), max(2, triton.next_power_of_2(group))
-    score_launch = score_launch or ScoreLaunch()
-    score_block = min(score_launch.block, max(16, 4096 // (block_h * score_g)))
-    chunk_size, n_chunks = _plan_chunks(batch * n_sel, slots, score_block, num_sms, planned_slots)
-    chunk_min = torch.empty((batch, n_sel, n_chunks), **f32)
-    chunk_arg = torch.empty((batch, n_sel, n_chunks), dtype=torch.int32, device=q.device)
-    # Runner-up per chunk, only for online re-allocation (else the lowest's buffers stand in, unused).
-    chunk_min2 = torch.empty_like(chunk_min) if reallocate_every else chunk_min
-    chunk_arg2 = torch.empty_like(chunk_arg) if reallocate_every else chunk_arg
-    _score_chunk_kernel[(n_chunks, n_sel, batch)](
-        m_part, l_part, logits, value_norm, slot_pos, write_slot, position, slot_limit,
-        accumulated if accumulated is not None else m_part,
-        chunk_min, chunk_arg, chunk_min2, chunk_arg2,
+    _score_chunk_kernel[(plan.n_chunks, plan.n_sel, batch)](
+        work.m_part, work.l_part, work.logits, value_norm, slot_pos, write_slot, position, slot_limit,
+        accumulated if accumulated is not None else work.m_part,
+        work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2,
         slot_pos.stride(0), slot_pos.stride(1),
-        n_splits, split_size, slots, kv_heads, n_chunks, chunk_size, sink_tokens, recent_window,
-        G=group, HEADS=heads, BLOCK_H=block_h, BLOCK_G=score_g, BLOCK_SPLITS=max(2, triton.next_power_of_2(n_splits)),
-        BLOCK=score_block, SHARED=shared, SCORE_KIND=int(score_kind), ACCUMULATE=accumulated is not None,
-        TOP2=reallocate_every > 0, num_warps=score_launch.num_warps,
+        plan.n_splits, plan.split_size, slots, kv_heads, plan.n_chunks, plan.chunk_size, sink_tokens, recent_window,
+        G=group, HEADS=plan.heads, BLOCK_H=plan.block_h, BLOCK_G=plan.score_g, BLOCK_SPLITS=plan.block_splits,
+        BLOCK=plan.score_block, SHARED=shared, SCORE_KIND=int(score_kind), ACCUMULATE=accumulated is not None,
+        TOP2=plan.top2, num_warps=plan.score_warps,
     )  # fmt: skip
 
     out = torch.empty_like(q)
-    combine_g = max(2, triton.next_power_of_2(group))  # no tl.dot here: no padding to 16 rows
-    d_slice = min(COMBINE_D_SLICE, head_dim)
-    _combine_kernel[(kv_heads, batch, head_dim // d_slice)](
-        out,
-        out_part,
-        m_part,
-        l_part,
-        chunk_min,
-        chunk_arg,
-        write_slot,
-        slot_limit,
-        out.stride(0),
-        out.stride(1),
-        n_splits,
-        split_size,
-        n_chunks,
-        chunk_size,
-        G=group,
-        BLOCK_G=combine_g,
-        HEAD_DIM=head_dim,
-        D_SLICE=d_slice,
-        # All splits in one load (up to 8192 floats: 64 registers a thread), so a head above the
-        # mean budget costs no extra trip. Four warps and no pipelining: one or two trips of a
-        # latency-bound loop (measured 10-15% faster for the whole op at batch 1 on an H100 than
-        # eight warps).
-        SPLIT_CHUNK=min(triton.next_power_of_2(n_splits), max(1, 8192 // (combine_g * d_slice))),
-        BLOCK_CHUNKS=max(2, triton.next_power_of_2(n_chunks)),
-        SHARED=shared,
-        num_warps=4,
-        num_stages=1,
-    )
+    # Four warps and no pipelining: one or two trips of a latency-bound loop (measured 10-15% faster
+    # for the whole op at batch 1 on an H100 than eight warps).
+    _combine_kernel[(kv_heads, batch, head_dim // plan.d_slice)](
+        out, work.out_part, work.m_part, work.l_part, work.chunk_min, work.chunk_arg, write_slot, slot_limit,
+        out.stride(0), out.stride(1),
+        plan.n_splits, plan.split_size, plan.n_chunks, plan.chunk_size,
+        G=group, BLOCK_G=plan.combine_g, HEAD_DIM=head_dim, D_SLICE=plan.d_slice, SPLIT_CHUNK=plan.split_chunk,
+        BLOCK_CHUNKS=plan.block_chunks, SHARED=shared, num_warps=4, num_stages=1,
+    )  # fmt: skip
     if reallocate_every:
         _reallocate_kernel[(batch,)](
             k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit,
-            chunk_min, chunk_arg, chunk_min2, chunk_arg2,
+            work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2,
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             slot_pos.stride(0), slot_pos.stride(1),
-            kv_heads, slots, n_chunks, chunk_size, reallocate_every, min_limit,
+            kv_heads, slots, plan.n_chunks, plan.chunk_size, reallocate_every, min_limit,
             HEAD_DIM=head_dim, BLOCK_HKV=max(2, triton.next_power_of_2(kv_heads)),
-            BLOCK_CHUNKS=max(2, triton.next_power_of_2(n_chunks)), num_warps=1,
+            BLOCK_CHUNKS=plan.block_chunks, num_warps=1,
         )  # fmt: skip
     return out

@@ -23,10 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import LOG2E, multiprocessor_count, plan_splits
+from .decode_attention import LOG2E, AttendLaunch, multiprocessor_count, plan_splits
 from .online_softmax import merge_split_partials, online_softmax_step
 
 BLOCK_S = 64
+# One query tile of at most 16 rows (one decode step of a GQA group: T * G <= 16) is the decode
+# kernel's attention tile, so it streams K/V in that kernel's tuned slot tiles (head_dim <= 128).
+DECODE_BLOCK_S = AttendLaunch().block_s
 # Largest T * G handled by one query tile (more falls back to the reference).
 MAX_QUERY_ROWS = 128
 
@@ -144,10 +147,11 @@ def verify_attention_triton(
     kv_heads, slots = k_prefix.shape[1], k_prefix.shape[2]
     group = q_heads // kv_heads
     block_m = max(16, triton.next_power_of_2(length * group))
+    block_s = DECODE_BLOCK_S if block_m == 16 and head_dim <= 128 else BLOCK_S
     if n_splits is None:
-        n_splits, split_size = plan_splits(batch, kv_heads, max(slots, 1), BLOCK_S, multiprocessor_count(q.device))
+        n_splits, split_size = plan_splits(batch, kv_heads, max(slots, 1), block_s, multiprocessor_count(q.device))
     else:
-        split_size = math.ceil(math.ceil(max(slots, 1) / n_splits) / BLOCK_S) * BLOCK_S
+        split_size = math.ceil(math.ceil(max(slots, 1) / n_splits) / block_s) * block_s
         n_splits = math.ceil(max(slots, 1) / split_size)
 
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -161,7 +165,7 @@ def verify_attention_triton(
         k_prefix.stride(0), k_prefix.stride(1), k_prefix.stride(2),
         v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2),
         n_splits, split_size, qk_scale,
-        T=length, G=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_S=BLOCK_S,
+        T=length, G=group, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_S=block_s,
         num_warps=4, num_stages=2,
     )  # fmt: skip
 

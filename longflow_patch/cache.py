@@ -12,7 +12,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from longflow_patch.kernels.decode_attention_reference import rank_slots
-from longflow_patch.ops import decode_attention
+from longflow_patch.ops import decode_step
 from longflow_patch.policies import Policy, window_attention
 
 
@@ -29,14 +29,17 @@ class LongFlowLayer(CacheLayerMixin):
             kernel's work split; the per-layer total stays fixed as budget moves between heads)
         accumulated: ``[B, Hsel, S]`` float32 running scores, only for accumulating policies
         recent_queries: ``[B, Hq, W, D]`` ring of the last decode queries, only for compacting policies
+    ``workspaces``: where eager decode steps keep their scratch buffers (`longflow_patch.ops.decode_step`),
+    shared by the layers of a `LongFlowCache`.
     """
 
     is_sliding = False
 
-    def __init__(self, policy: Policy, layer: int = 0):
+    def __init__(self, policy: Policy, layer: int = 0, workspaces: dict | None = None):
         super().__init__()
         self.policy = policy
         self.layer = layer
+        self.workspaces = {} if workspaces is None else workspaces
         self.prefilled = False
         self.token_count: torch.Tensor | None = None  # 0-d int64 on the cache's device: tokens seen so far
         self.free_slots = 0  # compacting policies: free slots left before the next re-selection
@@ -252,7 +255,7 @@ class LongFlowLayer(CacheLayerMixin):
             if policy.compacting:
                 self._before_compacting_step(query[:, :, step], positions[:, step], scale)
             outputs.append(
-                decode_attention(
+                decode_step(
                     query[:, :, step].contiguous(),
                     keys[:, :, step].contiguous(),
                     values[:, :, step].contiguous(),
@@ -272,10 +275,11 @@ class LongFlowLayer(CacheLayerMixin):
                     self.planned_slots,
                     reallocate_every,
                     policy.minimum_budget,
+                    workspaces=self.workspaces,
                 )
             )
         self.token_count.add_(query.shape[2])
-        return torch.stack(outputs, dim=1)
+        return outputs[0][:, None] if len(outputs) == 1 else torch.stack(outputs, dim=1)
 
     def _before_compacting_step(self, query: torch.Tensor, position: torch.Tensor, scale: float) -> None:
         """Record the query; when a head has no free slot left, re-select the cache by the
@@ -337,10 +341,12 @@ class LongFlowLayer(CacheLayerMixin):
 
 
 class LongFlowCache(Cache):
-    """A transformers ``Cache`` of ``LongFlowLayer`` s, one per decoder layer, all under one policy."""
+    """A transformers ``Cache`` of ``LongFlowLayer`` s, one per decoder layer, all under one policy
+    (and one dict of eager scratch buffers, ``workspaces``: layers of one shape share them)."""
 
     def __init__(self, policy: Policy, num_layers: int):
-        super().__init__(layers=[LongFlowLayer(policy, layer) for layer in range(num_layers)])
+        self.workspaces: dict = {}
+        super().__init__(layers=[LongFlowLayer(policy, layer, self.workspaces) for layer in range(num_layers)])
         self.policy = policy
 
     def kv_bytes(self) -> int:

@@ -262,7 +262,7 @@ def target_key_values(
     """The target's layer ``layer`` keys (rotated at ``positions`` ``[B, T]``) and values
     ``[B, Hkv, T, D]`` over ``ids`` ``[B, T]``: what the draft's cross-attention reads."""
     cache = DynamicCache(config=target.config)
-    target.model(input_ids=ids, position_ids=positions, use_cache=True, **{cache_keyword(target): cache})
+    target.model(input_ids=ids, position_ids=positions, use_cache=True, **{cache_keyword(target.model): cache})
     return cache.layers[layer].keys, cache.layers[layer].values
 
 

@@ -35,7 +35,8 @@ def smollm2(
     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """SmolLM2-135M-Instruct as ``(model, tokenizer)``: a ``LlamaForCausalLM`` dequantized to ``dtype``
-    on ``device`` in eval mode, and its tokenizer set to pad on the left (for batched ``generate``).
+    on ``device`` in eval mode, and its tokenizer set to pad on the left with the end-of-turn token
+    (for batched ``generate``).
 
     Raises FileNotFoundError when the model or the ``gguf`` reader is not installed.
     """
@@ -44,5 +45,7 @@ def smollm2(
         raise FileNotFoundError(f"reading SmolLM2's GGUF file needs the gguf package: `{SMOLLM2_INSTALL}`")
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # transformers before 5.2x reads no pad token from the file
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     return model.to(device).eval(), tokenizer

@@ -6,6 +6,10 @@ capture it. The CPU implementation is the PyTorch reference; CUDA tensors run th
 kernel (``kernels/decode_attention.py``), except for dtypes or head sizes the kernel lacks, which
 fall back to the reference (documented; `apply` warns). Shapes and semantics:
 ``kernels/decode_attention_reference.py``.
+
+`decode_step` is what the cache calls: the op while tracing or capturing a CUDA graph, and
+otherwise, on CUDA, the Triton launcher itself with scratch buffers kept between calls, so an
+eager step pays neither the ``torch.library`` dispatch nor allocations (same result bit for bit).
 """
 
 import torch
@@ -52,13 +56,34 @@ def decode_attention(
     )  # fmt: skip
 
 
+def runs_fused_kernel(q: torch.Tensor) -> bool:
+    """Whether the op runs the Triton kernel for queries like ``q`` (CUDA, fp16/bf16, a head size it has)."""
+    return q.is_cuda and q.dtype in KERNEL_DTYPES and q.shape[-1] in KERNEL_HEAD_DIMS
+
+
 @decode_attention.register_kernel("cuda")
 def _decode_attention_cuda(q: torch.Tensor, *args: object) -> torch.Tensor:
-    if q.dtype not in KERNEL_DTYPES or q.shape[-1] not in KERNEL_HEAD_DIMS:
+    if not runs_fused_kernel(q):
         return decode_attention_reference(q, *args)
     from longflow_patch.kernels.decode_attention import decode_attention_triton
 
     return decode_attention_triton(q, *args)
+
+
+def decode_step(q: torch.Tensor, *args: object, workspaces: dict) -> torch.Tensor:
+    """One decode step, with the arguments of ``decode_attention``; ``workspaces``: a dict owned by
+    the caller (the cache) where eager steps keep their scratch buffers.
+
+    Eager, on CUDA and outside CUDA-graph capture, it calls the Triton launcher directly (no
+    ``torch.library`` dispatch, no scratch allocation); while ``torch.compile`` traces it, and
+    on the CPU, it is the registered op.
+    """
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not torch.compiler.is_compiling() and runs_fused_kernel(q) and not capturing:
+        from longflow_patch.kernels.decode_attention import decode_attention_triton
+
+        return decode_attention_triton(q, *args, workspaces=workspaces)
+    return decode_attention(q, *args)
 
 
 @decode_attention.register_fake

@@ -17,15 +17,20 @@ from longflow_patch.attention import longflow_attention_forward
 from longflow_patch.cache import LongFlowCache
 from longflow_patch.compat import cache_from_kwargs, cache_keyword
 from longflow_patch.ops import KERNEL_DTYPES, KERNEL_HEAD_DIMS
-from longflow_patch.policies import Policy, ProfiledPolicy, make_policy
+from longflow_patch.policies import Policy, ProfiledPolicy, check_budget, make_policy
 
 SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+"""The model classes `apply` patches (full-attention layers only); any other is refused."""
 SUPPORTED_ATTENTION = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention")
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in SUPPORTED_ATTENTION]
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _check_model(model: nn.Module) -> None:
@@ -46,7 +51,7 @@ def _check_model(model: nn.Module) -> None:
             f"use one of {SUPPORTED_ATTN_IMPLEMENTATIONS}"
         )
     parameter = next(model.parameters())
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     if parameter.is_cuda and (parameter.dtype not in KERNEL_DTYPES or head_dim not in KERNEL_HEAD_DIMS):
         warnings.warn(
             f"the fused Triton kernel needs float16/bfloat16 and head_dim in {KERNEL_HEAD_DIMS} (model: "
@@ -56,40 +61,98 @@ def _check_model(model: nn.Module) -> None:
         )
 
 
-def apply(
-    model: nn.Module,
-    policy: str | Policy = "longflow",
-    budget: int = 2048,
-    compile: bool = False,
-    **settings: object,
-) -> nn.Module:
-    """Patch ``model`` in place so decoding keeps at most ``budget`` KV slots per layer; returns it.
-
-    ``policy`` is a registered name (see `longflow_patch.POLICIES`) or a ready `Policy`;
-    ``settings`` are that policy's options (``sink_tokens``, ``recent_window``, ``per_head``,
-    ``observation_window``, ``pooling_kernel``; ``buffer`` for compacting policies). With
-    ``compile=True``, ``generate`` on a GPU compiles the decode step once (``fullgraph=True``)
-    and replays it under CUDA graphs (``mode="reduce-overhead"``) for any output length, through
-    transformers' own compile path. Applying again replaces the previous settings.
-    """
-    _check_model(model)
-    if not isinstance(policy, Policy):
-        policy = make_policy(policy, budget=budget, **settings)
-    elif settings:
-        raise TypeError("pass settings either inside a Policy object or as keyword arguments, not both")
-    if compile and not policy.compileable:
+def _check_compile_request(model: nn.Module, policy: Policy, compile: bool | str) -> bool | str:
+    """``compile`` as True, False or "auto"; raises for any other value, and for ``compile=True``
+    where the decode step cannot compile (a host-side policy, or a model spread over devices)."""
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    if compile == "auto" or not compile:
+        return "auto" if compile == "auto" else False
+    if not policy.compileable:
         scorer = (
             f" over scorer {policy.scorer!r} (scorer='longflow' compiles)" if isinstance(policy, ProfiledPolicy) else ""
         )
         raise ValueError(
             f"policy {policy.name!r}{scorer} re-selects its cache on the host and runs eagerly; compile=False"
         )
-    if compile and len(set(getattr(model, "hf_device_map", {}).values())) > 1:
+    if len(_placement(model)) > 1:
         raise ValueError("compile=True needs the whole model on one device; a model spread by device_map runs eagerly")
-    if compile:
-        if not hasattr(model, "_longflow_original_compile_config"):
-            model._longflow_original_compile_config = model.generation_config.compile_config
-        model.generation_config.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
+    return True
+
+
+def _placement(model: nn.Module) -> set[str]:
+    """Where the model's weights are: its parameters' devices, and every device of a ``device_map``
+    that spreads it over several."""
+    devices = {str(parameter.device) for parameter in model.parameters()}
+    mapped = {str(device) for device in getattr(model, "hf_device_map", {}).values()}
+    return devices | mapped if len(mapped) > 1 else devices
+
+
+def compile_blocker(model: nn.Module, policy: Policy) -> str | None:
+    """Why ``compile="auto"`` decodes ``model`` under ``policy`` eagerly, or None when it compiles."""
+    placement = _placement(model)
+    if len(placement) > 1:
+        return f"the model is spread over {sorted(placement)}"
+    if not next(iter(placement)).startswith("cuda"):
+        return f"the model is on {next(iter(placement))}, not a CUDA device"
+    if not policy.compileable:
+        return f"policy {policy.name!r} re-selects its cache on the host"
+    if policy.sized_by_generate:
+        return f"policy {policy.name!r} sizes its cache per call, so every new length would compile again"
+    parameter, head_dim = next(model.parameters()), _head_dim(model.config)
+    if parameter.dtype not in KERNEL_DTYPES or head_dim not in KERNEL_HEAD_DIMS:
+        return f"the fused kernel does not serve {parameter.dtype} with head_dim={head_dim}"
+    return None
+
+
+def _resolve_compile(model: nn.Module, policy: Policy, compile: bool | str) -> bool:
+    """Whether this ``generate`` call compiles the decode step (``compile`` as given to `apply`)."""
+    return compile is True or (compile == "auto" and compile_blocker(model, policy) is None)
+
+
+def apply(
+    model: nn.Module,
+    policy: str | Policy = "longflow",
+    budget: int = 2048,
+    compile: bool | str = "auto",
+    **settings: object,
+) -> nn.Module:
+    """Patch ``model`` in place so decoding keeps at most ``budget`` KV slots per layer; returns it.
+
+        longflow_patch.apply(model, policy="longflow", budget=2048)
+        out = model.generate(**inputs, max_new_tokens=32768)  # each call gets a fresh compressed cache
+
+    ``model`` is a ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` (`SUPPORTED_MODELS`).
+    ``policy`` is a registered name (a key of `longflow_patch.POLICIES`: ``longflow``, ``h2o``,
+    ``streamingllm``, ``full``, ``snapkv``, ``rkv``, ``random``, ``lukv``, ``reasonalloc``) or a
+    ready `Policy`. ``budget`` is an integer count of KV slots per sequence per layer (per KV head
+    for the allocating policies, on average), at least ``sink_tokens + recent_window + 1`` (plus
+    ``buffer`` for compacting policies); a float, text or None raises TypeError at once.
+    ``settings`` are the policy's options (``sink_tokens``, ``recent_window``, ``per_head``,
+    ``observation_window``, ``pooling_kernel``; ``buffer`` for compacting policies; ``profile``
+    for ``lukv``/``reasonalloc``; the full list: `longflow_patch.policy_settings`); a setting the
+    policy does not take raises ValueError listing those it does. Applying again replaces the
+    previous settings; `unapply` undoes the patch.
+
+    ``compile``: when ``generate`` compiles the decode step (``fullgraph=True``) and replays it
+    under CUDA graphs (``mode="reduce-overhead"``) for any output length, through transformers'
+    own compile path. ``"auto"`` (the default) decides at each ``generate`` call, from where the
+    model sits then (so moving it after `apply` needs nothing more): it compiles when the whole
+    model is on one CUDA device, in float16 / bfloat16 with a head size the fused kernel has, under
+    a policy that decodes with static shapes and is not sized per call (`compile_blocker`), and
+    decodes eagerly otherwise (CPU, ``device_map`` across devices, compacting policies, ``full``).
+    ``True`` compiles and raises here where it cannot; ``False`` never compiles. A compiled
+    decode step is compiled once per shape: a new batch size or budget (a new `apply`) compiles
+    again the first time it is met (then with dynamic shapes), and each new shape captures new
+    CUDA graphs; ``generate`` warns when it meets one.
+    """
+    _check_model(model)
+    check_budget(budget)
+    if not isinstance(policy, Policy):
+        policy = make_policy(policy, budget=budget, **settings)
+    elif settings:
+        raise TypeError("pass settings either inside a Policy object or as keyword arguments, not both")
+    model._longflow_compile = _check_compile_request(model, policy, compile)
     for module in _attention_modules(model):
         if not hasattr(module, "_longflow_original_forward"):
             module._longflow_original_forward = module.forward
@@ -110,16 +173,14 @@ def unapply(model: nn.Module) -> nn.Module:
     if hasattr(model, "_longflow_original_generate"):
         del model.generate
         del model._longflow_original_generate
-    if hasattr(model, "_longflow_original_compile_config"):
-        model.generation_config.compile_config = model._longflow_original_compile_config
-        del model._longflow_original_compile_config
-    model.__dict__.pop("_longflow_policy", None)
-    model.__dict__.pop("_longflow_reused_cache", None)
+    for name in ("_longflow_policy", "_longflow_compile", "_longflow_reused_cache", "_longflow_compiled_shapes"):
+        model.__dict__.pop(name, None)
     return model
 
 
 def new_cache(model: nn.Module, budget: int | None = None) -> LongFlowCache:
-    """A fresh, empty compressed cache for a patched model (what `generate` builds per call).
+    """A fresh, empty compressed cache for a patched model (what `generate` builds per call), to
+    pass to ``generate`` or ``forward`` yourself, e.g. to read ``cache.kv_bytes()`` afterwards.
 
     ``budget`` overrides the policy's budget (the full-cache policy sizes it per call).
     """
@@ -146,13 +207,16 @@ def _tokens_to_hold(model: nn.Module, args: tuple, kwargs: dict) -> int:
 def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.Tensor:
     """``generate`` of a patched model: a compressed cache per call unless one is passed.
 
-    In compile mode one cache is kept and refilled by every call (like transformers' static
-    cache), so its buffers keep their addresses and the captured CUDA graph is replayed, not
-    re-recorded; a cache returned by one call is then overwritten by the next. Otherwise decoding
-    is eager: transformers would compile any generate call on a GPU whose cache is compileable
-    (a surprise compile per new shape, and endless recompiles under device_map's hooks), so it is
-    told not to unless the caller asks for it (a ``compile_config`` of their own, or ``disable_compile``).
+    When this call compiles (`apply`'s ``compile``, resolved now), transformers is given the
+    decode step's compile settings (unless the caller set a ``compile_config`` of their own), and
+    one cache is kept and refilled by every call (like transformers' static cache), so its
+    buffers keep their addresses and the captured CUDA graph is replayed, not re-recorded; a
+    cache returned by one call is then overwritten by the next. Otherwise decoding is eager:
+    transformers would compile any generate call on a GPU whose cache is compileable (a surprise
+    compile per new shape, and endless recompiles under device_map's hooks), so it is told not to
+    unless the caller asks for it (a ``compile_config`` of their own, or ``disable_compile``).
     """
+    compiling = _resolve_compile(self, self._longflow_policy, self._longflow_compile)
     _, given = cache_from_kwargs(kwargs, "generate")
     if given is not None and not isinstance(given, LongFlowCache):
         raise TypeError(
@@ -166,11 +230,38 @@ def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.T
         cache = getattr(self, "_longflow_reused_cache", None)
         if cache is None or cache.policy is not policy or budget is not None:
             cache = new_cache(self, budget)
-        if hasattr(self, "_longflow_original_compile_config"):
+        if compiling:
             self._longflow_reused_cache = cache
         cache.reset()
         kwargs[cache_keyword(self)] = cache
     config = kwargs.get("generation_config") or self.generation_config
-    if not hasattr(self, "_longflow_original_compile_config") and config.compile_config is None:
-        kwargs.setdefault("disable_compile", True)
-    return self._longflow_original_generate(*args, **kwargs)
+    if config.compile_config is None and "compile_config" not in kwargs:
+        if compiling:  # a fresh object per call: transformers may edit it (fullgraph under flash-attn)
+            kwargs["compile_config"] = CompileConfig(fullgraph=True, mode="reduce-overhead")
+        else:
+            kwargs.setdefault("disable_compile", True)
+    output = self._longflow_original_generate(*args, **kwargs)
+    if compiling:
+        _warn_on_new_shape(self, kwargs.get(cache_keyword(self), given))
+    return output
+
+
+def _warn_on_new_shape(model: nn.Module, cache: LongFlowCache | None) -> None:
+    """Warn the first time compiled decoding meets a cache shape after another: that call
+    compiled the decode step again (or captured new CUDA graphs), a one-time cost per shape."""
+    if cache is None or not cache.layers[0].is_initialized:
+        return
+    batch, slots = cache.layers[0].keys.shape[0], cache.layers[0].keys.shape[2]
+    shape = (batch, tuple(layer.keys.shape[2] for layer in cache.layers), cache.layers[0].keys.dtype)
+    seen = model.__dict__.setdefault("_longflow_compiled_shapes", [])
+    if shape in seen:
+        return
+    if seen:
+        warnings.warn(
+            f"compiled decoding met a new shape (batch {batch}, {slots} slots per KV head in layer 0; "
+            f"{len(seen)} shape(s) before): this generate call compiled the decode step again (dynamic shapes "
+            "after the first change) and captured new CUDA graphs, a one-time cost per shape; keep the batch "
+            "size and budget fixed to avoid it, or apply(..., compile=False)",
+            stacklevel=3,
+        )
+    seen.append(shape)

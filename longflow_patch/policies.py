@@ -14,8 +14,12 @@ Every policy also scores the prompt when it is longer than the budget (``prompt_
 compacting ones by their own re-selection rule, observed by the last prompt queries.
 """
 
+import dataclasses
+import difflib
 import math
+import numbers
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -57,6 +61,7 @@ class Policy:
     pooling_kernel: int = 7
 
     def __post_init__(self) -> None:
+        check_budget(self.budget)
         for field in ("sink_tokens", "recent_window"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
@@ -121,7 +126,9 @@ class Policy:
 
 class LongFlowPolicy(Policy):
     """LongFlow: a slot's importance is the size of its contribution to the current output,
-    ``softmax weight x ||v||_1``, from the current query alone; no scores are kept between steps."""
+    ``softmax weight x ||v||_1``, from the current query alone; no scores are kept between steps.
+
+    Based on LongFlow (https://arxiv.org/abs/2603.11504)."""
 
     name = "longflow"
     score_kind = ScoreKind.CONTRIBUTION
@@ -134,6 +141,8 @@ class H2OPolicy(Policy):
     As in the paper, the budget is split evenly between heavy hitters and the newest tokens:
     ``recent_window`` defaults to half the budget. (With a short window the accumulated scores,
     which grow with a token's age, evict each new token as soon as it leaves the window.)
+
+    Based on H2O (https://arxiv.org/abs/2306.14048).
     """
 
     name = "h2o"
@@ -149,7 +158,9 @@ class H2OPolicy(Policy):
 
 
 class StreamingLLMPolicy(Policy):
-    """StreamingLLM: attention sinks plus the most recent tokens; the oldest other token goes first."""
+    """StreamingLLM: attention sinks plus the most recent tokens; the oldest other token goes first.
+
+    Based on StreamingLLM (https://arxiv.org/abs/2309.17453)."""
 
     name = "streamingllm"
     score_kind = ScoreKind.POSITION
@@ -218,7 +229,9 @@ def window_attention(keys: torch.Tensor, slot_pos: torch.Tensor, queries: torch.
 
 class SnapKVPolicy(CompactingPolicy):
     """SnapKV in the decode-time form used by reasoning-compression papers: when the buffer is
-    full, keep the tokens the most recent window of queries attends to most."""
+    full, keep the tokens the most recent window of queries attends to most.
+
+    Based on SnapKV (https://arxiv.org/abs/2404.14469)."""
 
     name = "snapkv"
 
@@ -239,6 +252,8 @@ class RKVPolicy(CompactingPolicy):
     The mean similarity needs no ``[S, S]`` matrix: a unit key's dot product with the sum of all
     valid unit keys, less its product with itself, over the count of the others. Memory stays
     ``O(S)`` per head, so re-selecting a large batch of long caches fits beside the model.
+
+    Based on R-KV (https://arxiv.org/abs/2505.24133).
     """
 
     name = "rkv"
@@ -271,6 +286,7 @@ class RandomPolicy(CompactingPolicy):
 
 
 SCORERS = ("longflow", "rkv")
+"""Token scorers the allocating policies (``lukv``, ``reasonalloc``) can run over (``scorer=``)."""
 
 
 @dataclass(frozen=True)
@@ -316,7 +332,11 @@ class ProfiledPolicy(Policy):
 
     def __post_init__(self) -> None:
         if self.profile is None:
-            raise ValueError(f"policy {self.name!r} needs profile=PATH (a JSON from recipes/profile_budgets.py)")
+            raise ValueError(
+                f"policy {self.name!r} needs profile=PATH, a budget profile written by recipes/profile_budgets.py "
+                f"(the bundled toy reasoner's: longflow_patch.toy.profile_paths({self.name!r}); on a command line: "
+                "--setting profile=PATH)"
+            )
         if not isinstance(self.profile, str | Path):
             object.__setattr__(self, "profile", tuple(self.profile))  # hashable, as a frozen policy must be
         measured = sorted({profile.scorer for _, profile in self.profiles if profile.scorer is not None})
@@ -386,6 +406,11 @@ class ProfiledPolicy(Policy):
         from longflow_patch.profiles import BudgetProfile
 
         paths = [self.profile] if isinstance(self.profile, str | Path) else list(self.profile)
+        if missing := [str(path) for path in paths if not Path(path).is_file()]:
+            raise FileNotFoundError(
+                f"policy {self.name!r}: no budget profile at {', '.join(missing)} (write one with "
+                f"recipes/profile_budgets.py; the toy reasoner's are longflow_patch.toy.profile_paths({self.name!r}))"
+            )
         loaded = [(path, BudgetProfile.load(path)) for path in paths]
         for path, profile in loaded:
             if profile.method != self.name:
@@ -437,7 +462,9 @@ class LUKVPolicy(ProfiledPolicy):
     once, and without a floor the solver starves heads whose loss alone looks small. On the toy
     reasoner over R-KV, with an earlier profile measured against whole others, the floor took
     accuracy at 40% of the trace from 15.2% to 64.2% (the note of
-    ``bench/results/accuracy_toy_allocation.json``)."""
+    ``bench/results/accuracy_toy_allocation.json``).
+
+    Based on LU-KV (https://arxiv.org/abs/2602.08585)."""
 
     name = "lukv"
     floor_share: float = 0.5
@@ -447,6 +474,8 @@ class LUKVPolicy(ProfiledPolicy):
 class ReasonAllocPolicy(ProfiledPolicy):
     """ReasonAlloc: layer budgets pre-allocated from the profile (the layer-wise 'reasoning wave'),
     re-allocated online between the heads of a layer.
+
+    Based on ReasonAlloc (https://arxiv.org/abs/2606.11164).
 
     Pre-allocation solves the profile's layer utility curves with the greedy solver at this
     policy's total, every layer at least half the average budget (``floor_share=0.5``, for LU-KV's
@@ -522,10 +551,73 @@ POLICIES: dict[str, type[Policy]] = {
         ReasonAllocPolicy,
     )
 }
+"""Every policy by name: ``apply(model, policy=NAME)`` and ``make_policy(NAME, ...)`` take these keys;
+``list(POLICIES)`` lists them, `policy_settings` gives each one's settings."""
+
+
+def check_policy_name(name: object) -> None:
+    """Raise ValueError unless ``name`` is registered in `POLICIES`."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; available: {', '.join(POLICIES)}")
+
+
+def policy_settings(name: str) -> tuple[str, ...]:
+    """The settings policy ``name`` takes (its dataclass fields), ``budget`` first."""
+    check_policy_name(name)
+    return tuple(field.name for field in dataclasses.fields(POLICIES[name]))
+
+
+def check_settings(name: str, settings: Iterable[str]) -> None:
+    """Raise ValueError naming the first of ``settings`` that policy ``name`` does not take, with
+    the settings it does take: the one message every entry point (`apply`, lm-eval's
+    ``--model_args``, ``recipes/generate.py``, the demo) gives for a mistyped setting."""
+    known = policy_settings(name)
+    for setting in settings:
+        if setting not in known:
+            raise ValueError(unknown_setting_message(name, setting))
+
+
+def unknown_setting_message(name: str, setting: str) -> str:
+    """Why policy ``name`` refuses ``setting``: a near miss, or the policies that take it, and the
+    settings ``name`` takes."""
+    known = policy_settings(name)
+    owners = [other for other, cls in POLICIES.items() if setting in {field.name for field in dataclasses.fields(cls)}]
+    if owners:
+        hint = f" (a setting of {', '.join(owners)})"
+    elif close := difflib.get_close_matches(setting, known, n=1):
+        hint = f" (did you mean {close[0]!r}?)"
+    else:
+        hint = ""
+    return f"policy {name!r} has no setting {setting!r}{hint}; its settings: {', '.join(known)}"
+
+
+def check_budget(budget: object) -> None:
+    """Raise TypeError unless ``budget`` is an integer count of KV slots (not a bool, float, text
+    or None). Whether it is large enough depends on the policy (`Policy.minimum_budget`)."""
+    if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
+        return
+    if isinstance(budget, float) and 0 < budget < 1:
+        hint = (
+            ": it looks like a compression ratio, but budget counts KV slots per sequence per layer; to keep a "
+            "fraction f of a generation of N tokens (prompt + new tokens), pass budget=int(f * N)"
+        )
+    elif isinstance(budget, str) and budget.strip().isdigit():
+        hint = f"; pass budget={int(budget)}, a number"
+    else:
+        hint = ""
+    raise TypeError(
+        f"budget must be an integer number of KV slots per sequence per layer, got {budget!r} "
+        f"({type(budget).__name__}){hint}"
+    )
 
 
 def make_policy(name: str, **settings: object) -> Policy:
-    """Build the policy registered under ``name`` with the given settings."""
-    if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; available: {sorted(POLICIES)}")
+    """Build the policy registered under ``name`` (a key of `POLICIES`) with the given settings
+    (``budget`` and the policy's own, `policy_settings`); clear errors for an unknown name, a
+    setting the policy does not take and a budget that is not a slot count."""
+    check_policy_name(name)
+    check_settings(name, settings)
+    if "budget" not in settings:
+        raise TypeError(f"policy {name!r} needs budget=SLOTS (KV slots per sequence per layer)")
+    check_budget(settings["budget"])
     return POLICIES[name](**settings)

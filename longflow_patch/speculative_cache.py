@@ -134,8 +134,8 @@ class DraftLayer(LongFlowLayer):
     the last commit).
     """
 
-    def __init__(self, policy: Policy, layer: int, max_steps: int):
-        super().__init__(policy, layer)
+    def __init__(self, policy: Policy, layer: int, max_steps: int, workspaces: dict | None = None):
+        super().__init__(policy, layer, workspaces)
         self.max_steps = max_steps
         self.log_len: torch.Tensor | None = None
 
@@ -205,7 +205,9 @@ class DraftCache(LongFlowCache):
     def __init__(self, policy: Policy, num_layers: int, max_steps: int):
         if policy.accumulate or not policy.compileable:
             raise ValueError(f"policy {policy.name!r} keeps state across steps; a draft cache cannot undo its steps")
-        Cache.__init__(self, layers=[DraftLayer(policy, layer, max_steps) for layer in range(num_layers)])
+        self.workspaces: dict = {}
+        layers = [DraftLayer(policy, layer, max_steps, self.workspaces) for layer in range(num_layers)]
+        Cache.__init__(self, layers=layers)
         self.policy = policy
 
     def rollback(self, steps: int, logged: int | None = None) -> None:

@@ -1,22 +1,37 @@
-"""End-to-end decode throughput: transformers' full-cache paths against LongFlow, eager and compiled.
+"""End-to-end decode throughput: LongFlow against the strongest full-cache baseline we can build,
+transformers' own full-cache paths, and the full cache's roofline.
 
 Random-weight models of real shapes (weights do not change speed), bf16, a 512-token prompt and
 outputs of 4k-32k tokens. Configurations, each at the largest batch whose weights plus KV cache
-fit under ``--memory-cap-gb``:
+fit under ``--memory-cap-gb`` (rows are labelled in the JSON, `LABELS`):
 
-1. ``default``: transformers' default, DynamicCache + SDPA, eager ``generate``;
-2. ``static``: transformers' best full-cache path, static cache + ``torch.compile`` (CUDA graphs);
-3. ``longflow``: LongFlow at 80% compression (budget = 20% of prompt + output), eager;
-4. ``longflow-compiled``: the same, compiled + CUDA graphs (``apply(..., compile=True)``).
+1. ``fullcache-loop``: the strongest full-cache baseline: a compiled, static-shape decode loop
+   (gpt-fast style: one ``torch.compile(fullgraph=True, mode="reduce-overhead")`` step per token,
+   greedy token on the device, CUDA graphs) over a full cache at fixed addresses whose attention
+   reads only the filled positions, each K/V tile once for all query heads of its KV head (the
+   split-K GQA kernel of ``longflow::verify_attention`` with one query: flash decoding);
+2. ``longflow-compiled``: LongFlow at 80% compression (budget = 20% of prompt + output) with
+   `apply`'s defaults (``compile="auto"``: compiled + CUDA graphs on one GPU), through ``generate``;
+3. ``longflow``: the same, eager (``compile=False``);
+4. ``longflow-loop``: LongFlow in the same compiled loop as ``fullcache-loop`` (no ``generate``);
+5. ``default``: transformers' default, DynamicCache + SDPA, eager ``generate``;
+6. ``static``: transformers' static cache + ``torch.compile`` (CUDA graphs); with an attention
+   mask it repeats K/V over each GQA group and reads all ``max_cache_len`` slots every step.
 
-Method. A full 32k-token run of every configuration would take hours of GPU time, so each
-configuration is timed on the real ``generate`` loop over ``--steps`` decode steps at the context
-lengths that matter, and tokens/s over the whole output is integrated from those step times:
-full caches are filled with random keys/values up to the context (their step time grows
-linearly with it: measured at the start and the end of the output), LongFlow's step time does
-not depend on the context (its cache is full-size from the first step). Step time is the
-difference of two timed ``generate`` calls of different lengths, so prefill and set-up cancel.
-The roofline of a step is (weight bytes + KV bytes read) over the measured copy bandwidth.
+Method. A full 32k-token run of every configuration would take hours of GPU time, so each is
+timed over ``--steps`` decode steps at the context lengths that matter, and tokens/s over the
+whole output is integrated from those step times: full caches are filled up to the context
+(their step time grows linearly with it: measured at the start and the end of the output, and
+averaged), LongFlow's step does not depend on the context or the prompt (its cache is
+budget-sized from the first step, and the kernel reads every slot), so it is timed after a
+``--timing-prompt``-token prompt. Through ``generate``, step time is the difference of two timed
+calls of different lengths, so prefill and set-up cancel; the loops time their steps directly.
+The roofline of a step is (weight bytes + KV bytes read) over the measured copy bandwidth; the
+full cache's roofline is that of a full cache at its own largest batch, each step reading only
+the filled positions (``prompt + output / 2`` on average). Compiled configurations are compiled
+once per process and shape, as a user's would be: the first output length compiles, the second
+compiles again with dynamic shapes, later ones only capture CUDA graphs; ``first_call_s`` and
+``compile_s`` (first call less a steady call of the same length) record that cost.
 
     python recipes/bench_throughput.py --shape qwen3-8b
     python recipes/plot_throughput.py bench/results/throughput_qwen3-8b.json
@@ -28,6 +43,8 @@ import json
 import os
 import sys
 import time
+import types
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
@@ -39,27 +56,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
 from longflow_patch.compat import cache_keyword
 from longflow_patch.progress import TokenProgress
+from longflow_patch.speculative_cache import SpeculativeCache
 
-from common import SHAPES, build_model, copy_bandwidth_gbs, environment, print_table, write_results
+from common import SHAPES, build_model, copy_bandwidth_gbs, environment, print_table, synchronize, write_results
 
-CONFIGS = ("default", "static", "longflow", "longflow-compiled")
+CONFIGS = ("fullcache-loop", "longflow-compiled", "longflow", "longflow-loop", "default", "static")
+LABELS = {
+    "fullcache-loop": "strongest full cache: compiled static-shape loop, CUDA graphs, split-K GQA kernel "
+    "reading only the filled positions",
+    "longflow-compiled": "LongFlow 80% compression, apply's default (compile='auto': compiled + CUDA graphs), generate",
+    "longflow": "LongFlow 80% compression, eager (compile=False), generate",
+    "longflow-loop": "LongFlow 80% compression in the same compiled loop as fullcache-loop",
+    "default": "transformers default: DynamicCache + SDPA, eager generate",
+    "static": "transformers static cache + torch.compile (CUDA graphs; repeats K/V per GQA group, reads all slots)",
+}
+COMPRESSED = ("longflow-compiled", "longflow", "longflow-loop")
+LOOPS = ("fullcache-loop", "longflow-loop")
+COMPILED = ("fullcache-loop", "longflow-compiled", "longflow-loop", "static")
+COLUMNS = ["config", "output", "batch", "budget", "step_ms_first", "step_ms_last", "tokens_per_s", "x_strongest",
+           "x_full_roofline", "x_default", "x_static", "vs_roofline", "compile_s", "peak_gib"]  # fmt: skip
 
 
 def kv_bytes_per_token(config) -> int:
     return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 2
 
 
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def largest_batch(model, slots_per_sequence: int, cap_bytes: float, most: int) -> int:
     """Largest batch whose weights + KV cache + working memory (logits, activations) fit the cap."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     config = model.config
     per_sequence = slots_per_sequence * kv_bytes_per_token(config)
     per_sequence += 512 * (config.intermediate_size * 2 * 2 + config.hidden_size * 8) + config.vocab_size * 8
-    return max(1, min(most, int((cap_bytes - weights - 2 * 2**30) // per_sequence)))
+    return max(1, min(most, int((cap_bytes - weight_bytes(model) - 2 * 2**30) // per_sequence)))
 
 
 def filled_cache(model, kind: str, batch: int, context: int, max_len: int):
-    """A full cache holding ``context`` random tokens per sequence."""
+    """A transformers full cache holding ``context`` random tokens per sequence."""
     config = model.config
     cache = DynamicCache(config=config) if kind == "default" else StaticCache(config=config, max_cache_len=max_len)
     shape = (batch, config.num_key_value_heads, context, config.head_dim)
@@ -69,58 +104,197 @@ def filled_cache(model, kind: str, batch: int, context: int, max_len: int):
     return cache
 
 
+def full_cache(model, batch: int, capacity: int) -> SpeculativeCache:
+    """The baseline's full cache: ``capacity`` slots per sequence and layer at fixed addresses, a
+    device-side length (set by the caller); zeros stand for tokens (speed does not depend on them)."""
+    config = model.config
+    cache = SpeculativeCache(config.num_hidden_layers, capacity)
+    token = torch.zeros(batch, config.num_key_value_heads, 1, config.head_dim, dtype=model.dtype, device=model.device)
+    for layer in cache.layers:
+        layer.lazy_initialization(token, token)
+        layer.prefilled = True
+    return cache
+
+
 def timed_generate(model, batch: int, context: int, new_tokens: int, cache=None) -> float:
     ids = torch.randint(3, model.config.vocab_size, (batch, context + 1), device=model.device)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize()
     start = time.perf_counter()
     model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_keyword(model): cache},
                    max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)  # fmt: skip
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize()
     return time.perf_counter() - start
 
 
-def step_seconds(model, kind: str, batch: int, context: int, max_len: int, steps: int) -> float:
-    """Seconds per decode step of the real ``generate`` loop at ``context`` tokens."""
-    if kind in ("default", "static"):
-        static = filled_cache(model, "static", batch, context, max_len) if kind == "static" else None
+def generate_step_seconds(model, kind: str, batch: int, context: int, max_len: int, steps: int) -> tuple[float, dict]:
+    """Seconds per decode step of the real ``generate`` loop at ``context`` tokens, and the first
+    call's cost (compilation and CUDA-graph capture happen there): ``first_call_s`` and
+    ``compile_s``, the first call less a steady call of the same length."""
+    static = filled_cache(model, "static", batch, context, max_len) if kind == "static" else None
 
-        def run(new_tokens: int) -> float:
-            if static is None:
-                return timed_generate(
-                    model, batch, context, new_tokens, filled_cache(model, "default", batch, context, max_len)
-                )
+    def run(new_tokens: int) -> float:
+        if kind == "default":
+            cache = filled_cache(model, "default", batch, context, max_len)
+            return timed_generate(model, batch, context, new_tokens, cache)
+        if static is not None:
             for layer in static.layers:
                 layer.cumulative_length.fill_(context)
-            return timed_generate(model, batch, context, new_tokens, static)
-    else:
+        return timed_generate(model, batch, context, new_tokens, static)
 
-        def run(new_tokens: int) -> float:
-            return timed_generate(model, batch, context, new_tokens)
-
-    run(steps)  # warm-up: compilation and CUDA-graph capture happen here
+    first = run(steps)
     short, long = run(steps // 4), run(steps)
-    return (long - short) / (steps - steps // 4)
+    return (long - short) / (steps - steps // 4), {"first_call_s": first, "compile_s": first - long}
+
+
+def _greedy_step(model, keyword: str, cache, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """One decode step: the next greedy token ``[B, 1]`` of ``token`` ``[B, 1]`` at ``position``."""
+    logits = model(input_ids=token, position_ids=position, use_cache=True, **{keyword: cache}).logits
+    return logits[:, -1].argmax(dim=-1, keepdim=True)
+
+
+def compiled_greedy_step(name: str, backend: str | Callable = "inductor") -> Callable:
+    """`_greedy_step` compiled whole (``fullgraph``, CUDA graphs on a GPU), under a code object of
+    its own: dynamo keeps compiled graphs per code object, so each loop's shapes stay its own."""
+    code = _greedy_step.__code__.replace(co_name=f"greedy_step_{name.replace('-', '_')}")
+    function = types.FunctionType(code, _greedy_step.__globals__, code.co_name)
+    mode = "reduce-overhead" if backend == "inductor" and torch.cuda.is_available() else None
+    return torch.compile(function, fullgraph=True, mode=mode, backend=backend)
+
+
+def mark_batch_and_slots_dynamic(cache) -> None:
+    """Let the loop's first compile cover every batch size and cache length: the batch and slot
+    dimensions of the cache's buffers become dynamic (where nothing specialises them; the step's
+    inputs get their batch dimension marked at each call), so later output lengths capture CUDA
+    graphs without recompiling."""
+    for layer in cache.layers:
+        for tensor in vars(layer).values():
+            if isinstance(tensor, torch.Tensor) and tensor.dim() >= 2:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+                if tensor.dim() >= 3:
+                    torch._dynamo.maybe_mark_dynamic(tensor, 2)
+
+
+def loop_step_seconds(model, step: Callable, cache, batch: int, context: int, steps: int,
+                      set_context: Callable[[], None]) -> tuple[float, dict]:  # fmt: skip
+    """Seconds per step of a compiled decode loop, and its first three steps' cost (compilation
+    and capture): ``first_call_s`` and ``compile_s``, those steps less three steady ones.
+    ``set_context`` puts the cache back at ``context`` tokens before each run."""
+    keyword = cache_keyword(model)
+    token = torch.randint(3, model.config.vocab_size, (batch, 1), device=model.device)
+
+    @torch.no_grad()
+    def run(count: int) -> float:
+        set_context()
+        current, position = token, torch.full((batch, 1), context, device=model.device)
+        mark_batch_and_slots_dynamic(cache)
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(count):
+            for tensor in (current, position):  # the same marks on every call's inputs
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            torch.compiler.cudagraph_mark_step_begin()
+            current = step(model, keyword, cache, current, position).clone()  # graph outputs are reused
+            position = position + 1
+        synchronize()
+        return time.perf_counter() - start
+
+    first = run(3)
+    seconds = run(steps) / steps
+    return seconds, {"first_call_s": first, "compile_s": first - 3 * seconds}
+
+
+@torch.no_grad()
+def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, bandwidth: float,
+            timing_prompt: int, loop_steps: dict, backend: str) -> dict:  # fmt: skip
+    """One row: step times, tokens/s, roofline and first-call cost of ``kind`` at ``batch``."""
+    config = model.config
+    total = prompt + output
+    budget = total // 5
+    compressed = kind in COMPRESSED
+    model.generation_config.compile_config = None  # transformers' default for the static cache: reduce-overhead
+    if compressed:
+        compile = "auto" if kind == "longflow-compiled" else False
+        longflow_patch.apply(model, policy="longflow", budget=budget, compile=compile)
+    elif kind == "fullcache-loop":
+        longflow_patch.apply(model, compile=False)  # installs the attention that serves a SpeculativeCache
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    first_call: dict = {}
+    if kind in LOOPS:
+        step = loop_steps.setdefault(kind, compiled_greedy_step(kind, backend))
+        if kind == "fullcache-loop":
+            cache = full_cache(model, batch, total)
+            contexts = (prompt, total - steps)
+        else:
+            cache = longflow_patch.new_cache(model)
+            ids = torch.randint(3, config.vocab_size, (batch, timing_prompt), device=model.device)
+            model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache})  # prefill, eager
+            contexts = (timing_prompt,)
+        times = []
+        for context in contexts:
+
+            def set_context(context=context):
+                if kind == "fullcache-loop":
+                    for layer in cache.layers:
+                        layer.length.fill_(context)
+
+            seconds, cost = loop_step_seconds(model, step, cache, batch, context, steps, set_context)
+            times.append(seconds)
+            first_call = first_call or cost
+        first, last = times[0], times[-1]
+        del cache
+    elif compressed:
+        first, first_call = generate_step_seconds(model, kind, batch, timing_prompt, total, steps)
+        last = first
+    elif kind == "static":
+        first, first_call = generate_step_seconds(model, kind, batch, prompt + output // 2, total, steps)
+        last = first  # reads all max_cache_len slots whatever the context
+    else:
+        first, _ = generate_step_seconds(model, kind, batch, prompt, total, steps)
+        last, _ = generate_step_seconds(model, kind, batch, total - steps, total, steps)
+    mean_step = (first + last) / 2
+    slots = budget if compressed else (total if kind == "static" else prompt + output / 2)
+    roofline = (weight_bytes(model) + batch * slots * kv_bytes_per_token(config)) / (bandwidth * 1e9)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    row = {
+        "config": kind, "label": LABELS[kind], "output": output, "batch": batch,
+        "budget": budget if compressed else None,
+        "step_ms_first": first * 1e3, "step_ms_last": last * 1e3, "step_ms_mean": mean_step * 1e3,
+        "tokens_per_s": batch / mean_step, "peak_gib": peak, "roofline_ms": roofline * 1e3,
+        "vs_roofline": mean_step / roofline,
+    }  # fmt: skip
+    if kind in COMPILED:
+        row.update(first_call)
+    return row
 
 
 def release(model) -> None:
-    """Drop compiled graphs, CUDA-graph pools and cached blocks between configurations."""
+    """Free one configuration's caches between rows; compiled graphs stay, as in a user's process
+    (`reset_compiled` drops them)."""
     longflow_patch.unapply(model)
-    model.__dict__.pop("_compiled_call", None)
-    torch._dynamo.reset()
     gc.collect()
-    if model.device.type == "cuda":
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def measure_largest(model, kind: str, prompt: int, output: int, cap: float, steps: int, bandwidth: float) -> dict:
+def reset_compiled(model) -> None:
+    """Drop compiled graphs and CUDA-graph pools (between a run's parts, not between rows)."""
+    release(model)
+    model.__dict__.pop("_compiled_call", None)
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure_largest(model, kind: str, prompt: int, output: int, cap: float, steps: int, bandwidth: float,
+                    timing_prompt: int, loop_steps: dict, backend: str, most: int = 256) -> dict:  # fmt: skip
     """`measure` at the estimated largest batch, stepping the batch down by 20% on out-of-memory."""
-    slots = (prompt + output) // 5 if kind.startswith("longflow") else prompt + output
-    batch = largest_batch(model, slots, cap, most=256)
+    slots = (prompt + output) // 5 if kind in COMPRESSED else prompt + output
+    batch = largest_batch(model, slots, cap, most)
     while True:
         try:
-            return measure(model, kind, prompt, output, batch, steps, bandwidth)
+            return measure(model, kind, prompt, output, batch, steps, bandwidth, timing_prompt, loop_steps, backend)
         except torch.OutOfMemoryError:
             release(model)
             if batch == 1:
@@ -131,35 +305,26 @@ def measure_largest(model, kind: str, prompt: int, output: int, cap: float, step
             release(model)
 
 
-def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, bandwidth: float) -> dict:
-    config = model.config
-    total = prompt + output
-    budget = (prompt + output) // 5
-    compressed = kind.startswith("longflow")
-    model.generation_config.compile_config = None  # transformers' default for the static cache: reduce-overhead
-    if compressed:
-        longflow_patch.apply(model, policy="longflow", budget=budget, compile=kind == "longflow-compiled")
-        context = prompt  # the cache is budget-sized from the first step: the context does not matter
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    if compressed:
-        first = last = step_seconds(model, kind, batch, context, total, steps)
-    elif kind == "static":
-        first = last = step_seconds(model, kind, batch, prompt + output // 2, total, steps)  # reads all slots
-    else:
-        first = step_seconds(model, kind, batch, prompt, total, steps)
-        last = step_seconds(model, kind, batch, total - steps, total, steps)
-    mean_step = (first + last) / 2
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    slots = budget if compressed else (total if kind == "static" else prompt + output / 2)
-    roofline = (weight_bytes + batch * slots * kv_bytes_per_token(config)) / (bandwidth * 1e9)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if model.device.type == "cuda" else 0.0
-    return {
-        "config": kind, "output": output, "batch": batch, "budget": budget if compressed else None,
-        "step_ms_first": first * 1e3, "step_ms_last": last * 1e3, "step_ms_mean": mean_step * 1e3,
-        "tokens_per_s": batch / mean_step, "peak_gib": peak, "roofline_ms": roofline * 1e3,
-        "vs_roofline": mean_step / roofline,
-    }  # fmt: skip
+def full_cache_roofline(model, prompt: int, output: int, cap: float, bandwidth: float, most: int = 256) -> dict:
+    """tokens/s of a full cache at its largest batch under ``cap`` if every step ran at the copy
+    bandwidth, reading the weights and only the filled positions (``prompt + output / 2`` on average)."""
+    batch = largest_batch(model, prompt + output, cap, most)
+    step = (weight_bytes(model) + batch * (prompt + output / 2) * kv_bytes_per_token(model.config)) / (bandwidth * 1e9)
+    return {"batch": batch, "step_ms": step * 1e3, "tokens_per_s": batch / step}
+
+
+def add_ratios(rows: list[dict], full_rooflines: dict) -> None:
+    """Each row's tokens/s over the strongest full-cache baseline's, the full cache's roofline,
+    the default's and the static cache's at the same output length (when measured)."""
+    for row in rows:
+        if "tokens_per_s" not in row:
+            continue
+        same = {r["config"]: r for r in rows if r["output"] == row["output"] and "tokens_per_s" in r}
+        for base, name in (("fullcache-loop", "x_strongest"), ("default", "x_default"), ("static", "x_static")):
+            if base in same:
+                row[name] = row["tokens_per_s"] / same[base]["tokens_per_s"]
+        if row["output"] in full_rooflines:
+            row["x_full_roofline"] = row["tokens_per_s"] / full_rooflines[row["output"]]["tokens_per_s"]
 
 
 def memory_trace(model, batch: int, budget: int, prompt: int, output: int, every: int) -> list[dict]:
@@ -175,7 +340,7 @@ def memory_trace(model, batch: int, budget: int, prompt: int, output: int, every
                 samples.append({"tokens": prompt + generated, "longflow_gib": torch.cuda.memory_allocated() / 2**30})
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    release(model)
+    reset_compiled(model)
     base = torch.cuda.memory_allocated()
     longflow_patch.apply(model, policy="longflow", budget=budget, compile=True)
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), device=model.device)
@@ -183,7 +348,7 @@ def memory_trace(model, batch: int, budget: int, prompt: int, output: int, every
         watchers = StoppingCriteriaList([Sampler(), TokenProgress(bar)])
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=output, min_new_tokens=output,
                        do_sample=False, stopping_criteria=watchers)  # fmt: skip
-    release(model)
+    reset_compiled(model)
     for sample in samples:
         cache = filled_cache(model, "default", batch, sample["tokens"], sample["tokens"])
         sample["full_cache_gib"] = torch.cuda.memory_allocated() / 2**30
@@ -194,14 +359,80 @@ def memory_trace(model, batch: int, budget: int, prompt: int, output: int, every
     return samples
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# Rows are measured in passes, most needed first, so that a run cut short by its time budget loses
+# the least: the strongest baseline and compiled LongFlow, then eager LongFlow, then transformers'
+# paths (static last: its compile settings differ from the others').
+PASSES = (("fullcache-loop", "longflow-compiled", "longflow-loop"), ("longflow",), ("default",), ("static",))
+
+
+def estimated_seconds(kind: str, shapes_before: int) -> float:
+    """A row's rough cost on an H200 at the 8B shape: a compiled configuration's first shape
+    compiles; through generate, its second compiles again (dynamic shapes; the loops compile
+    dynamic from the first); later shapes only capture CUDA graphs."""
+    if kind not in COMPILED:
+        return 20
+    if kind in LOOPS:
+        return 150 if shapes_before == 0 else 30
+    return (150, 120, 30)[min(shapes_before, 2)]
+
+
+def run_rows(model, args, bandwidth: float, write: Callable[[list[dict], dict], None], deadline: float = float("inf"),
+             after_row: Callable[[dict], None] | None = None) -> tuple[list[dict], dict]:  # fmt: skip
+    """Measure every (output, config) of ``args``: configurations in `PASSES`, outputs in the
+    order given within each; calls ``write(rows, rooflines)`` after each row and ``after_row(row)``
+    (e.g. to profile while a row's graphs are warm). A row whose estimated cost would pass
+    ``deadline`` (``time.time()``) is skipped and recorded so."""
+    cap = args.memory_cap_gb * 1e9
+    full_rooflines = {out: full_cache_roofline(model, args.prompt, out, cap, bandwidth, args.max_batch)
+                      for out in args.outputs}  # fmt: skip
+    order = [(output, kind) for kinds in PASSES for output in args.outputs for kind in kinds if kind in args.configs]
+    rows, loop_steps, seen, failed = [], {}, {}, set()
+    for output, kind in tqdm(order, desc="rows"):
+        shapes_before = seen.get(kind, 0)
+        estimate = estimated_seconds(kind, shapes_before)
+        if kind in failed or time.time() + estimate > deadline:
+            reason = "failed at an earlier output" if kind in failed else f"time: about {estimate} s needed"
+            rows.append({"config": kind, "output": output, "skipped": reason})
+            tqdm.write(f"{kind:>18} out={output:>6} skipped ({reason})")
+            continue
+        if kind == "static" and shapes_before == 0:
+            reset_compiled(model)  # transformers' own compile settings from here
+        try:
+            row = measure_largest(model, kind, args.prompt, output, cap, args.steps, bandwidth, args.timing_prompt,
+                                  loop_steps, args.backend, args.max_batch)  # fmt: skip
+        except Exception as error:  # one configuration failing must not lose the others' rows
+            rows.append({"config": kind, "output": output, "error": f"{type(error).__name__}: {error}"[:500]})
+            tqdm.write(f"{kind:>18} out={output:>6} failed: {type(error).__name__}: {error}")
+            failed.add(kind)
+            release(model)
+            continue
+        seen[kind] = shapes_before + 1
+        rows.append(row)
+        tqdm.write(f"{kind:>18} out={output:>6} batch={row['batch']:>3} {row['tokens_per_s']:9.1f} tok/s")
+        add_ratios(rows, full_rooflines)
+        write(rows, full_rooflines)
+        if after_row is not None:
+            after_row(row)
+    return rows, full_rooflines
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a throughput run (shared with ``bench/speed_suite.py``)."""
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
     parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--timing-prompt", type=int, default=16,
+                        help="prompt tokens when timing LongFlow (its step does not depend on them)")  # fmt: skip
     parser.add_argument("--outputs", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
-    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=[c for c in CONFIGS if c != "longflow-loop"])
     parser.add_argument("--memory-cap-gb", type=float, default=70.0)
-    parser.add_argument("--steps", type=int, default=48, help="decode steps per timed generate call")
+    parser.add_argument("--max-batch", type=int, default=256, help="largest batch tried")
+    parser.add_argument("--steps", type=int, default=48, help="decode steps per timed call")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of the loops (smoke: eager)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
     parser.add_argument(
         "--memory-trace",
         type=int,
@@ -215,50 +446,30 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/throughput_<shape>.json)")
     args = parser.parse_args()
 
-    # Each configuration compiles at most twice over the output lengths (static, then dynamic shapes).
-    torch._dynamo.config.recompile_limit = 64
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = copy_bandwidth_gbs() if device == "cuda" else 50.0
     model = build_model(args.shape, device)
     out = Path(args.out or f"bench/results/throughput_{args.shape}.json")
     earlier = json.loads(out.read_text()) if out.exists() else {}
-    if earlier.get("prompt") != args.prompt or earlier.get("memory_cap_gb") != args.memory_cap_gb:
-        earlier = {}
-    # Rows of earlier runs with the same settings stay unless re-measured here.
-    rows = [row for row in earlier.get("rows", []) if (row["output"], row["config"]) not in
-            {(output, kind) for output in args.outputs for kind in args.configs}]  # fmt: skip
+    keep = {key: earlier[key] for key in ("memory_trace", "memory_trace_settings") if key in earlier}
     settings = {"benchmark": "throughput", "environment": environment(), "shape": args.shape,
-                "model": SHAPES[args.shape], "prompt": args.prompt, "memory_cap_gb": args.memory_cap_gb,
-                "steps": args.steps, "copy_bandwidth_gbs": bandwidth}  # fmt: skip
-    for output in tqdm(args.outputs, desc="output lengths"):
-        for kind in args.configs:
-            row = measure_largest(model, kind, args.prompt, output, args.memory_cap_gb * 1e9, args.steps, bandwidth)
-            rows.append(row)
-            tqdm.write(f"{kind:>18} out={output:>6} batch={row['batch']:>3} {row['tokens_per_s']:9.1f} tok/s")
-            add_ratios(rows)
-            write_results(out, {**earlier, **settings, "rows": rows})  # a cut-off run keeps its rows
-    trace = []
+                "model": SHAPES[args.shape], "prompt": args.prompt, "timing_prompt": args.timing_prompt,
+                "memory_cap_gb": args.memory_cap_gb, "steps": args.steps, "copy_bandwidth_gbs": bandwidth,
+                "labels": LABELS}  # fmt: skip
+
+    def write(rows: list[dict], rooflines: dict) -> None:
+        write_results(out, {**keep, **settings, "full_cache_roofline": rooflines, "rows": rows})
+
+    rows, rooflines = run_rows(model, args, bandwidth, write)
     if args.memory_trace and device == "cuda":
         batch, budget = args.memory_trace
         length = args.trace_output or max(args.outputs)
         trace = memory_trace(model, batch, budget, args.prompt, length, every=length // 16)
         print_table(trace, ["tokens", "longflow_gib", "full_cache_gib"])
-    if trace:
-        earlier.update(memory_trace=trace, memory_trace_settings=[*args.memory_trace, length])
-    rows.sort(key=lambda row: (row["output"], CONFIGS.index(row["config"])))
+        keep.update(memory_trace=trace, memory_trace_settings=[*args.memory_trace, length])
     print()
-    print_table(rows, ["config", "output", "batch", "budget", "step_ms_first", "step_ms_last", "tokens_per_s",
-                       "x_default", "x_static", "peak_gib", "roofline_ms", "vs_roofline"])  # fmt: skip
-    write_results(out, {**earlier, **settings, "rows": rows})
-
-
-def add_ratios(rows: list[dict]) -> None:
-    """Each row's tokens/s over the default's and the static cache's at the same output length."""
-    for row in rows:
-        same = {r["config"]: r for r in rows if r["output"] == row["output"]}
-        for base in ("default", "static"):
-            if base in same:
-                row[f"x_{base}"] = row["tokens_per_s"] / same[base]["tokens_per_s"]
+    print_table([row for row in rows if "tokens_per_s" in row], COLUMNS)
+    write(rows, rooflines)
 
 
 if __name__ == "__main__":

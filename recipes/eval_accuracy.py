@@ -28,6 +28,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -97,12 +98,14 @@ def policy_spec(spec: str) -> str:
     return spec
 
 
-def make_policy(spec: str, budget: int) -> longflow_patch.Policy:
+def make_policy(
+    spec: str, budget: int, profiles: Callable[[str], Sequence[Path]] = toy.profile_paths
+) -> longflow_patch.Policy:
     """The policy named by ``spec`` (``name``, ``allocator+scorer``, ``name:per_head``,
     ``allocator:shared`` or ``reasonalloc[+scorer]:static``, then any ``@field=value``) at a budget:
-    compacting scorers get a buffer of an eighth of it, the allocators the toy reasoner's bundled
-    profiles (each solves with the one nearest its budget) and, without ``+scorer``, the scorer
-    those were measured under."""
+    compacting scorers get a buffer of an eighth of it, the allocators the profiles
+    ``profiles(method)`` (default: the toy reasoner's bundled ones; each solves with the one nearest
+    its budget) and, without ``+scorer``, the scorer those were measured under."""
     spec, fields = split_settings(spec)
     spec, _, eviction = spec.partition(":")
     name, _, scorer = spec.partition("+")
@@ -115,7 +118,7 @@ def make_policy(spec: str, budget: int) -> longflow_patch.Policy:
     if name in PROFILED or issubclass(longflow_patch.POLICIES[scorer or name], longflow_patch.CompactingPolicy):
         settings["buffer"] = max(8, budget // 8)
     if name in PROFILED:
-        settings["profile"] = toy.profile_paths(name)
+        settings["profile"] = tuple(profiles(name))
         if scorer:  # else the scorer the profiles were measured under
             settings["scorer"] = scorer
     return longflow_patch.make_policy(name, **settings | fields)

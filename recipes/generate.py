@@ -31,7 +31,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList, set_seed
 
 import longflow_patch
-from longflow_patch.eval.policy_options import policy_options
+from longflow_patch.eval.policy_options import parse_settings, policy_options
 from longflow_patch.progress import TokenProgress
 
 
@@ -77,13 +77,8 @@ def settings(args: argparse.Namespace) -> dict[str, object]:
         for name in ("budget", "sink_tokens", "recent_window", "per_head", "observation_window", "pooling_kernel")
         if getattr(args, name) is not None
     }
-    for item in args.setting:
-        name, separator, value = item.partition("=")
-        if not separator:
-            raise SystemExit(f"--setting takes NAME=VALUE, got {item!r}")
-        raw[name.strip().replace("-", "_")] = value
     try:
-        return policy_options(args.policy, raw)
+        return policy_options(args.policy, raw | parse_settings(args.setting))
     except ValueError as error:
         raise SystemExit(str(error)) from error
 

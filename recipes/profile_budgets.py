@@ -1,7 +1,9 @@
 """Profile a model's KV needs per layer and head and write ReasonAlloc and LU-KV budget profiles.
 
-Calibration traces (the toy reasoner's own problems with their reference solutions by default) run
-teacher-forced through the patched decode path with one KV head at a time held to a budget ``b``
+Calibration traces (the toy reasoner's own problems with their reference solutions by default; for
+another model, ``--answers``: the full cache's answers that ``recipes/eval_fidelity.py`` keeps beside
+its results, the longest loop-free prefixes, cut to ``--answer-tokens``) run teacher-forced
+through the patched decode path with one KV head at a time held to a budget ``b``
 under a token scorer (R-KV by default). Every other head either keeps the whole trace (isolated,
 the default) or is held to ``--context-budget`` slots under the same scorer (in context: the
 operating point of a tight uniform cache). The held head's utility at ``b`` is minus the mean KL
@@ -29,16 +31,21 @@ Why in context: heads measured in isolation miss how losses compound when every 
 once: with every other head at the operating point, a head's marginal value is measured where
 the budget is tight.
 
-Cost: (layers x KV heads x grid points) teacher-forced passes; on the toy reasoner 12 x 12.
+Cost: (layers x KV heads x grid points) teacher-forced passes; on the toy reasoner 12 x 12, on
+SmolLM2-135M 90 x the grid.
 
     python recipes/profile_budgets.py --problems 12 --jobs 12                       # lukv.json, reasonalloc.json
     python recipes/profile_budgets.py --problems 12 --jobs 16 --context-budget 128  # lukv-context128.json, ...
+    python recipes/profile_budgets.py --model smollm2 --answers calibration.answers.json --problems 4 \
+        --answer-tokens 384 --grid 32 96 256 --scorer longflow --jobs 2   # in bench/results/profiles/smollm2/
 """
 
 import argparse
+import json
 import multiprocessing
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -48,10 +55,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import longflow_patch
 from longflow_patch import toy
-from longflow_patch.fidelity import mean_kl, trace_log_probs
+from longflow_patch.fidelity import position_metrics, repetition_start, trace_hidden_states
+from longflow_patch.models import smollm2, smollm2_path
 from longflow_patch.profiles import BudgetProfile
 
 DEFAULT_GRID = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536)
+TOY_PROFILES = Path("longflow_patch/toy/model/profiles")
+SMOLLM2_PROFILES = Path("bench/results/profiles/smollm2")
 
 
 def held_table(layers: int, kv_heads: int, held: dict[tuple[int, int], int], others: int) -> list[list[int]]:
@@ -74,20 +84,87 @@ def fixed_table_policy(table: list[list[int]], scorer: str, buffer: int, path: P
                                       floor_share=0.0)  # fmt: skip
 
 
-def head_kl(model, tokenizer, prompts: list[str], traces: list[str], reference: tuple, table: list[list[int]],
-            scorer: str, buffer: int) -> float:  # fmt: skip
-    """Mean KL (nats per token) of ``model`` from its full-cache ``reference`` (`trace_log_probs`:
-    log-probabilities and mask) when its KV heads keep ``table`` tokens under ``scorer``."""
+def head_kl(model, calibration: "Calibration", table: list[list[int]], scorer: str, buffer: int) -> float:
+    """Mean KL (nats per token) of ``model`` from its full cache over the ``calibration`` traces
+    when its KV heads keep ``table`` tokens under ``scorer``."""
     with tempfile.TemporaryDirectory() as folder:
         policy = fixed_table_policy(table, scorer, buffer, Path(folder) / "lukv.json")
         longflow_patch.apply(model, policy=policy)
         try:
             with torch.no_grad():
                 new_cache = partial(longflow_patch.new_cache, model)
-                log_probs, _ = trace_log_probs(model, tokenizer, prompts, traces, new_cache, chunk=len(prompts))
+                hidden, mask = trace_hidden_states(model, calibration.prompts, calibration.traces, calibration.pad_id,
+                                                   new_cache, chunk=len(calibration.prompts))  # fmt: skip
+                kl = position_metrics(model.get_output_embeddings(), calibration.reference, hidden,
+                                      calibration.targets, mask)["kl"]  # fmt: skip
         finally:
             longflow_patch.unapply(model)
-    return mean_kl(reference[0], log_probs, reference[1])
+    return float(kl[mask.cpu()].mean())
+
+
+@dataclass
+class Calibration:
+    """Calibration traces: prompt and trace token ids, the pad id, and the full cache's final hidden
+    states ``[N, T, hidden]`` (`trace_hidden_states`) and trace tokens ``[N, T]``."""
+
+    prompts: list[list[int]]
+    traces: list[list[int]]
+    pad_id: int
+    reference: torch.Tensor
+    targets: torch.Tensor
+
+    @classmethod
+    def measure(cls, model, prompts: list[list[int]], traces: list[list[int]], pad_id: int) -> "Calibration":
+        with torch.no_grad():
+            reference, mask = trace_hidden_states(model, prompts, traces, pad_id, chunk=len(prompts))
+        targets = torch.tensor([t + [pad_id] * (mask.shape[1] - len(t)) for t in traces])
+        return cls(prompts, traces, pad_id, reference, targets)
+
+    @property
+    def length(self) -> int:
+        """Tokens of the longest padded row (padded prompts take slots too) plus one."""
+        return max(map(len, self.prompts)) + max(map(len, self.traces)) + 1
+
+
+def load_model(name: str | None):
+    """``(model, tokenizer)`` on the GPU (bfloat16) or the CPU (float32): the toy reasoner (None),
+    SmolLM2 (``"smollm2"``) or a model directory."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if name == "smollm2":
+        return smollm2(dtype, device)
+    path = name or toy.model_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def model_config(name: str | None):
+    """The config of the model ``load_model(name)`` loads, without loading its weights."""
+    if name == "smollm2":
+        path = smollm2_path()
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    return AutoConfig.from_pretrained(name or toy.model_path())
+
+
+def calibration_ids(args: argparse.Namespace, tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt and trace token ids: of the answers in ``--answers`` cut to their loop-free prefixes,
+    the ``--problems`` longest (first ones on ties), each then cut to ``--answer-tokens``; or toy
+    problems with their reference solutions."""
+    if args.answers is not None:
+        answers = json.loads(args.answers.read_text())["answers"]
+        prefixes = []
+        for answer in answers:
+            ids = answer["answer_ids"]
+            start = repetition_start(ids, args.loop_span)
+            prefixes.append(ids[: start if start is not None else len(ids)])
+        chosen = sorted(range(len(answers)), key=lambda i: -len(prefixes[i]))[: args.problems]
+        return [answers[i]["prompt_ids"] for i in chosen], [prefixes[i][: args.answer_tokens] for i in chosen]
+    problems = toy.make_problems(args.problems, args.seed, blocks=tuple(args.blocks), with_solution=True)
+    prompts = [tokenizer(p["prompt"]).input_ids for p in problems]
+    return prompts, [tokenizer(p["solution"], add_special_tokens=False).input_ids for p in problems]
 
 
 def utility_curves(kl: np.ndarray, grid: list[int], length: int, isolated: bool) -> list[list[list[float]]]:
@@ -120,18 +197,10 @@ def measure(args: argparse.Namespace, heads: list[tuple[int, int]]) -> tuple[lis
     held at every grid budget, the other heads whole or at ``--context-budget``. Returns the KL
     rows (one per head), the grid (``--grid`` budgets below the longest row) and the curve length
     (the longest padded row plus one)."""
-    path = args.model or toy.model_path()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model, tokenizer = load_model(args.model)
     config = model.config
-    problems = toy.make_problems(args.problems, args.seed, blocks=tuple(args.blocks), with_solution=True)
-    prompts, traces = [p["prompt"] for p in problems], [p["solution"] for p in problems]
-    with torch.no_grad():
-        reference = trace_log_probs(model, tokenizer, prompts, traces, chunk=len(prompts))
-    # The rows trace_log_probs builds: the padded prompts (their pads take slots too), then the traces.
-    length = len(tokenizer(prompts, padding=True).input_ids[0]) + reference[0].shape[1] + 1
+    calibration = Calibration.measure(model, *calibration_ids(args, tokenizer), tokenizer.pad_token_id)
+    length = calibration.length
     grid = sorted(b for b in set(args.grid) if b < length - 1)
     others = other_heads_budget(args, length)
     rows = []
@@ -139,15 +208,21 @@ def measure(args: argparse.Namespace, heads: list[tuple[int, int]]) -> tuple[lis
         rows.append([])
         for budget in grid:
             table = held_table(config.num_hidden_layers, config.num_key_value_heads, {(layer, head): budget}, others)
-            rows[-1].append(head_kl(model, tokenizer, prompts, traces, reference, table, args.scorer, args.buffer))
+            rows[-1].append(head_kl(model, calibration, table, args.scorer, args.buffer))
         print(f"layer {layer} head {head}: KL at {grid}:", np.round(rows[-1], 4).tolist(), flush=True)
     return rows, grid, length
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model directory (default: the bundled toy reasoner)")
+    parser.add_argument("--model", default=None,
+                        help="'smollm2' or a model directory (default: the bundled toy reasoner)")  # fmt: skip
     parser.add_argument("--problems", type=int, default=8, help="calibration traces")
+    parser.add_argument("--answers", type=Path, default=None,
+                        help="calibration answers: an answers file of recipes/eval_fidelity.py (needed "
+                        "for any model but the toy)")  # fmt: skip
+    parser.add_argument("--answer-tokens", type=int, default=384, help="longest calibration answer (--answers)")
+    parser.add_argument("--loop-span", type=int, default=32, help="answers are cut where such a window repeats")
     parser.add_argument("--seed", type=str, default="calibration")
     parser.add_argument("--blocks", type=int, nargs=2, default=[2, 6], help="calibration problem length range")
     parser.add_argument("--scorer", choices=longflow_patch.SCORERS, default="rkv", help="token scorer profiled")
@@ -162,11 +237,18 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=256, help="slots per head per layer the profiles are solved at")
     parser.add_argument("--minimum", type=int, default=16, help="floor of any head's budget")
     parser.add_argument("--jobs", type=int, default=1, help="processes measuring heads side by side")
-    parser.add_argument("--out-dir", type=Path, default=Path("longflow_patch/toy/model/profiles"))
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help=f"default: {TOY_PROFILES} (toy), {SMOLLM2_PROFILES} (smollm2)")  # fmt: skip
     args = parser.parse_args()
+    if args.model is not None and args.answers is None:
+        parser.error("--answers is needed for any model but the toy reasoner (its own problems calibrate it)")
+    if args.out_dir is None:
+        if args.model not in (None, "smollm2"):
+            parser.error("--out-dir is needed for a model directory")
+        args.out_dir = SMOLLM2_PROFILES if args.model == "smollm2" else TOY_PROFILES
 
-    path = args.model or toy.model_path()
-    config = AutoConfig.from_pretrained(path)
+    path = "SmolLM2-135M-Instruct" if args.model == "smollm2" else args.model or toy.model_path()
+    config = model_config(args.model)
     layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
     heads = [(layer, head) for layer in range(layers) for head in range(kv_heads)]
     shares = [heads[job :: args.jobs] for job in range(args.jobs)]
@@ -183,8 +265,13 @@ def main() -> None:
     total = args.budget * layers * kv_heads
     others = other_heads_budget(args, length)
     context = f"every other head at {others}" if args.context_budget else "the others whole"
+    if args.answers is not None:
+        calibration = (f"the {args.problems} longest loop-free answer prefixes of {args.answers}, "
+                       f"cut to {args.answer_tokens} tokens")  # fmt: skip
+    else:
+        calibration = f"{args.problems} toy traces ({args.blocks[0]}-{args.blocks[1]} blocks), seed {args.seed!r}"
     metadata = {
-        "calibration": f"{args.problems} toy traces ({args.blocks[0]}-{args.blocks[1]} blocks), seed {args.seed!r}",
+        "calibration": calibration,
         "signal": f"-KL(full || one head held to b under {args.scorer}, buffer {args.buffer}, {context}), "
         "nats per token",
         "grid": grid,
@@ -197,7 +284,8 @@ def main() -> None:
         profile = BudgetProfile.from_curves(
             method, str(path), data, total, kv_heads, args.minimum, metadata, others, args.scorer
         )
-        written.append(args.out_dir / (f"{method}-context{others}.json" if args.context_budget else f"{method}.json"))
+        name = method if args.model is None else f"{method}-{args.scorer}"  # the toy's are all R-KV's
+        written.append(args.out_dir / (f"{name}-context{others}.json" if args.context_budget else f"{name}.json"))
         profile.save(written[-1])
         print(f"{method} at {args.budget} per head:", profile.head_budget_table())
     print("wrote", *written)

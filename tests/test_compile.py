@@ -1,5 +1,7 @@
 """Decoding compiles once (fullgraph) and never recompiles as the sequence grows."""
 
+import warnings
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -44,14 +46,27 @@ def test_decode_step_compiles_once_through_transformers_generate(policy):
     assert torch.equal(compiled, eager)
 
 
-def test_compile_flag_sets_fullgraph_cuda_graph_config_and_unapply_restores_it():
+def generate_kwargs(model, monkeypatch) -> list[dict]:
+    """The keyword arguments each ``generate`` call of ``model`` hands to transformers (which is not run)."""
+    seen = []
+    monkeypatch.setattr(model, "_longflow_original_generate", lambda *args, **kwargs: seen.append(kwargs))
+    return seen
+
+
+def run_generate(model) -> None:
+    model.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)
+
+
+def test_compiling_generate_hands_transformers_a_fullgraph_cuda_graph_config_and_leaves_the_model_config():
     model = tiny_model()
-    before = model.generation_config.compile_config
     longflow_patch.apply(model, budget=32, compile=True)
-    config = model.generation_config.compile_config
-    assert config.fullgraph and config.mode == "reduce-overhead"
+    seen = generate_kwargs(model, monkeypatch=pytest.MonkeyPatch())
+    run_generate(model)
+    config = seen[-1]["compile_config"]
+    assert config.fullgraph and config.mode == "reduce-overhead" and "disable_compile" not in seen[-1]
+    assert model.generation_config.compile_config is None, "apply must not edit the model's generation config"
     longflow_patch.unapply(model)
-    assert model.generation_config.compile_config is before
+    assert not hasattr(model, "_longflow_compile")
 
 
 def test_compacting_policies_refuse_compile():
@@ -86,20 +101,90 @@ def test_user_compiled_forward_is_one_graph_for_every_decode_step():
 
 
 def test_generate_is_eager_unless_compile_is_asked_for(monkeypatch):
-    """transformers compiles any generate call on a GPU whose cache is compileable; a model patched
-    with compile=False must decode eagerly (no surprise compiles, none under device_map's hooks)."""
-    model = longflow_patch.apply(tiny_model(), budget=32)
-    seen = []
-    monkeypatch.setattr(model, "_longflow_original_generate", lambda *args, **kwargs: seen.append(kwargs))
-    model.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)
-    assert seen[-1]["disable_compile"] is True
+    """transformers compiles any generate call on a GPU whose cache is compileable; a model that
+    decodes eagerly (here: "auto" on the CPU, or compile=False) must not be compiled behind its
+    back (no surprise compiles, none under device_map's hooks)."""
+    for compile in ("auto", False):
+        model = longflow_patch.apply(tiny_model(), budget=32, compile=compile)
+        seen = generate_kwargs(model, monkeypatch)
+        run_generate(model)
+        assert seen[-1]["disable_compile"] is True and "compile_config" not in seen[-1]
     model.generation_config.compile_config = CompileConfig()  # the user's own compile settings win
-    model.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)
-    assert "disable_compile" not in seen[-1]
-    model.generation_config.compile_config = None
+    run_generate(model)
+    assert "disable_compile" not in seen[-1] and "compile_config" not in seen[-1]
     longflow_patch.apply(model, budget=32, compile=True)
-    model.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)
-    assert "disable_compile" not in seen[-1]
+    run_generate(model)
+    assert "disable_compile" not in seen[-1] and "compile_config" not in seen[-1]
+    model.generation_config.compile_config = None
+    run_generate(model)
+    assert seen[-1]["compile_config"].mode == "reduce-overhead" and "disable_compile" not in seen[-1]
+
+
+def on_devices(monkeypatch, *devices: str) -> None:
+    """Make every patched model look placed on ``devices`` (the weights stay on the CPU)."""
+    monkeypatch.setattr(longflow_patch.patch, "_placement", lambda model: set(devices))
+
+
+def test_auto_compiles_on_one_cuda_device_and_is_decided_at_each_generate_call(monkeypatch):
+    model = longflow_patch.apply(tiny_model(dtype=torch.bfloat16), budget=32)  # compile="auto", on the CPU
+    seen = generate_kwargs(model, monkeypatch)
+    run_generate(model)
+    assert seen[-1].get("disable_compile") is True
+    on_devices(monkeypatch, "cuda:0")  # the model moved to a GPU after apply: no new apply needed
+    run_generate(model)
+    assert seen[-1]["compile_config"].mode == "reduce-overhead" and "disable_compile" not in seen[-1]
+    assert longflow_patch.patch.compile_blocker(model, model._longflow_policy) is None
+    on_devices(monkeypatch, "cuda:0", "cuda:1")  # device_map across two GPUs
+    run_generate(model)
+    assert seen[-1].get("disable_compile") is True
+
+
+@pytest.mark.parametrize(
+    ("policy", "settings", "dtype", "reason"),
+    [
+        ("snapkv", dict(budget=128), torch.bfloat16, "re-selects its cache on the host"),
+        ("rkv", dict(budget=128), torch.bfloat16, "re-selects its cache on the host"),
+        ("full", {}, torch.bfloat16, "sizes its cache per call"),
+        ("longflow", dict(budget=32), torch.float32, "does not serve torch.float32"),
+    ],
+)
+def test_auto_decodes_eagerly_where_compiling_would_not_pay(monkeypatch, policy, settings, dtype, reason):
+    """Compacting policies (host-side re-selection), a cache sized per call (a compile per length)
+    and the float32 fallback to the PyTorch reference decode eagerly under "auto", on a GPU too."""
+    on_devices(monkeypatch, "cuda:0")
+    model = longflow_patch.apply(tiny_model(dtype=dtype), policy=policy, **settings)
+    assert reason in longflow_patch.patch.compile_blocker(model, model._longflow_policy)
+    seen = generate_kwargs(model, monkeypatch)
+    run_generate(model)
+    assert seen[-1].get("disable_compile") is True
+
+
+def test_compile_refuses_values_other_than_true_false_and_auto():
+    with pytest.raises(ValueError, match="compile must be True, False or 'auto'"):
+        longflow_patch.apply(tiny_model(), budget=32, compile="yes")
+
+
+def test_compiled_generate_warns_once_per_new_cache_shape():
+    """On the CPU transformers decodes eagerly even when asked to compile; the patched generate
+    still reuses one cache and tracks its shapes as it does on a GPU."""
+    model = longflow_patch.apply(tiny_model(), budget=16, compile=True)
+    ids, mask = left_padded_prompts(batch=3, length=6)
+
+    def generate(batch):
+        model.generate(input_ids=ids[:batch], attention_mask=mask[:batch], max_new_tokens=2, pad_token_id=0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(2)  # the first shape: no warning
+        generate(2)
+    with pytest.warns(UserWarning, match="new shape \\(batch 3, 16 slots"):
+        generate(3)
+    longflow_patch.apply(model, budget=24, compile=True)
+    with pytest.warns(UserWarning, match="new shape \\(batch 3, 24 slots"):
+        generate(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(3)  # met just before
 
 
 def test_compile_refuses_a_model_spread_over_devices():

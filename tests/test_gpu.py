@@ -94,12 +94,13 @@ def test_cuda_graph_replay_matches_compiled_step_and_never_recaptures(policy, tm
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
 
-    longflow_patch.apply(model, budget=32, **settings)
+    longflow_patch.apply(model, budget=32, compile=False, **settings)
     eager = generate(200)
     longflow_patch.apply(model, budget=32, compile=True, **settings)
     model.generation_config.compile_config = CompileConfig(fullgraph=True, mode=None)  # inductor, no graphs
     without_graphs = generate(200)
     torch._dynamo.reset()
+    model.generation_config.compile_config = None  # apply's own settings again: CUDA graphs
     longflow_patch.apply(model, budget=32, compile=True, **settings)
     model.__dict__.pop("_compiled_call", None)
     captures = []

@@ -88,6 +88,7 @@ def test_merge_of_two_key_sets_equals_attention_over_their_union():
 CASES = [
     # length, group, head_dim, dtype, n_splits, masked
     (1, 4, 32, torch.float16, None, False),
+    (1, 4, 128, torch.bfloat16, 2, False),  # a decode step of the full-cache baseline (8B: G=4, D=128)
     (2, 1, 16, torch.bfloat16, 3, False),
     (3, 8, 64, torch.float16, 2, False),
     (4, 4, 128, torch.bfloat16, None, False),

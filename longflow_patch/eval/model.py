@@ -24,6 +24,7 @@ keeps ``hf``'s probe. A fixed ``batch_size=N`` always overrides the probe.
 """
 
 import dataclasses
+import inspect
 import logging
 
 import torch
@@ -35,7 +36,7 @@ from lm_eval.models.utils_hf import clear_torch_cache
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import longflow_patch
-from longflow_patch.eval.policy_options import as_bool, policy_options, setting_names
+from longflow_patch.eval.policy_options import as_bool, policy_options, reject_mistyped_settings, setting_names
 
 DEFAULT_MAX_GEN_TOKS = 32768
 PROBE_STEPS = 4  # decode steps per batch-size probe: the cache is allocated whole at the prompt
@@ -64,6 +65,7 @@ class LongFlowLM(HFLM):
             )
         settings = {name: kwargs.pop(name) for name in setting_names() & kwargs.keys()}
         options = policy_options(str(policy), {"budget": budget, **settings})
+        reject_mistyped_settings(str(policy), kwargs.keys() - inspect.signature(HFLM.__init__).parameters.keys())
         compile = as_bool(compile, "compile")
         self._max_gen_toks = int(max_gen_toks)
         super().__init__(pretrained=pretrained, **kwargs)

@@ -5,10 +5,11 @@ policies and settings need no change here.
 """
 
 import dataclasses
+import difflib
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-from longflow_patch.policies import POLICIES
+from longflow_patch.policies import POLICIES, check_policy_name, check_settings, unknown_setting_message
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
@@ -21,17 +22,35 @@ def setting_names() -> set[str]:
 def policy_options(policy: str, raw: Mapping[str, object]) -> dict[str, object]:
     """``raw`` settings for ``policy``, each cast to the type of the policy's field.
 
-    Raises ValueError for an unknown policy or a setting the policy does not take.
+    Raises ValueError for an unknown policy or a setting the policy does not take (the message of
+    `longflow_patch.policies.check_settings`, as from `longflow_patch.apply`).
     """
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; available: {', '.join(sorted(POLICIES))}")
+    check_policy_name(policy)
+    check_settings(policy, raw)
     fields = {field.name: field for field in dataclasses.fields(POLICIES[policy])}
-    options = {}
-    for name, value in raw.items():
-        if name not in fields:
-            raise ValueError(f"policy {policy!r} has no setting {name!r}; its settings: {', '.join(sorted(fields))}")
-        options[name] = _cast(value, fields[name].type, name)
-    return options
+    return {name: _cast(value, fields[name].type, name) for name, value in raw.items()}
+
+
+def parse_settings(items: Iterable[str]) -> dict[str, str]:
+    """``NAME=VALUE`` items of a command line (``--setting``) as ``{name: text}``; a dash in a name
+    reads as an underscore. Raises ValueError for an item without ``=``."""
+    settings = {}
+    for item in items:
+        name, separator, value = item.partition("=")
+        if not separator:
+            raise ValueError(f"--setting takes NAME=VALUE, got {item!r}")
+        settings[name.strip().replace("-", "_")] = value
+    return settings
+
+
+def reject_mistyped_settings(policy: str, names: Iterable[str]) -> None:
+    """Raise ValueError for any of ``names`` (arguments that are no policy's settings) that is a near
+    miss of one of ``policy``'s settings, such as ``sink_token``: lm-eval would otherwise pass it on
+    to the model's ``from_pretrained`` and fail there with an error naming the model class."""
+    known = [field.name for field in dataclasses.fields(POLICIES[policy])]
+    for name in names:
+        if difflib.get_close_matches(name, known, n=1, cutoff=0.7):
+            raise ValueError(unknown_setting_message(policy, name))
 
 
 def as_bool(value: object, name: str) -> bool:

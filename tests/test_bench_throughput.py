@@ -1,0 +1,47 @@
+"""``recipes/bench_throughput.py``'s full-cache baseline: its decode loop generates what transformers
+generates, and one compile of the loop serves every batch size and cache length."""
+
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import longflow_patch
+from longflow_patch.compat import cache_keyword
+from longflow_patch.speculative_cache import SpeculativeCache
+
+from models import tiny_model
+from recipe_loader import load_recipe
+
+throughput = load_recipe("bench_throughput.py")
+
+
+def test_full_cache_loop_generates_the_greedy_tokens_of_transformers():
+    model = tiny_model("qwen3", "gqa", layers=2)
+    prompt = torch.randint(3, 128, (2, 9))
+    expected = model.generate(input_ids=prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    longflow_patch.apply(model, compile=False)
+    cache = SpeculativeCache(model.config.num_hidden_layers, capacity=9 + 12)
+    logits = model(input_ids=prompt, use_cache=True, **{cache_keyword(model): cache}).logits
+    token, tokens = logits[:, -1:].argmax(-1), []
+    for position in range(9, 9 + 11):
+        tokens.append(token)
+        token = throughput._greedy_step(model, cache_keyword(model), cache, token, torch.full((2, 1), position))
+    tokens.append(token)
+    assert torch.equal(torch.cat([prompt, *tokens], dim=1), expected)
+
+
+def test_one_compile_of_the_loop_serves_every_batch_and_cache_length():
+    torch._dynamo.reset()
+    model = longflow_patch.apply(tiny_model("qwen3", "gqa", layers=2), compile=False)
+    counter = CompileCounterWithBackend("eager")
+    step = throughput.compiled_greedy_step("test", backend=counter)
+    for batch, capacity, context in ((2, 40, 20), (3, 56, 30), (5, 24, 10)):
+        cache = throughput.full_cache(model, batch, capacity)
+
+        def set_context(cache=cache, context=context):
+            for layer in cache.layers:
+                layer.length.fill_(context)
+
+        seconds, cost = throughput.loop_step_seconds(model, step, cache, batch, context, 4, set_context)
+        assert seconds > 0 and cost["first_call_s"] > 0
+        assert all(int(layer.length) == context + 4 for layer in cache.layers), "each step appends one token"
+    assert counter.frame_count == 1, f"{counter.frame_count} compiles for three shapes"
