@@ -144,3 +144,11 @@ def test_repetition_start_finds_the_first_repeated_window(ids, span, start):
 def test_repetition_start_refuses_an_empty_window():
     with pytest.raises(ValueError, match="span"):
         repetition_start([1, 2, 3], 0)
+
+
+def test_profile_budgets_refuses_a_grid_budget_its_scorer_cannot_hold(monkeypatch, capsys):
+    """R-KV needs sink + window + buffer + 1 slots: a grid below that fails before any measuring."""
+    monkeypatch.setattr("sys.argv", ["profile_budgets.py", "--grid", "16", "64", "--scorer", "rkv"])
+    with pytest.raises(SystemExit):
+        profile_budgets.main()
+    assert "--grid 16 under --scorer rkv: budget=16 is too small for policy 'rkv'" in capsys.readouterr().err
