@@ -362,6 +362,11 @@ class ProfiledPolicy(Policy):
         except ValueError as error:
             raise ValueError(f"policy {self.name!r} over scorer {self.scorer!r}: {error}") from None
         super().__post_init__()
+        if self.budget < (floor := self.budget_profile.minimum):
+            raise ValueError(
+                f"budget={self.budget} is too small for policy {self.name!r}: its profile gives every KV head at least "
+                f"{floor} slots (recipes/profile_budgets.py --minimum), so the budget per head must be at least {floor}"
+            )
 
     @cached_property
     def token_scorer(self) -> Policy:

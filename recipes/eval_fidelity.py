@@ -350,6 +350,9 @@ def policy_maker(
             raise SystemExit(f"{spec}: no {method} profiles in {profiles}; write them with recipes/profile_budgets.py "
                              "and pass --profiles FOLDER")  # fmt: skip
         same = [path for path in paths if json.loads(path.read_text()).get("scorer") == scorer]
+        if scorer and not same:
+            print(f"{spec}: no {method} profile in {profiles} was measured under {scorer!r}; using "
+                  f"{', '.join(path.name for path in paths)}", file=sys.stderr)  # fmt: skip
         return same or paths
 
     policy = make_policy(spec + (f"@sink_tokens={longest_prompt}" if protect else ""), budget, found)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import longflow_patch
+from longflow_patch import toy
 from longflow_patch.eval.policy_options import parse_settings, policy_options
 
 from models import tiny_model
@@ -45,6 +46,17 @@ def test_budget_accepts_any_integer_and_refuses_too_small_ones(model):
         longflow_patch.apply(model, budget=12)
     with pytest.raises(TypeError, match="budget must be an integer"):
         longflow_patch.make_policy("h2o", budget="64")
+
+
+@pytest.mark.filterwarnings("ignore:policy .* uses budgets measured under 'rkv'")  # R-KV profiles, LongFlow scorer
+@pytest.mark.parametrize("method", ["lukv", "reasonalloc"])
+def test_an_allocator_refuses_a_budget_below_its_profiles_floor(method):
+    """The toy's profiles give every head at least 16 slots: 15 on average cannot be allocated."""
+    profile = toy.profile_paths(method)[0]
+    assert longflow_patch.make_policy(method, budget=16, profile=profile, scorer="longflow").budget == 16
+    with pytest.raises(ValueError, match=rf"budget=15 is too small for policy '{method}': its profile gives every KV "
+                       r"head at least 16 slots"):  # fmt: skip
+        longflow_patch.make_policy(method, budget=15, profile=profile, scorer="longflow")
 
 
 def _message(call) -> str:
