@@ -67,6 +67,22 @@ METHODS = ("reasonalloc", "lukv")
 Method = Literal["reasonalloc", "lukv"]
 
 
+def allocate(curves: list[list[float]], total: int, minimum: int) -> list[int]:
+    """`greedy_allocate` of ``total`` over ``curves``; a total above what the curves span (a budget
+    longer than the calibration sequences, past which every curve is flat: nothing more to keep)
+    gives every curve its whole length and the rest evenly, the first curves taking the remainder."""
+    most = sum(len(curve) - 1 for curve in curves)
+    if total <= most:
+        return greedy_allocate(curves, total, minimum)
+    extra, count = divmod(total - most, len(curves))
+    return [len(curve) - 1 + extra + (index < count) for index, curve in enumerate(curves)]
+
+
+def reach(curve: list[float], budget: int) -> list[float]:
+    """``curve`` extended flat (its last utility repeated) to cover ``budget``."""
+    return curve + curve[-1:] * (budget + 1 - len(curve))
+
+
 @dataclass(frozen=True)
 class BudgetProfile:
     """Per-layer (and per-KV-head) budgets of one model; validated on construction.
@@ -121,21 +137,26 @@ class BudgetProfile:
         ``total_budget`` and floor ``minimum`` per head. ``reasonalloc``: the same solver over the
         layers' curves, in tokens per KV head (``total_budget / num_kv_heads``, which must be whole;
         floor ``minimum``), then times ``num_kv_heads``; no ``head_budgets`` (heads start even).
+        A total past the curves' end (more than calibration measured, `allocate`) fills every curve
+        and spreads the rest evenly; the curves are extended flat to cover it.
         """
         if method == "lukv":
             if any(len(layer) != num_kv_heads for layer in curves):
                 raise ValueError(f"lukv curves must hold {num_kv_heads} curves per layer (one per KV head)")
             curves = [[np.asarray(curve, dtype=np.float64).tolist() for curve in layer] for layer in curves]
             flat = [curve for layer in curves for curve in layer]
-            solved = greedy_allocate(flat, total_budget, minimum)
+            solved = allocate(flat, total_budget, minimum)
             heads = [solved[i : i + num_kv_heads] for i in range(0, len(solved), num_kv_heads)]
+            curves = [[reach(curve, budget) for curve, budget in zip(*pair, strict=True)]
+                      for pair in zip(curves, heads, strict=True)]  # fmt: skip
             layers = [sum(row) for row in heads]
             head_budgets: list[list[int]] | None = heads
         elif method == "reasonalloc":
             if num_kv_heads <= 0 or total_budget % num_kv_heads:
                 raise ValueError(f"reasonalloc total_budget {total_budget} must be a multiple of num_kv_heads")
             curves = [np.asarray(curve, dtype=np.float64).tolist() for curve in curves]
-            per_head = greedy_allocate(curves, total_budget // num_kv_heads, minimum)
+            per_head = allocate(curves, total_budget // num_kv_heads, minimum)
+            curves = [reach(curve, budget) for curve, budget in zip(curves, per_head, strict=True)]
             layers = [budget * num_kv_heads for budget in per_head]
             head_budgets = None
         else:

@@ -232,9 +232,21 @@ def test_reasonalloc_rescale_keeps_sums_exact(total):
     assert all(budget % HEADS == 0 and budget // HEADS >= 2 for budget in rescaled.layer_budgets)
 
 
+@pytest.mark.parametrize("method", ["lukv", "reasonalloc"])
+def test_a_total_past_the_curves_fills_them_and_spreads_the_rest_evenly(method):
+    """Budgets longer than the calibration sequences: every head keeps what its curve spans, plus
+    an even share of the rest (the curves are flat there: calibration has nothing more to keep)."""
+    profile = lukv_profile() if method == "lukv" else reasonalloc_profile()
+    heads = [len(curve) - 1 for layer in profile.curves for curve in (layer if method == "lukv" else [layer])]
+    most = sum(heads) * (1 if method == "lukv" else HEADS)
+    extra_per_head = 5
+    table = profile.rescale(most + extra_per_head * profile.num_layers * HEADS).head_budget_table()
+    whole = [[span] * HEADS for span in heads] if method == "reasonalloc" else [heads[i : i + HEADS]
+             for i in range(0, len(heads), HEADS)]  # fmt: skip
+    assert table == [[budget + extra_per_head for budget in row] for row in whole]
+
+
 def test_rescale_errors():
-    with pytest.raises(ValueError, match="exceeds the largest allocation"):
-        lukv_profile().rescale(10_000)
     with pytest.raises(ValueError, match="below the sum of the minimum"):
         lukv_profile(minimum=1).rescale(5)
     with pytest.raises(ValueError, match="must be a multiple of num_kv_heads"):
