@@ -246,8 +246,7 @@ def main() -> None:
         if args.model not in (None, "smollm2"):
             parser.error("--out-dir is needed for a model directory")
         args.out_dir = SMOLLM2_PROFILES if args.model == "smollm2" else TOY_PROFILES
-    scorer = longflow_patch.POLICIES[args.scorer]
-    buffer = {"buffer": args.buffer} if "buffer" in scorer.__dataclass_fields__ else {}
+    buffer = {"buffer": args.buffer} if "buffer" in longflow_patch.policy_settings(args.scorer) else {}
     try:  # a head is held to each grid budget under the scorer: the smallest must be one it takes
         longflow_patch.make_policy(args.scorer, budget=min(args.grid), **buffer)
     except ValueError as error:
