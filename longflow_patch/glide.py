@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import LlamaRMSNorm as RMSNorm
+from transformers.models.llama.modeling_llama import rotate_half
 
 from longflow_patch.compat import cache_keyword
 
@@ -87,26 +89,9 @@ class GlideConfig:
         return cls(**settings)
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm over the last dim, computed in float32 (as transformers' Llama / Qwen norms)."""
-
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE of ``x`` ``[B, H, T, D]`` with the target's ``cos`` / ``sin`` ``[B, T, D]``."""
-    cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
 class GlideAttention(nn.Module):
