@@ -43,9 +43,28 @@ def smollm2(
     path = smollm2_path()
     if importlib.util.find_spec("gguf") is None:
         raise FileNotFoundError(f"reading SmolLM2's GGUF file needs the gguf package: `{SMOLLM2_INSTALL}`")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:  # transformers before 5.2x reads no pad token from the file
-        tokenizer.pad_token = tokenizer.eos_token
+    # transformers before 5.2x reads no pad token from the file
+    tokenizer = padding_on_the_left(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     return model.to(device).eval(), tokenizer
+
+
+def load_pretrained(
+    name: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``(model, tokenizer)`` by name: ``"smollm2"`` (`smollm2`) or a model directory; the model on
+    ``device`` in ``dtype`` and eval mode, the tokenizer padding on the left with a pad token (its
+    end token when it names none)."""
+    if name == "smollm2":
+        return smollm2(dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    return model.to(device).eval(), padding_on_the_left(AutoTokenizer.from_pretrained(name))
+
+
+def padding_on_the_left(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """``tokenizer`` set to pad on the left (batched ``generate``), with its end token as the pad
+    token when it names none."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,7 +62,7 @@ from eval_accuracy import CHOICES, make_policy, policy_spec, split_settings
 
 import longflow_patch
 from longflow_patch.fidelity import position_metrics, repetition_start, trace_hidden_states
-from longflow_patch.models import smollm2
+from longflow_patch.models import load_pretrained
 from longflow_patch.progress import TokenProgress
 
 from common import environment, print_table, write_results
@@ -163,18 +163,6 @@ def settings_key(args: argparse.Namespace) -> dict:
     names = ("model", "dtype", "sets", "new_tokens", "sampled", "temperature", "seed", "loop_span", "loop_tail",
              "ppl_modules", "ppl_tokens", "ppl_window", "free_prompts", "free_tokens", "batch_size")  # fmt: skip
     return {name: getattr(args, name) for name in names}
-
-
-def load_model(name: str, device: str, dtype: torch.dtype):
-    """``(model, tokenizer)``: SmolLM2 from its installed GGUF file, or a model directory; the
-    tokenizer pads on the left and has a pad token."""
-    if name == "smollm2":
-        return smollm2(dtype, device)
-    tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
-    return model, tokenizer
 
 
 def read_questions(data: Path, sets: list[str]) -> list[dict]:
@@ -438,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
         results = saved
     results["environment"] = environment()
     results.setdefault("commands", []).append(shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv))
-    run = Run(args, results, *load_model(args.model, args.device, getattr(torch, args.dtype)))
+    run = Run(args, results, *load_pretrained(args.model, getattr(torch, args.dtype), args.device))
     if "traces" in args.parts or "free" in args.parts:
         run.answers = full_cache_answers(run.model, run.tokenizer, args, read_questions(args.data, args.sets))
         results["answers"] = [{"set": a.set, "index": a.index, "kind": a.kind, "prompt_tokens": len(a.prompt_ids),

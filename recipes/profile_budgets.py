@@ -51,12 +51,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig
 
 import longflow_patch
 from longflow_patch import toy
 from longflow_patch.fidelity import position_metrics, repetition_start, trace_hidden_states
-from longflow_patch.models import smollm2, smollm2_path
+from longflow_patch.models import load_pretrained, smollm2_path
 from longflow_patch.profiles import BudgetProfile
 
 DEFAULT_GRID = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536)
@@ -131,14 +131,7 @@ def load_model(name: str | None):
     SmolLM2 (``"smollm2"``) or a model directory."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if name == "smollm2":
-        return smollm2(dtype, device)
-    path = name or toy.model_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return load_pretrained(name or toy.model_path(), dtype, device)
 
 
 def model_config(name: str | None):

@@ -81,7 +81,7 @@ def test_fidelity_recipe_smoke_run_writes_results_and_resumes(model_and_tokenize
     """Tiny sizes, every part, the model loaded once: a budget that holds everything matches the
     full cache exactly, a small one does not; a second run adds a policy and keeps the first rows."""
     eval_fidelity = load_recipe("eval_fidelity.py")
-    monkeypatch.setattr(eval_fidelity, "load_model", lambda *args: model_and_tokenizer)
+    monkeypatch.setattr(eval_fidelity, "load_pretrained", lambda *args: model_and_tokenizer)
     data = tmp_path / "data"
     data.mkdir()
     (data / "math.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS[1:]))
