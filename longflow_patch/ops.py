@@ -78,12 +78,15 @@ def decode_step(q: torch.Tensor, *args: object, workspaces: dict) -> torch.Tenso
     ``torch.library`` dispatch, no scratch allocation); while ``torch.compile`` traces it, and
     on the CPU, it is the registered op.
     """
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not torch.compiler.is_compiling() and runs_fused_kernel(q) and not capturing:
-        from longflow_patch.kernels.decode_attention import decode_attention_triton
+    # Dynamo folds is_compiling() to True and stops there: the capture query, which it cannot
+    # trace (a graph break under fullgraph), is only ever asked eagerly.
+    if torch.compiler.is_compiling() or not runs_fused_kernel(q):
+        return decode_attention(q, *args)
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return decode_attention(q, *args)
+    from longflow_patch.kernels.decode_attention import decode_attention_triton
 
-        return decode_attention_triton(q, *args, workspaces=workspaces)
-    return decode_attention(q, *args)
+    return decode_attention_triton(q, *args, workspaces=workspaces)
 
 
 @decode_attention.register_fake

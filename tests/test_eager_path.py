@@ -98,8 +98,8 @@ def test_eager_step_plans_once_allocates_only_its_output_and_launches_three_kern
 
 
 def on_gpu_path(monkeypatch) -> list[str]:
-    """Route CPU tensors the way CUDA tensors go (the launcher runs in Triton's interpreter), and
-    record which route each step takes."""
+    """Route CPU tensors the way CUDA tensors go (the launcher runs in Triton's interpreter; on a GPU
+    the tensors are CUDA ones already), and record which route each step takes."""
     routes = []
     monkeypatch.setattr(ops, "runs_fused_kernel", lambda q: q.dtype in ops.KERNEL_DTYPES)
     launcher = kernel.decode_attention_triton
@@ -138,8 +138,8 @@ def test_decode_step_skips_the_op_dispatch_when_eager_and_records_the_op_when_tr
 def test_patched_model_decodes_through_the_direct_path_and_matches_the_op(monkeypatch):
     """A bf16 model whose steps go straight to the launcher (as on a GPU) generates what the same
     kernel behind the registered op generates."""
-    model = tiny_model("qwen3", "gqa", head_dim=32, dtype=torch.bfloat16)
-    ids, mask = left_padded_prompts(batch=2, length=10)
+    model = tiny_model("qwen3", "gqa", head_dim=32, dtype=torch.bfloat16).to(DEVICE)
+    ids, mask = (tensor.to(DEVICE) for tensor in left_padded_prompts(batch=2, length=10))
     longflow_patch.apply(model, budget=16, compile=False)
 
     def generate():

@@ -54,7 +54,7 @@ def concatenated_attention(q, k_prefix, v_prefix, prefix_len, k_draft, v_draft, 
         used = int(prefix_len[row])
         keys = torch.cat([k_prefix[row, :, :used], k_draft[row]], dim=1).repeat_interleave(group, dim=0).float()
         values = torch.cat([v_prefix[row, :, :used], v_draft[row]], dim=1).repeat_interleave(group, dim=0).float()
-        visible = torch.cat([torch.ones(length, used, dtype=torch.bool), mask], dim=1)
+        visible = torch.cat([torch.ones(length, used, dtype=torch.bool, device=mask.device), mask], dim=1)
         logits = (q[row].float() @ keys.transpose(-1, -2) * scale).masked_fill(~visible, -torch.inf)
         outputs.append(torch.softmax(logits, dim=-1) @ values)
     return torch.stack(outputs)
