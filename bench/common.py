@@ -135,7 +135,7 @@ def write_results(path: str | Path, payload: dict) -> None:
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    widths = {c: max([len(c), *(len(_fmt(r.get(c))) for r in rows)]) for c in columns}
     print("  ".join(c.rjust(widths[c]) for c in columns))
     for row in rows:
         print("  ".join(_fmt(row.get(c)).rjust(widths[c]) for c in columns))

@@ -381,7 +381,8 @@ def run_rows(model, args, bandwidth: float, write: Callable[[list[dict], dict], 
     """Measure every (output, config) of ``args``: configurations in `PASSES`, outputs in the
     order given within each; calls ``write(rows, rooflines)`` after each row and ``after_row(row)``
     (e.g. to profile while a row's graphs are warm). A row whose estimated cost would pass
-    ``deadline`` (``time.time()``) is skipped and recorded so."""
+    ``deadline`` (``time.time()``) is skipped and recorded so (``write`` follows every row, measured,
+    skipped or failed)."""
     cap = args.memory_cap_gb * 1e9
     full_rooflines = {out: full_cache_roofline(model, args.prompt, out, cap, bandwidth, args.max_batch)
                       for out in args.outputs}  # fmt: skip
@@ -394,6 +395,7 @@ def run_rows(model, args, bandwidth: float, write: Callable[[list[dict], dict], 
             reason = "failed at an earlier output" if kind in failed else f"time: about {estimate} s needed"
             rows.append({"config": kind, "output": output, "skipped": reason})
             tqdm.write(f"{kind:>18} out={output:>6} skipped ({reason})")
+            write(rows, full_rooflines)
             continue
         if kind == "static" and shapes_before == 0:
             reset_compiled(model)  # transformers' own compile settings from here
@@ -405,6 +407,7 @@ def run_rows(model, args, bandwidth: float, write: Callable[[list[dict], dict], 
             tqdm.write(f"{kind:>18} out={output:>6} failed: {type(error).__name__}: {error}")
             failed.add(kind)
             release(model)
+            write(rows, full_rooflines)
             continue
         seen[kind] = shapes_before + 1
         rows.append(row)

@@ -1,0 +1,30 @@
+"""``bench/speed_suite.py --smoke``: every part runs end to end on the CPU, and a run whose budget
+skips every row still prints its summary and exits cleanly (it crashed there on the H200)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "speed_suite.py"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--smoke", *args], capture_output=True, text=True)
+
+
+def test_smoke_run_measures_every_part(tmp_path):
+    done = run("--out-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "throughput_tiny_cpu.json").read_text())["rows"]
+    assert {row["config"] for row in rows if "tokens_per_s" in row} >= {"fullcache-loop", "longflow-compiled"}
+    assert json.loads((tmp_path / "profile_step_tiny_cpu.json").read_text())["profiles"]
+    assert "README table" in done.stdout
+
+
+def test_a_budget_too_small_for_any_row_still_prints_the_summary(tmp_path):
+    done = run("--budget-s", "1", "--out-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "throughput_tiny_cpu.json").read_text())["rows"]
+    assert rows and all("tokens_per_s" not in row and "skipped" in row for row in rows)
+    assert "not measured: " in done.stdout and "README table" in done.stdout
