@@ -34,6 +34,13 @@ acceptance of each draft at long contexts, and the cost of a GLIDE round on the 
     round costs as much as that many target steps; acceptance on random weights means nothing, so
     no speedup is measured here.
 
+(f) ``smollm2`` (no timing, CPU is fine): SmolLM2-135M-Instruct (`longflow_patch.models.smollm2`,
+    if installed) with a GLIDE draft trained for it (``--glide``, default
+    ``bench/results/glide_smollm2``), on its chat prompts for ``--questions`` of ``--data`` (by
+    default those of ``recipes/eval_fidelity.py``, which the draft's training rows leave out):
+    acceptance of the chain and the tree over ``--new-tokens``, eager, and whether the output equals
+    greedy ``generate``'s.
+
 Writes ``bench/results/speculative.json`` (device, versions, settings, rows) and exits non-zero if
 any speculative output differed from the target's. ``--smoke`` runs a tiny CPU-sized version.
 
@@ -56,6 +63,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StaticCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run with python -P
+from eval_fidelity import DEFAULT_DATA, prompt_ids, read_questions
+from eval_fidelity import DEFAULT_SETS as FIDELITY_SETS
+
 import longflow_patch
 from longflow_patch import toy
 from longflow_patch.compat import cache_keyword
@@ -75,14 +86,14 @@ from common import build_model, environment, graph_median_ms, median_ms, print_t
 REPO = Path(__file__).resolve().parents[1]
 QWEN3_8B = dict(q_heads=32, kv_heads=8, head_dim=128)
 TINY_SHAPE = dict(q_heads=4, kv_heads=2, head_dim=16)
-PARTS = ("toy", "verify", "acceptance", "positions", "cost")
+PARTS = ("toy", "verify", "acceptance", "positions", "cost", "smollm2")
 LONGSPEC_TOKENS_PER_ROUND = 4.82  # LongSpec's 3.82 accepted tokens per round (QwQ, AIME24) plus the target's own
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=[*PARTS, "all"], nargs="+", default=["all"],
-                        help="all: toy, verify and cost (acceptance and positions run only when named)")  # fmt: skip
+                        help="all: toy, verify and cost (the other parts run only when named)")  # fmt: skip
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192],
                         help="final context lengths (past ~4.8k the toy reasoner is outside its training)")  # fmt: skip
     parser.add_argument("--new-tokens", type=int, default=1024, help="tokens generated per run")
@@ -97,6 +108,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--glide-ablation", type=Path, default=None,
                         help="a second GLIDE draft run beside it (e.g. trained without anchor offsets)")  # fmt: skip
     parser.add_argument("--problems", type=int, default=3, help="acceptance: contexts per length")
+    parser.add_argument("--questions", nargs="+", default=FIDELITY_SETS, metavar="SET:FIRST:COUNT",
+                        help="smollm2: questions of --data")  # fmt: skip
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="smollm2: folder of SET.jsonl files")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--static", action="store_true",
                         help="also time static-cache generate + compile and a compiled loop")  # fmt: skip
@@ -318,26 +332,48 @@ def bench_acceptance(args: argparse.Namespace, device: torch.device, rows: list[
     model, tokenizer, drafts = toy_models(args, device)
     configs = draft_configs(args, drafts)
     for context in args.contexts:
-        pooled: dict[str, list] = {config["name"] + str(config["k"]): [] for config in configs}
-        for problem in range(args.problems):
-            ids = toy_context(tokenizer, context - args.new_tokens - verify_length(args), seed=problem).to(device)
-            expected = model.generate(input_ids=ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-            for config in configs:
-                out, stats = speculate(model, ids, args.new_tokens, config, compile=False)
-                row = dict(part="acceptance", context=context, problem=problem, **config_fields(config, stats),
-                           identical=bool(torch.equal(out, expected)))  # fmt: skip
-                pooled[config["name"] + str(config["k"])].append((row, stats))
-                record(args, rows, row)
-                print(f"context {context} problem {problem}: {row['draft']} k={row['k']} acceptance "
-                      f"{row['acceptance']:.3f} kept/round {row['accepted_per_round']:.2f}", flush=True)  # fmt: skip
-        for runs in pooled.values():
-            first, stats = runs[0][0], [stats for _, stats in runs]
-            accepted, rounds = sum(s.accepted for s in stats), sum(s.rounds for s in stats)
-            record(args, rows, dict(first, part="acceptance-pooled", problem=len(runs),
-                                    acceptance=accepted / sum(s.drafted for s in stats),
-                                    accepted_per_round=accepted / rounds,
-                                    tokens_per_round=sum(s.new_tokens for s in stats) / (rounds + len(runs)),
-                                    identical=all(row["identical"] for row, _ in runs)))  # fmt: skip
+        prompts = [toy_context(tokenizer, context - args.new_tokens - verify_length(args), seed=problem).to(device)
+                   for problem in range(args.problems)]  # fmt: skip
+        measure_acceptance(args, model, configs, prompts, context, rows)
+
+
+def bench_smollm2(args: argparse.Namespace, device: torch.device, rows: list[dict]) -> None:
+    """Acceptance of a GLIDE draft for SmolLM2 (chain and tree) on its answers to ``--questions``."""
+    from longflow_patch.models import smollm2
+
+    model, tokenizer = smollm2(getattr(torch, args.dtype), device)
+    model.generation_config.eos_token_id = None  # fixed-length runs, as for the toy
+    glide = load_glide(args.glide or REPO / "bench" / "results" / "glide_smollm2", model, "smollm2")
+    configs = draft_configs(args, {"glide": glide})
+    prompts = [torch.tensor([prompt_ids(tokenizer, q["question"])], device=device)
+               for q in read_questions(args.data, args.questions)]  # fmt: skip
+    measure_acceptance(args, model, configs, prompts, "smollm2", rows)
+
+
+def measure_acceptance(args: argparse.Namespace, model, configs: list[dict], prompts: list[torch.Tensor],
+                       context: int | str, rows: list[dict]) -> None:  # fmt: skip
+    """One ``acceptance`` row per prompt ``[1, T]`` and configuration (eager), then one
+    ``acceptance-pooled`` row per configuration: drafts accepted over drafts proposed, and tokens per
+    target forward, over all prompts."""
+    pooled: dict[str, list] = {config["name"] + str(config["k"]): [] for config in configs}
+    for problem, ids in enumerate(prompts):
+        expected = model.generate(input_ids=ids, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        for config in configs:
+            out, stats = speculate(model, ids, args.new_tokens, config, compile=False)
+            row = dict(part="acceptance", context=context, problem=problem, **config_fields(config, stats),
+                       identical=bool(torch.equal(out, expected)))  # fmt: skip
+            pooled[config["name"] + str(config["k"])].append((row, stats))
+            record(args, rows, row)
+            print(f"context {context} problem {problem}: {row['draft']} k={row['k']} acceptance "
+                  f"{row['acceptance']:.3f} kept/round {row['accepted_per_round']:.2f}", flush=True)  # fmt: skip
+    for runs in pooled.values():
+        first, stats = runs[0][0], [stats for _, stats in runs]
+        accepted, rounds = sum(s.accepted for s in stats), sum(s.rounds for s in stats)
+        record(args, rows, dict(first, part="acceptance-pooled", problem=len(runs),
+                                acceptance=accepted / sum(s.drafted for s in stats),
+                                accepted_per_round=accepted / rounds,
+                                tokens_per_round=sum(s.new_tokens for s in stats) / (rounds + len(runs)),
+                                identical=all(row["identical"] for row, _ in runs)))  # fmt: skip
 
 
 def lookup_tokens(ids: torch.Tensor, tokenizer) -> torch.Tensor:
@@ -533,6 +569,8 @@ def main() -> None:
         bench_toy(args, device, rows)
     if "acceptance" in args.part:
         bench_acceptance(args, device, rows)
+    if "smollm2" in args.part:
+        bench_smollm2(args, device, rows)
     if "positions" in args.part:
         bench_positions(args, device, rows)
     if "verify" in args.part:

@@ -19,21 +19,26 @@ Targets:
   3 problems of each size; from 8 blocks on it is not), so the rows are reference solutions
   (blocks 1..7) and need no generation: the prompt, then the chain of thought from a random line.
 - ``smollm2``: SmolLM2-135M-Instruct (`longflow_patch.models.smollm2`, if installed); the rows are
-  its greedy continuations of the chat prompts below, generated first (``--smollm2-tokens`` each)
-  and cached in ``--checkpoint-dir``.
+  its greedy answers (``--smollm2-tokens`` each, in batches) to the chat prompts below and to the
+  reasoning questions ``--smollm2-questions`` of ``--data`` (by default ones that
+  ``recipes/eval_fidelity.py`` and the acceptance benchmark do not use), generated first and
+  cached in ``--checkpoint-dir``; a row is one answer from its prompt on.
 - ``--smoke``: a tiny random Qwen3 target on random rows (seconds; for tests).
 
 The draft starts from random weights (``--init target``: a copy of the target's layer
-``target_layer``, `GlideDraft.init_from_target`, which learned slower on the toy) and is written
-with `save_glide_draft` (``glide_config.json`` + ``model.safetensors``; the metadata records the
+``target_layer``, `GlideDraft.init_from_target`, which learned slower on the toy and faster on
+SmolLM2) and is written with `save_glide_draft` (``glide_config.json`` + ``model.safetensors``; the metadata records the
 command, steps, tokens and training time). Resumable: ``--resume`` continues from
 ``--checkpoint-dir``. Runs on the CPU (``--threads``) or a GPU.
 
-    # the bundled toy draft (2-core CPU, about an hour), and the ablation without anchor offsets
-    nice -n 10 python recipes/train_glide_draft.py --target toy --steps 300 --threads 2 \\
+    # the bundled toy draft and the ablation without anchor offsets (one H200, 320 s each)
+    python recipes/train_glide_draft.py --target toy --rows 64 --steps 1500 --time-budget-s 320 \\
         --out longflow_patch/toy/glide --checkpoint-dir checkpoints/glide_toy
-    nice -n 10 python recipes/train_glide_draft.py --target toy --steps 300 --threads 2 --no-anchor-offset \\
-        --out checkpoints/glide_toy_no_offset/model --checkpoint-dir checkpoints/glide_toy_no_offset
+    python recipes/train_glide_draft.py --target toy --rows 64 --steps 1500 --time-budget-s 320 \\
+        --no-anchor-offset --out bench/results/glide_toy_no_offset --checkpoint-dir checkpoints/glide_toy_no_offset
+    # SmolLM2's (2 CPU threads, about 30 minutes)
+    python recipes/train_glide_draft.py --target smollm2 --init target --rows 4 --length 384 --steps 320 \\
+        --threads 2 --out bench/results/glide_smollm2 --checkpoint-dir checkpoints/glide_smollm2
     python recipes/train_glide_draft.py --smoke --steps 3 --out /tmp/glide
 """
 
@@ -47,11 +52,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from longflow_patch import toy
 from longflow_patch.glide import GlideConfig, GlideDraft, save_glide_draft, target_key_values, teacher_forced_logits
 from longflow_patch.toy.task import random_problem
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_fidelity import DEFAULT_DATA, end_ids, generate, prompt_ids, read_questions, until_end
 
 SMOLLM2_PROMPTS = (
     "A train leaves at 3 pm and travels 180 km at 60 km/h. When does it arrive? Explain step by step.",
@@ -88,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="random weights, or a copy of the target's layer target_layer (on the toy its "
                              "loss fell slower: 2.06 against 1.76 after 32 steps)")  # fmt: skip
     parser.add_argument("--smollm2-tokens", type=int, default=256, help="greedy tokens generated per SmolLM2 prompt")
+    parser.add_argument("--smollm2-questions", nargs="*", default=["math:100:48", "gsm8k:100:48"],
+                        metavar="SET:FIRST:COUNT", help="questions of --data SmolLM2 answers for its rows")  # fmt: skip
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of SET.jsonl question files")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (SmolLM2's rows)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -166,32 +179,35 @@ class RandomRows(RowSource):
 
 
 class GreedyRows(RowSource):
-    """The target's greedy continuations of fixed prompts; a row is a random cut of one, padded."""
+    """The target's greedy answers to fixed prompts; a row is one answer from its prompt on, cut or
+    padded to the row length."""
 
     def __init__(self, sequences: list[tuple[torch.Tensor, int]], pad: int):
         self.sequences, self.pad = sequences, pad
 
     @classmethod
     def load_or_generate(cls, target, tokenizer, args: argparse.Namespace) -> "GreedyRows":
-        path = args.checkpoint_dir / f"greedy_rows_{args.smollm2_tokens}.pt"
-        if path.is_file():
-            sequences = torch.load(path)
-        else:
-            sequences = []
-            for prompt in SMOLLM2_PROMPTS:
-                text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                     add_generation_prompt=True)  # fmt: skip
-                ids = tokenizer(text, return_tensors="pt").input_ids
-                started = time.monotonic()
-                with torch.no_grad():
-                    out = target.generate(input_ids=ids, max_new_tokens=args.smollm2_tokens, do_sample=False,
-                                          pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-                sequences.append((out[0], ids.shape[1]))
-                print(f"greedy row {len(sequences)}: {out.shape[1]} tokens in {time.monotonic() - started:.0f}s",
-                      flush=True)  # fmt: skip
+        """The answers cached in ``--checkpoint-dir`` for these prompts and lengths, or generated
+        there (greedy, ``--batch-size`` prompts per ``generate`` call)."""
+        questions = read_questions(args.data, args.smollm2_questions) if args.smollm2_questions else []
+        prompts = [prompt_ids(tokenizer, text) for text in [*SMOLLM2_PROMPTS, *(q["question"] for q in questions)]]
+        key = {"questions": args.smollm2_questions, "tokens": args.smollm2_tokens, "prompts": len(prompts)}
+        path = args.checkpoint_dir / "greedy_rows.pt"
+        saved = torch.load(path) if path.is_file() else {}
+        if saved.get("key") != key:
+            ends, sequences = end_ids(target, tokenizer), []
+            with tqdm(total=len(prompts) * args.smollm2_tokens, desc="SmolLM2 answers", unit="tok") as bar:
+                for first in range(0, len(prompts), args.batch_size):
+                    batch = prompts[first : first + args.batch_size]
+                    for prompt, answer in zip(batch, generate(target, tokenizer, batch, args.smollm2_tokens, bar),
+                                              strict=True):  # fmt: skip
+                        sequences.append((torch.tensor(prompt + until_end(answer, ends)), len(prompt)))
+            saved = {"key": key, "sequences": sequences}
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(sequences, path)
-        return cls(sequences, tokenizer.pad_token_id or 0)
+            torch.save(saved, path)
+        answered = sum(len(sequence) - prompt for sequence, prompt in saved["sequences"])
+        print(f"SmolLM2 rows: {len(saved['sequences'])} answers, {answered} answer tokens ({path})", flush=True)
+        return cls(saved["sequences"], tokenizer.pad_token_id)
 
     def rows(self, rng: random.Random, count: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.full((count, length), self.pad, dtype=torch.int64)

