@@ -27,9 +27,9 @@ Targets:
 
 The draft starts from random weights (``--init target``: a copy of the target's layer
 ``target_layer``, `GlideDraft.init_from_target`, which learned slower on the toy and faster on
-SmolLM2) and is written with `save_glide_draft` (``glide_config.json`` + ``model.safetensors``; the metadata records the
-command, steps, tokens and training time). Resumable: ``--resume`` continues from
-``--checkpoint-dir``. Runs on the CPU (``--threads``) or a GPU.
+SmolLM2) and is written with `save_glide_draft` (``glide_config.json`` + ``model.safetensors``;
+the metadata records the command, steps, tokens and training time). Resumable: ``--resume``
+continues from ``--checkpoint-dir``. Runs on the CPU (``--threads``) or a GPU.
 
     # the bundled toy draft and the ablation without anchor offsets (one H200, 320 s each)
     python recipes/train_glide_draft.py --target toy --rows 64 --steps 1500 --time-budget-s 320 \\
@@ -190,8 +190,9 @@ class GreedyRows(RowSource):
         """The answers cached in ``--checkpoint-dir`` for these prompts and lengths, or generated
         there (greedy, ``--batch-size`` prompts per ``generate`` call)."""
         questions = read_questions(args.data, args.smollm2_questions) if args.smollm2_questions else []
-        prompts = [prompt_ids(tokenizer, text) for text in [*SMOLLM2_PROMPTS, *(q["question"] for q in questions)]]
-        key = {"questions": args.smollm2_questions, "tokens": args.smollm2_tokens, "prompts": len(prompts)}
+        texts = [*SMOLLM2_PROMPTS, *(q["question"] for q in questions)]
+        prompts = [prompt_ids(tokenizer, text) for text in texts]
+        key = {"prompts": texts, "tokens": args.smollm2_tokens}
         path = args.checkpoint_dir / "greedy_rows.pt"
         saved = torch.load(path) if path.is_file() else {}
         if saved.get("key") != key:
