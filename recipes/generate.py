@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaLi
 
 import longflow_patch
 from longflow_patch.eval.policy_options import parse_settings, policy_options
+from longflow_patch.models import padding_on_the_left
 from longflow_patch.progress import TokenProgress
 
 
@@ -124,10 +125,7 @@ def load_model(args: argparse.Namespace, options: dict[str, object], device: tor
     if args.device_map is None:
         model.to(device)
     longflow_patch.apply(model.eval(), policy=args.policy, compile=args.compile, **options)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, padding_on_the_left(AutoTokenizer.from_pretrained(args.model))
 
 
 def generate_batch(
