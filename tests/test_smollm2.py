@@ -153,9 +153,9 @@ def test_glide_draft_trained_for_smollm2_is_lossless_on_a_question_it_never_saw(
     decoding gives ``generate``'s tokens, for a chain and a tree."""
     model, tokenizer = model_and_tokenizer
     draft = longflow_patch.load_glide_draft(GLIDE_SMOLLM2, target=model)
-    ids = chat_batch(tokenizer, QUESTIONS[1:2]).input_ids
-    out, stats = glide_run(model, draft, ids, tree)
-    assert torch.equal(out, greedy(model, tokenizer, {"input_ids": ids}, new_tokens=40))
+    batch = chat_batch(tokenizer, QUESTIONS[1:2])  # with its attention mask: the pad token can be the end token
+    out, stats = glide_run(model, draft, batch.input_ids, tree)
+    assert torch.equal(out, greedy(model, tokenizer, batch, new_tokens=40))
     assert stats.rounds < 40, "some drafted tokens are kept"
 
 
