@@ -79,10 +79,12 @@ def decode_step(q: torch.Tensor, *args: object, workspaces: dict) -> torch.Tenso
     on the CPU, it is the registered op.
     """
     # Dynamo folds is_compiling() to True and stops there: the capture query, which it cannot
-    # trace (a graph break under fullgraph), is only ever asked eagerly.
-    if torch.compiler.is_compiling() or not runs_fused_kernel(q):
-        return decode_attention(q, *args)
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+    # trace (a graph break under fullgraph), is only ever asked eagerly, and only of CUDA tensors.
+    if (
+        torch.compiler.is_compiling()
+        or not runs_fused_kernel(q)
+        or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    ):
         return decode_attention(q, *args)
     from longflow_patch.kernels.decode_attention import decode_attention_triton
 
