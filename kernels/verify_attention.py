@@ -169,7 +169,7 @@ def verify_attention_triton(
         num_warps=4, num_stages=2,
     )  # fmt: skip
 
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)  # contiguous, as the reference's output (the op's fake says so)
     mask = draft_mask.to(torch.int8).contiguous() if draft_mask is not None else m_part
     _combine_kernel[(kv_heads, batch)](
         out, q, k_draft, v_draft, mask, out_part, m_part, l_part,

@@ -93,4 +93,4 @@ def decode_step(q: torch.Tensor, *args: object, workspaces: dict) -> torch.Tenso
 
 @decode_attention.register_fake
 def _decode_attention_fake(q: torch.Tensor, *args: object) -> torch.Tensor:
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as every implementation returns (not q's strides)

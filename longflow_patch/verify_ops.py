@@ -40,4 +40,4 @@ def _verify_attention_cuda(q: torch.Tensor, *args: object) -> torch.Tensor:
 
 @verify_attention.register_fake
 def _verify_attention_fake(q: torch.Tensor, *args: object) -> torch.Tensor:
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as every implementation returns (not q's strides)

@@ -116,6 +116,14 @@ def test_op_passes_opcheck_with_causal_and_tree_masks():
         torch.library.opcheck(torch.ops.longflow.verify_attention.default, (*args, mask, 0.25))
 
 
+def test_op_passes_opcheck_with_queries_in_the_attention_layout():
+    """The attention passes ``q`` as a transpose of ``[B, T, Hq, D]``: the fake must give the strides
+    the implementations return (contiguous), or inductor's stride checks fail in a compiled round."""
+    q, *rest = random_inputs(2, 2, 2, 24, 4, 16, torch.float32, device="cpu")
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.library.opcheck(torch.ops.longflow.verify_attention.default, (q, *rest, None, 0.25))
+
+
 def test_op_compiles_fullgraph_and_matches_eager():
     torch._dynamo.reset()
     args = random_inputs(1, 2, 4, 32, 3, 16, torch.float32, device="cpu")
