@@ -19,6 +19,7 @@ Buffers (fixed addresses, so a compiled round can be a CUDA graph): ``keys`` / `
 import torch
 
 from longflow_patch.glide import GlideConfig
+from longflow_patch.speculative_cache import write_slots
 
 SPARE_SLOTS = 2
 
@@ -47,8 +48,8 @@ class GlideCache:
         """Store accepted tokens' ``[1, Hkv, n, D]`` keys / values at their positions ``[n]`` (distinct
         slots: at most ``window + 2`` positions past the sinks)."""
         slots = self.slots(positions)
-        self.keys.index_copy_(2, slots, keys)
-        self.values.index_copy_(2, slots, values)
+        write_slots(self.keys, slots, keys)
+        write_slots(self.values, slots, values)
         self.slot_pos.index_copy_(0, slots, positions)
 
     def visible(self, positions: torch.Tensor) -> torch.Tensor:
