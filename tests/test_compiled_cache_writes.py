@@ -23,7 +23,10 @@ from longflow_patch.glide_cache import GlideCache
 from longflow_patch.speculative_cache import SpeculativeCache, write_slots
 
 from models import tiny_model
+from recipe_loader import load_recipe
 from test_speculative import greedy, prompt
+
+throughput = load_recipe("bench_throughput.py")  # its compiled loops' decode step
 
 ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 DEVICES = ["cpu", pytest.param("cuda", marks=ON_GPU)]
@@ -79,21 +82,15 @@ def prefilled_full_cache(model, ids: torch.Tensor, capacity: int) -> Speculative
     return cache
 
 
-def greedy_step(model, cache, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """One decode step, as the benchmarks' compiled loops run it: the next greedy token ``[B, 1]``."""
-    logits = model(input_ids=token, position_ids=position, use_cache=True, **{cache_keyword(model): cache}).logits
-    return logits[:, -1].argmax(dim=-1, keepdim=True)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_decode_step_over_the_full_cache_writes_in_place(device):
     model = longflow_patch.apply(tiny_model("qwen3", "gqa").to(device), compile=False)
     ids = torch.randint(3, 128, (3, 21), generator=torch.Generator().manual_seed(0)).to(device)
     compiled_cache, eager_cache = (prefilled_full_cache(model, ids, capacity=389) for _ in range(2))
-    token, position = ids[:, -1:], torch.full((3, 1), 21, device=device)
+    keyword, token, position = cache_keyword(model), ids[:, -1:], torch.full((3, 1), 21, device=device)
     with torch.no_grad():
-        expected = greedy_step(model, eager_cache, token, position)
-    got, code = compiled_code(greedy_step, model, compiled_cache, token, position)
+        expected = throughput._greedy_step(model, keyword, eager_cache, token, position)
+    got, code = compiled_code(throughput._greedy_step, model, keyword, compiled_cache, token, position)
     assert torch.equal(got, expected)
     for compiled, eager in zip(compiled_cache.layers, eager_cache.layers, strict=True):
         assert int(compiled.length) == int(eager.length) == 22
@@ -109,7 +106,8 @@ def test_a_longflow_decode_step_writes_in_place(device):
     cache = longflow_patch.new_cache(model)
     with torch.no_grad():
         model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache})
-    _, code = compiled_code(greedy_step, model, cache, ids[:, -1:], torch.full((2, 1), 40, device=device))
+    position = torch.full((2, 1), 40, device=device)
+    _, code = compiled_code(throughput._greedy_step, model, cache_keyword(model), cache, ids[:, -1:], position)
     assert cache_sized_allocations(code, buffers_of(cache)) == []
 
 
