@@ -8,6 +8,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+import torch._inductor.config
 
 import longflow_patch
 from longflow_patch.compat import cache_keyword
@@ -102,6 +103,21 @@ def test_allocated_policies_compile_as_one_graph(profiles, method):
     if method == "reasonalloc":
         limits = torch.stack([layer.slot_limit for layer in eager_cache.layers])
         assert (limits != limits[:, :, :1]).any(), "no slot moved between heads in 50 steps"
+
+
+def test_reasonalloc_compiled_by_inductor_gives_eager_tokens(profiles):
+    """The real backend (inductor, on the CPU here), with ReasonAlloc's online moves (the op also
+    writes ``slot_limit``): eager's tokens."""
+    from test_compile import compiled_generate
+
+    torch._dynamo.reset()
+    model = tiny_model("qwen3", "gqa")
+    ids, mask = left_padded_prompts(batch=2, length=10)
+    longflow_patch.apply(model, policy="reasonalloc", budget=40, profile=profiles["reasonalloc"], rebalance_every=1)
+    eager = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=50, min_new_tokens=50, do_sample=False,
+                           pad_token_id=0)  # fmt: skip
+    with torch._inductor.config.patch(force_disable_caches=True):
+        assert torch.equal(compiled_generate(model, ids, mask, 50, "inductor"), eager)
 
 
 def test_profiled_policies_need_a_matching_profile(profiles):

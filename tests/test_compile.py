@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch._inductor.config
 from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import CompileConfig
 
@@ -44,6 +45,18 @@ def test_decode_step_compiles_once_through_transformers_generate(policy):
     compiled = compiled_generate(model, ids, mask, 60, counting_backend(graphs))
     assert len(graphs) == 1, f"decode recompiled: {len(graphs)} graphs for 59 steps"
     assert torch.equal(compiled, eager)
+
+
+def test_inductor_compiled_generate_gives_eager_tokens():
+    """The real backend (inductor, on the CPU here; the tests above run the captured graphs eagerly):
+    the lowered graph, the op and its in-place writes included, gives eager's tokens."""
+    torch._dynamo.reset()
+    model = longflow_patch.apply(tiny_model("qwen3", "gqa"), budget=24)
+    ids, mask = left_padded_prompts(batch=3, length=10)
+    eager = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                           pad_token_id=0)  # fmt: skip
+    with torch._inductor.config.patch(force_disable_caches=True):
+        assert torch.equal(compiled_generate(model, ids, mask, 40, "inductor"), eager)
 
 
 def generate_kwargs(model, monkeypatch) -> list[dict]:
