@@ -10,11 +10,13 @@ decode step, every slot holding a token. For each batch x cache size it reports:
 Times are GPU time per call from CUDA-graph replay (``graph``), the way a compiled decode loop
 runs, and also eager (``eager``: Python launch overhead included). Medians after warm-up.
 
-``--eager`` times one eager call at batch 1, where the host is the bottleneck, three ways: the
+``--eager`` times one eager call at batch 1, where the host is the bottleneck, four ways: the
 registered op (``torch.ops.longflow.decode_attention``: what ``torch.compile`` traces), the
 eager decode step (``longflow_patch.ops.decode_step``: what the cache calls when not compiled;
-no ``torch.library`` dispatch, scratch buffers kept) and SDPA; each from CUDA events around one
-call and from the wall clock over 50 back-to-back calls, with the ratios to SDPA.
+no ``torch.library`` dispatch, scratch buffers kept), the same with direct launches of the
+compiled kernels (``direct``: ``LONGFLOW_DIRECT_LAUNCH=1``, no Triton JIT after the first call)
+and SDPA; each from CUDA events around one call and from the wall clock over 50 back-to-back
+calls, with the ratios to SDPA.
 
 ``--candidates`` times the attention of full-cache decoding candidates (one CUDA-graph replay
 each): the split-K GQA kernel of ``longflow::verify_attention`` with one query over a cache of
@@ -34,6 +36,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from longflow_patch.kernels import launch
 from longflow_patch.kernels.decode_attention import AttendLaunch, ScoreLaunch, decode_attention_triton
 from longflow_patch.ops import decode_step
 
@@ -92,10 +95,17 @@ def fused_call(inputs: dict, launch: AttendLaunch | None = None, score_launch: S
     return lambda: decode_attention_triton(**inputs, **settings, launch=launch, score_launch=score_launch)
 
 
-def step_call(inputs: dict):
-    """The eager decode step the cache runs (`longflow_patch.ops.decode_step`), scratch kept."""
+def step_call(inputs: dict, direct: bool = False):
+    """The eager decode step the cache runs (`longflow_patch.ops.decode_step`), scratch kept;
+    ``direct``: with direct launches of the compiled kernels (``LONGFLOW_DIRECT_LAUNCH``) after the
+    first call, else every launch through Triton's JIT."""
     workspaces = {}
-    return lambda: decode_step(*inputs.values(), *SETTINGS.values(), workspaces=workspaces)
+
+    def call():
+        launch.DIRECT_LAUNCH = direct
+        return decode_step(*inputs.values(), *SETTINGS.values(), workspaces=workspaces)
+
+    return call
 
 
 def sdpa_call(inputs: dict):
@@ -127,7 +137,8 @@ def eager_overhead_rows(slots_list: list[int], batch: int = 1) -> list[dict]:
     rows = []
     for slots in slots_list:
         inputs = make_inputs(batch, slots)
-        calls = {"op": fused_call(inputs), "step": step_call(inputs), "sdpa": sdpa_call(inputs)}
+        calls = {"op": fused_call(inputs), "step": step_call(inputs), "direct": step_call(inputs, direct=True),
+                 "sdpa": sdpa_call(inputs)}  # fmt: skip
         row = {"batch": batch, "slots": slots}
         for name, call in calls.items():
             row[f"{name}_event_us"] = median_ms(call) * 1e3
@@ -136,12 +147,14 @@ def eager_overhead_rows(slots_list: list[int], batch: int = 1) -> list[dict]:
         for clock in ("event", "wall"):
             row[f"step/sdpa {clock}"] = row[f"step_{clock}_us"] / row[f"sdpa_{clock}_us"]
             row[f"op/sdpa {clock}"] = row[f"op_{clock}_us"] / row[f"sdpa_{clock}_us"]
+            row[f"direct/sdpa {clock}"] = row[f"direct_{clock}_us"] / row[f"sdpa_{clock}_us"]
         rows.append(row)
     return rows
 
 
-EAGER_COLUMNS = ["batch", "slots", "op_event_us", "step_event_us", "sdpa_event_us", "step/sdpa event",
-                 "op/sdpa event", "op_wall_us", "step_wall_us", "sdpa_wall_us", "step/sdpa wall", "op/sdpa wall",
+EAGER_COLUMNS = ["batch", "slots", "op_event_us", "step_event_us", "direct_event_us", "sdpa_event_us",
+                 "step/sdpa event", "direct/sdpa event", "op/sdpa event", "op_wall_us", "step_wall_us",
+                 "direct_wall_us", "sdpa_wall_us", "step/sdpa wall", "direct/sdpa wall", "op/sdpa wall",
                  "step_graph_us", "sdpa_graph_us"]  # fmt: skip
 
 

@@ -38,8 +38,10 @@ slots; programs past a head's live limit exit at once, and the scoring and combi
 only the live ones, so a ragged layer does the work of a uniform one of the same total.
 
 Launch metadata (grids, split and chunk sizes, block sizes) depends only on the shape and is
-planned once per shape (`plan_decode`); the scratch buffers of the passes (`DecodeWorkspace`) are
-allocated per call, or kept by the caller from call to call (eager decoding: ``workspaces``).
+planned once per shape (`plan_decode`); the scratch buffers of the passes (`DecodeWorkspace`) and
+the launches (`DecodeLaunches`) are made per call, or kept by the caller from call to call (eager
+decoding: ``workspaces``), whose later calls may then launch the compiled kernels directly
+(`launch.py`).
 
 Extra traffic over plain attention: ``G * 4`` bytes of logits per slot and KV head written and
 read back, and ``4`` bytes of value norm read, against ``4 * D`` bytes of bf16 K/V (about 3% each
@@ -54,7 +56,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch as kernel_launch
 from .decode_attention_reference import check_reallocation
+from .launch import KernelLaunch, aligned
 from .online_softmax import merge_split_partials, online_softmax_step
 
 LOG2E = 1.4426950408889634
@@ -554,6 +558,64 @@ class DecodeWorkspace:
         )
 
 
+@dataclass(frozen=True, eq=False)
+class DecodeLaunches:
+    """A decode step's scratch buffers and its three (four) launches, for one plan, argument layout
+    (dtypes, strides) and settings; eager callers keep it from call to call (``workspaces``)."""
+
+    work: DecodeWorkspace
+    attend: KernelLaunch
+    score: KernelLaunch
+    combine: KernelLaunch
+    reallocate: KernelLaunch | None
+
+    @classmethod
+    def prepare(
+        cls, plan: DecodePlan, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+        v_cache: torch.Tensor, slot_pos: torch.Tensor, scale: float, sink_tokens: int, recent_window: int,
+        shared: bool, score_kind: int, accumulate: bool, reallocate_every: int, min_limit: int,
+    ) -> "DecodeLaunches":  # fmt: skip
+        batch, kv_heads, group, slots, head_dim = plan.batch, plan.kv_heads, plan.group, plan.slots, plan.head_dim
+        k_strides, v_strides, pos_strides = k_cache.stride()[:3], v_cache.stride()[:3], slot_pos.stride()[:2]
+        attend = KernelLaunch(
+            _attend_split_kernel, (plan.n_splits, kv_heads, batch),
+            (*q.stride()[:2], *k_new.stride()[:2], *v_new.stride()[:2], *k_strides, *v_strides, *pos_strides,
+             plan.n_splits, plan.split_size, slots, scale * LOG2E),
+            dict(G=group, BLOCK_G=plan.block_g, HEAD_DIM=head_dim, BLOCK_S=plan.block_s),
+            num_warps=plan.attend_warps, num_stages=plan.attend_stages,
+        )  # fmt: skip
+        score = KernelLaunch(
+            _score_chunk_kernel, (plan.n_chunks, plan.n_sel, batch),
+            (*pos_strides, plan.n_splits, plan.split_size, slots, kv_heads, plan.n_chunks, plan.chunk_size,
+             sink_tokens, recent_window),
+            dict(G=group, HEADS=plan.heads, BLOCK_H=plan.block_h, BLOCK_G=plan.score_g,
+                 BLOCK_SPLITS=plan.block_splits, BLOCK=plan.score_block, SHARED=shared, SCORE_KIND=int(score_kind),
+                 ACCUMULATE=accumulate, TOP2=plan.top2),
+            num_warps=plan.score_warps,
+        )  # fmt: skip
+        # The output is contiguous (`decode_attention_triton` allocates it like q's shape).
+        # Four warps and no pipelining: one or two trips of a latency-bound loop (measured 10-15%
+        # faster for the whole op at batch 1 on an H100 than eight warps).
+        combine = KernelLaunch(
+            _combine_kernel, (kv_heads, batch, head_dim // plan.d_slice),
+            (q.shape[1] * head_dim, head_dim, plan.n_splits, plan.split_size, plan.n_chunks, plan.chunk_size),
+            dict(G=group, BLOCK_G=plan.combine_g, HEAD_DIM=head_dim, D_SLICE=plan.d_slice,
+                 SPLIT_CHUNK=plan.split_chunk, BLOCK_CHUNKS=plan.block_chunks, SHARED=shared),
+            num_warps=4, num_stages=1,
+        )  # fmt: skip
+        reallocate = None
+        if reallocate_every:
+            reallocate = KernelLaunch(
+                _reallocate_kernel, (batch,),
+                (*k_strides, *v_strides, *pos_strides, kv_heads, slots, plan.n_chunks, plan.chunk_size,
+                 reallocate_every, min_limit),
+                dict(HEAD_DIM=head_dim, BLOCK_HKV=max(2, triton.next_power_of_2(kv_heads)),
+                     BLOCK_CHUNKS=plan.block_chunks),
+                num_warps=1,
+            )  # fmt: skip
+        return cls(DecodeWorkspace.allocate(plan, q.device), attend, score, combine, reallocate)
+
+
 def decode_attention_triton(
     q: torch.Tensor,
     k_new: torch.Tensor,
@@ -588,9 +650,11 @@ def decode_attention_triton(
     ``n_splits`` overrides the split-K heuristic (tests use it to exercise many splits);
     ``launch`` and ``score_launch`` override the attention and scoring passes' launch shapes
     (the benchmark sweeps them). ``workspaces``: a dict in which the step keeps its scratch
-    buffers (`DecodeWorkspace`, one per plan and device) from call to call instead of allocating
-    them, for eager decoding; it must only be used by calls in stream order (not while a CUDA
-    graph captures, whose memory is private). The result is the same bit for bit either way.
+    buffers and launches (`DecodeLaunches`, one per plan, argument layout, settings and device)
+    from call to call instead of allocating them, for eager decoding; it must only be used by
+    calls in stream order (not while a CUDA graph captures, whose memory is private). With it, and
+    ``launch.DIRECT_LAUNCH``, repeated calls on a GPU launch the compiled kernels directly
+    (`KernelLaunch`). The result is the same bit for bit either way.
     Requires ``q`` / caches in float16 or bfloat16, ``D`` a power of two >= 16, last dims
     contiguous, and contiguous ``slot_pos`` / ``write_slot`` / ``slot_limit`` / ``position``.
     """
@@ -599,55 +663,29 @@ def decode_attention_triton(
     device = q.device
     plan = plan_decode(batch, kv_heads, q.shape[1] // kv_heads, slots, head_dim, multiprocessor_count(device),
                        shared, planned_slots, reallocate_every > 0, n_splits, launch, score_launch)  # fmt: skip
+    inputs = (q, k_new, v_new, k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit)
+    layout = (q, k_new, v_new, k_cache, v_cache, slot_pos, scale, sink_tokens, recent_window, shared, score_kind,
+              accumulated is not None, reallocate_every, min_limit)  # fmt: skip
+    direct = False
     if workspaces is None:
-        work = DecodeWorkspace.allocate(plan, device)
-    elif (work := workspaces.get((plan, device))) is None:
-        work = workspaces[plan, device] = DecodeWorkspace.allocate(plan, device)
-    group = plan.group
-
-    _attend_split_kernel[(plan.n_splits, kv_heads, batch)](
-        q, k_new, v_new, k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit,
-        work.out_part, work.m_part, work.l_part, work.logits,
-        q.stride(0), q.stride(1),
-        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        slot_pos.stride(0), slot_pos.stride(1),
-        plan.n_splits, plan.split_size, slots, scale * LOG2E,
-        G=group, BLOCK_G=plan.block_g, HEAD_DIM=head_dim, BLOCK_S=plan.block_s,
-        num_warps=plan.attend_warps, num_stages=plan.attend_stages,
-    )  # fmt: skip
-
-    _score_chunk_kernel[(plan.n_chunks, plan.n_sel, batch)](
-        work.m_part, work.l_part, work.logits, value_norm, slot_pos, write_slot, position, slot_limit,
-        accumulated if accumulated is not None else work.m_part,
-        work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2,
-        slot_pos.stride(0), slot_pos.stride(1),
-        plan.n_splits, plan.split_size, slots, kv_heads, plan.n_chunks, plan.chunk_size, sink_tokens, recent_window,
-        G=group, HEADS=plan.heads, BLOCK_H=plan.block_h, BLOCK_G=plan.score_g, BLOCK_SPLITS=plan.block_splits,
-        BLOCK=plan.score_block, SHARED=shared, SCORE_KIND=int(score_kind), ACCUMULATE=accumulated is not None,
-        TOP2=plan.top2, num_warps=plan.score_warps,
-    )  # fmt: skip
-
+        step = DecodeLaunches.prepare(plan, *layout)
+    else:
+        key = (plan, device, torch.cuda.current_device() if q.is_cuda else None,
+               *(t.dtype for t in inputs), accumulated is None or accumulated.dtype,
+               *(t.stride() for t in inputs[:7]), *layout[6:])  # fmt: skip
+        if (step := workspaces.get(key)) is None:
+            step = workspaces[key] = DecodeLaunches.prepare(plan, *layout)
+        direct = kernel_launch.DIRECT_LAUNCH and q.is_cuda and aligned(*inputs, *filter(None, [accumulated]))
+    work = step.work
     out = q.new_empty(q.shape)  # contiguous, as the reference's output (the op's fake says so)
-    # Four warps and no pipelining: one or two trips of a latency-bound loop (measured 10-15% faster
-    # for the whole op at batch 1 on an H100 than eight warps).
-    _combine_kernel[(kv_heads, batch, head_dim // plan.d_slice)](
-        out, work.out_part, work.m_part, work.l_part, work.chunk_min, work.chunk_arg, write_slot, slot_limit,
-        out.stride(0), out.stride(1),
-        plan.n_splits, plan.split_size, plan.n_chunks, plan.chunk_size,
-        G=group, BLOCK_G=plan.combine_g, HEAD_DIM=head_dim, D_SLICE=plan.d_slice, SPLIT_CHUNK=plan.split_chunk,
-        BLOCK_CHUNKS=plan.block_chunks, SHARED=shared, num_warps=4, num_stages=1,
-    )  # fmt: skip
-    if reallocate_every:
-        _reallocate_kernel[(batch,)](
-            k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit,
-            work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2,
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            slot_pos.stride(0), slot_pos.stride(1),
-            kv_heads, slots, plan.n_chunks, plan.chunk_size, reallocate_every, min_limit,
-            HEAD_DIM=head_dim, BLOCK_HKV=max(2, triton.next_power_of_2(kv_heads)),
-            BLOCK_CHUNKS=plan.block_chunks, num_warps=1,
-        )  # fmt: skip
+
+    step.attend(*inputs, work.out_part, work.m_part, work.l_part, work.logits, direct=direct)
+    step.score(work.m_part, work.l_part, work.logits, value_norm, slot_pos, write_slot, position, slot_limit,
+               work.m_part if accumulated is None else accumulated,
+               work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2, direct=direct)  # fmt: skip
+    step.combine(out, work.out_part, work.m_part, work.l_part, work.chunk_min, work.chunk_arg, write_slot,
+                 slot_limit, direct=direct)  # fmt: skip
+    if step.reallocate is not None:
+        step.reallocate(k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit,
+                        work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2, direct=direct)  # fmt: skip
     return out

@@ -1,6 +1,10 @@
 """The eager decode step: the Triton launcher called directly, with scratch buffers kept from
 call to call, gives the registered op's step bit for bit, plans once per shape and launches
-three kernels (four with online re-allocation); tracing still records the op."""
+three kernels (four with online re-allocation); tracing still records the op. With direct
+launches on (``LONGFLOW_DIRECT_LAUNCH``), repeated steps on a GPU launch the compiled kernels
+without Triton's JIT, with the same result bit for bit."""
+
+import inspect
 
 import pytest
 import torch
@@ -8,9 +12,11 @@ import torch
 import longflow_patch
 from longflow_patch import ops
 from longflow_patch.kernels import decode_attention as kernel
+from longflow_patch.kernels import launch
 
 from models import left_padded_prompts, tiny_model
 from test_decode_kernel import DEVICE, random_step, reallocating_step
+from triton_interpreter import INTERPRETED
 
 CASES = {
     # name: (step arguments, settings)
@@ -36,8 +42,11 @@ def fresh_queries(step: dict, index: int) -> dict:
                 position=step["position"] + index + 1)  # fmt: skip
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["jit", "direct"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_kept_scratch_gives_the_fresh_step_bit_for_bit_over_chained_steps(case):
+def test_kept_scratch_gives_the_fresh_step_bit_for_bit_over_chained_steps(case, direct, monkeypatch):
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", direct)
+    jit_launches = counted(monkeypatch)
     make, settings = CASES[case]
     fresh = make()
     kept = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in fresh.items()}
@@ -46,25 +55,29 @@ def test_kept_scratch_gives_the_fresh_step_bit_for_bit_over_chained_steps(case):
     for index in range(4):
         fresh.update(fresh_queries(fresh, index))
         kept.update(fresh_queries(kept, index))
-        expected = kernel.decode_attention_triton(**fresh, **settings)
+        expected = kernel.decode_attention_triton(**fresh, **settings)  # no workspaces: the JIT, fresh scratch
+        jit_launches.clear()
         got = kernel.decode_attention_triton(**kept, **settings, workspaces=workspaces)
         assert torch.equal(got, expected), f"step {index}: output differs"
         for name, tensor in fresh.items():
             if isinstance(tensor, torch.Tensor):
                 assert torch.equal(kept[name], tensor), f"step {index}: {name} differs"
-        (scratch,) = workspaces.values()  # one workspace for the one shape, kept from step to step
+        (steps,) = workspaces.values()  # one set of scratch and launches for the one shape, kept
         if index == 0:
-            first = scratch
-        assert scratch is first
+            first = steps
+        assert steps is first
+        # On a GPU with direct launches, only the first step goes through Triton's JIT.
+        assert bool(jit_launches) == (index == 0 or not direct or INTERPRETED), jit_launches
 
 
 def counted(monkeypatch) -> list[str]:
-    """Record each Triton launch of the decode step (by kernel name)."""
+    """Record each launch of the decode step's kernels through Triton's JIT (``kernel[grid]``), by
+    kernel name; direct launches of the compiled kernels are not recorded."""
     launches = []
 
     class Counting:
         def __init__(self, name, function):
-            self.name, self.function = name, function
+            self.name, self.function, self.fn = name, function, function.fn
 
         def __getitem__(self, grid):
             launches.append(self.name)
@@ -76,6 +89,7 @@ def counted(monkeypatch) -> list[str]:
 
 
 def test_eager_step_plans_once_allocates_only_its_output_and_launches_three_kernels(monkeypatch):
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", False)  # every launch through the JIT, where they are counted
     launches = counted(monkeypatch)
     allocations = []
     allocate = kernel.DecodeWorkspace.allocate
@@ -97,13 +111,113 @@ def test_eager_step_plans_once_allocates_only_its_output_and_launches_three_kern
     assert launches == ["_attend_split_kernel", "_score_chunk_kernel", "_combine_kernel", "_reallocate_kernel"]
 
 
+def test_direct_launch_passes_every_parameter_in_the_kernels_order(monkeypatch):
+    """The positional arguments of a direct launch (tensors, scalars, then constexprs in parameter
+    order) bind to each kernel's parameters exactly as the JIT's keyword call does."""
+    calls = []
+    call = launch.KernelLaunch.__call__
+    monkeypatch.setattr(
+        launch.KernelLaunch, "__call__", lambda self, *t, **k: calls.append((self, t)) or call(self, *t, **k)
+    )
+    step = random_step(1, 2, 4, 40, 32, torch.bfloat16, 30, accumulate=True)
+    kernel.decode_attention_triton(**step, scale=0.125, sink_tokens=4, recent_window=8, shared=True, score_kind=1)
+    step = reallocating_step(2, 2, 2, 64, 64, torch.bfloat16, 64, every=1)
+    kernel.decode_attention_triton(**step, scale=0.125, sink_tokens=2, recent_window=4, shared=False, score_kind=0,
+                                   reallocate_every=1, min_limit=7)  # fmt: skip
+    assert len(calls) == 7
+    for launched, tensors in calls:
+        signature = inspect.signature(launched.kernel.fn)
+        tail = launch.constexpr_tail(launched.kernel, len(tensors) + len(launched.scalars), launched.constexprs)
+        by_position = signature.bind(*tensors, *launched.scalars, *tail).arguments
+        by_keyword = signature.bind(*tensors, *launched.scalars, **launched.constexprs).arguments
+        assert list(by_position) == list(signature.parameters) and by_position == by_keyword
+
+
+class FakeCompiled:
+    """Stands in for a Triton CompiledKernel: ``[grid]`` gives its launcher."""
+
+    packed_metadata = b""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args: self.log.append(("direct", grid, args))
+
+
+class FakeJit:
+    """Stands in for a ``@triton.jit`` kernel whose JIT returns ``compiled`` (None: the interpreter)."""
+
+    def __init__(self, log, compiled):
+        self.log, self.compiled = log, compiled
+
+    @staticmethod
+    def fn(x, n, BLOCK: kernel.tl.constexpr, EVEN: kernel.tl.constexpr):
+        pass
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append(("jit", grid, args, kwargs)) or self.compiled
+
+
+def test_kernel_launch_goes_direct_only_after_a_compiled_first_call_and_only_when_allowed():
+    log = []
+    launched = launch.KernelLaunch(
+        FakeJit(log, FakeCompiled(log)), (4, 1), (7,), dict(EVEN=True, BLOCK=64), num_warps=2
+    )
+    launched("x0")  # not allowed: the JIT, nothing kept
+    launched("x1", direct=True)  # the JIT compiles; its kernel is kept
+    launched("x2", direct=True)
+    launched("x3")  # e.g. an unaligned tensor: the JIT again
+    assert log == [
+        ("jit", (4, 1), ("x0", 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
+        ("jit", (4, 1), ("x1", 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
+        ("direct", (4, 1), ("x2", 7, 64, True)),  # every parameter by position, in the kernel's order
+        ("jit", (4, 1), ("x3", 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
+    ]
+    interpreted = []
+    launched = launch.KernelLaunch(FakeJit(interpreted, None), (1,), (7,), dict(EVEN=True, BLOCK=64))
+    for _ in range(2):
+        launched("x", direct=True)
+    assert [entry[0] for entry in interpreted] == ["jit", "jit"]
+    with pytest.raises(ValueError, match="do not match its parameters"):
+        launch.constexpr_tail(FakeJit(log, None), 2, dict(BLOCK=64))
+
+
+def test_alignment_check_sees_any_unaligned_tensor():
+    base = torch.zeros(64, dtype=torch.bfloat16, device=DEVICE)
+    assert launch.aligned(base, base[8:])
+    assert not launch.aligned(base, base[1:]) and not launch.aligned(base[4:], base)
+
+
+def test_unaligned_inputs_go_through_the_jit_with_the_same_result(monkeypatch):
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", True)
+    jit_launches = counted(monkeypatch)
+    fresh = random_step(1, 2, 4, 96, 64, torch.bfloat16, 96)
+    kept = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in fresh.items()}
+    settings = dict(scale=0.125, sink_tokens=4, recent_window=8, shared=True, score_kind=0)
+    workspaces = {}
+    for index in range(3):
+        fresh.update(fresh_queries(fresh, index))
+        kept.update(fresh_queries(kept, index))
+        if index > 0:  # the same values two bf16 elements (4 bytes) past an aligned start
+            storage = torch.empty(kept["q"].numel() + 2, dtype=kept["q"].dtype, device=DEVICE)
+            kept["q"] = storage[2:].view_as(kept["q"]).copy_(kept["q"])
+        expected = kernel.decode_attention_triton(**fresh, **settings)
+        jit_launches.clear()
+        got = kernel.decode_attention_triton(**kept, **settings, workspaces=workspaces)
+        assert torch.equal(got, expected), f"step {index}: output differs"
+        assert len(jit_launches) == 3, f"step {index}: {jit_launches}"
+
+
 def on_gpu_path(monkeypatch) -> list[str]:
     """Route CPU tensors the way CUDA tensors go (the launcher runs in Triton's interpreter; on a GPU
     the tensors are CUDA ones already), and record which route each step takes."""
     routes = []
     monkeypatch.setattr(ops, "runs_fused_kernel", lambda q: q.dtype in ops.KERNEL_DTYPES)
     launcher = kernel.decode_attention_triton
-    monkeypatch.setattr(kernel, "decode_attention_triton", lambda *a, **k: routes.append("direct") or launcher(*a, **k))
+    monkeypatch.setattr(
+        kernel, "decode_attention_triton", lambda *a, **k: routes.append("launcher") or launcher(*a, **k)
+    )
     op = ops.decode_attention
     monkeypatch.setattr(ops, "decode_attention", lambda *a: routes.append("op") or op(*a))
     return routes
@@ -115,7 +229,7 @@ def test_decode_step_skips_the_op_dispatch_when_eager_and_records_the_op_when_tr
     expected = kernel.decode_attention_triton(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
     routes = on_gpu_path(monkeypatch)
     got = ops.decode_step(*args, workspaces={})
-    assert routes == ["direct"] and torch.equal(got, expected)
+    assert routes == ["launcher"] and torch.equal(got, expected)
 
     routes.clear()
     graphs = []
@@ -132,7 +246,7 @@ def test_decode_step_skips_the_op_dispatch_when_eager_and_records_the_op_when_tr
     torch.compile(one_step, backend=backend, fullgraph=True)(*tensors)
     targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
     assert any("longflow.decode_attention" in target for target in targets), targets
-    assert "direct" not in routes
+    assert "launcher" not in routes
 
 
 def test_patched_model_decodes_through_the_direct_path_and_matches_the_op(monkeypatch):
@@ -151,4 +265,4 @@ def test_patched_model_decodes_through_the_direct_path_and_matches_the_op(monkey
         through_op = generate()
     routes = on_gpu_path(monkeypatch)
     assert torch.equal(generate(), through_op)
-    assert set(routes) == {"direct"} and len(routes) == 11 * model.config.num_hidden_layers
+    assert set(routes) == {"launcher"} and len(routes) == 11 * model.config.num_hidden_layers

@@ -1,0 +1,83 @@
+"""Repeated launches of a Triton kernel without the JIT's per-call work.
+
+``kernel[grid](*args, **constexprs)`` binds the arguments, computes how they specialize the kernel
+(dtypes, 16-byte alignment of each pointer, integers equal to 1 or divisible by 16), hashes that to
+find the compiled kernel, and only then launches it. For a decode step's kernels (about 35
+arguments each) that host work is most of an eager step at batch 1 (`bench/decode_op.py --eager`).
+
+`KernelLaunch` is one launch whose grid, scalar arguments and constexprs are fixed, as a decode
+step plans them once per shape. Its first call goes through the JIT, which compiles the kernel
+(or finds it compiled) and returns it. Later calls may launch that compiled kernel directly with
+the new tensors and the fixed arguments, in the kernel's parameter order: the way Triton's
+fused-softmax tutorial launches a warmed-up kernel. This is valid only while the tensors
+specialize the kernel as on the first call:
+
+- callers keep one `KernelLaunch` per combination of tensor dtypes and scalar arguments;
+- every tensor must be 16-byte aligned, on the first call and on each direct one (the caller
+  checks, `aligned`); an unaligned one sends the call through the JIT;
+- the current CUDA device is the first call's (callers key their launches by it too).
+
+Launch hooks (``triton.knobs.runtime.launch_enter_hook``, profilers) see direct launches as they
+see the JIT's. The JIT's pre-run hooks do not. Under Triton's interpreter the JIT returns no
+compiled kernel, so every call goes through it.
+
+Direct launches are off unless ``LONGFLOW_DIRECT_LAUNCH=1`` is set: they have not yet been
+measured or tested on a GPU (``DIRECT_LAUNCH``; see CHANGELOG).
+"""
+
+import inspect
+import os
+from collections.abc import Callable
+
+import torch
+import triton.language as tl
+
+DIRECT_LAUNCH = os.environ.get("LONGFLOW_DIRECT_LAUNCH", "0") == "1"
+
+
+def aligned(*tensors: torch.Tensor) -> bool:
+    """Whether every tensor's data starts on a 16-byte boundary (how Triton specializes pointers)."""
+    address = 0
+    for tensor in tensors:
+        address |= tensor.data_ptr()
+    return address % 16 == 0
+
+
+def constexpr_tail(kernel: object, leading: int, constexprs: dict) -> tuple:
+    """The values of ``constexprs`` in the order of ``kernel``'s parameters (a ``@triton.jit``
+    function), checked to be exactly its parameters after the first ``leading``: a direct launch
+    passes every parameter by position, tensors and scalars first."""
+    params = list(inspect.signature(kernel.fn).parameters.values())
+    names = [param.name for param in params[leading:]]
+    if any(param.annotation is tl.constexpr for param in params[:leading]) or sorted(names) != sorted(constexprs):
+        raise ValueError(f"{kernel.fn.__name__}: {leading} arguments and constexprs {sorted(constexprs)} "
+                         f"do not match its parameters {[param.name for param in params]}")  # fmt: skip
+    return tuple(constexprs[name] for name in names)
+
+
+class KernelLaunch:
+    """``kernel[grid](*tensors, *scalars, **constexprs, **options)`` with everything but the tensors
+    fixed; called with the tensors (the kernel's leading parameters). See the module docstring for
+    when a call launches the compiled kernel directly."""
+
+    def __init__(self, kernel: object, grid: tuple[int, ...], scalars: tuple, constexprs: dict, **options: int):
+        self.kernel = kernel
+        self.grid = grid
+        self.scalars = scalars
+        self.constexprs = constexprs
+        self.options = options
+        self.direct: Callable | None = None  # the compiled kernel's launcher for this grid
+        self.fixed_tail: tuple = ()  # scalars, then constexprs in parameter order
+
+    def __call__(self, *tensors: torch.Tensor, direct: bool = False) -> None:
+        """Launch over ``tensors``. ``direct``: the caller has checked that they specialize the
+        kernel as on the first direct-eligible call (same dtypes and device, all aligned)."""
+        if direct and self.direct is not None:
+            self.direct(*tensors, *self.fixed_tail)
+            return
+        compiled = self.kernel[self.grid](*tensors, *self.scalars, **self.constexprs, **self.options)
+        # A CompiledKernel on a GPU; None from the interpreter.
+        if direct and compiled is not None and hasattr(compiled, "packed_metadata"):
+            leading = len(tensors) + len(self.scalars)
+            self.fixed_tail = self.scalars + constexpr_tail(self.kernel, leading, self.constexprs)
+            self.direct = compiled[self.grid]
