@@ -6,8 +6,9 @@
 Parts, each writing its results as soon as it finishes (a run cut short keeps what came before):
 
 a. ``speed_eager_op.json``: the eager per-call cost of the fused op at batch 1 (the registered op,
-   the eager decode step the cache calls, SDPA; CUDA events around one call and wall clock over
-   50 calls in a row, medians) and the full-cache attention candidates (`bench/decode_op.py`).
+   the eager decode step the cache calls, the same with direct launches of the compiled kernels,
+   SDPA; CUDA events around one call and wall clock over 50 calls in a row, medians) and the
+   full-cache attention candidates (`bench/decode_op.py`).
 b. ``throughput_<shape>_<tag>.json`` and ``.png``: end-to-end tokens/s at outputs of 4k-32k:
    the strongest full-cache baseline (compiled static-shape loop over the GQA split-K kernel
    reading only the filled positions), LongFlow with `apply`'s defaults (compiled on one GPU;
@@ -171,8 +172,9 @@ def readme_table(rows: list[dict], rooflines: dict) -> str:
 
 def summary(eager: dict, rows: list[dict], rooflines: dict, profiles: list[dict]) -> None:
     print("\n=== a. eager call at batch 1 (us; event: CUDA events around one call; wall: 50 calls in a row) ===")
-    print_table(eager["eager"], ["slots", "step_event_us", "sdpa_event_us", "step/sdpa event", "step_wall_us",
-                                 "sdpa_wall_us", "step/sdpa wall", "op_event_us", "op/sdpa event"])  # fmt: skip
+    print_table(eager["eager"], ["slots", "step_event_us", "direct_event_us", "sdpa_event_us", "step/sdpa event",
+                                 "direct/sdpa event", "step_wall_us", "direct_wall_us", "sdpa_wall_us",
+                                 "step/sdpa wall", "direct/sdpa wall", "op_event_us", "op/sdpa event"])  # fmt: skip
     print("\nfull-cache attention candidates (us per call)")
     print_table(eager["candidates"], decode_op.CANDIDATE_COLUMNS)
     print(

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU runs the docs cite, one part per call; each part fits in 10 minutes on one H200:
+#   bash bench/gpu_figures.sh tests OUT        # the GPU test files (.ci/gpu_tests.sh), under the installed
+#                                              # transformers and, where .whl/ holds its wheels, the newest one
+#   bash bench/gpu_figures.sh speed OUT        # bench/speed_suite.py: eager call cost (JIT and direct
+#                                              # launches), throughput against the strongest full cache, profiles
+#   bash bench/gpu_figures.sh speculative OUT  # recipes/bench_speculative.py: toy tokens/s per draft, 8B round cost
+# OUT gets the results and logs (bench/results/ to commit them). The package is used from this checkout
+# (PYTHONPATH, python3 -P), as on a machine where it is not installed.
+#
+# The newest transformers for the tests: its wheels and those of the packages it needs beyond the
+# machine's, downloaded beforehand (pip download --no-deps -d .whl transformers==X kernels==Y
+# huggingface_hub==Z), are installed into a separate folder put first on PYTHONPATH.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+part=$1
+out=$2
+mkdir -p "$out"
+export PYTHONPATH=$PWD
+parallel=()
+python3 -c "import xdist" 2>/dev/null && parallel=(-n 6)
+
+case $part in
+tests)
+    bash .ci/gpu_tests.sh "$out/gpu_tests_installed.log" "${parallel[@]}" &
+    if compgen -G ".whl/transformers-*.whl" >/dev/null; then
+        python3 -m pip install -q --no-deps --target /tmp/newest_transformers .whl/*.whl
+        PYTHONPATH=/tmp/newest_transformers:$PWD bash .ci/gpu_tests.sh "$out/gpu_tests_newest.log" "${parallel[@]}" &
+    fi
+    wait
+    ;;
+speed)
+    python3 -P bench/speed_suite.py --budget-s 540 --out-dir "$out" 2>&1 | tee "$out/speed_suite.log"
+    ;;
+speculative)
+    python3 -P recipes/bench_speculative.py --part toy cost --static --compile --drafts glide glide-tree self toy \
+        --out "$out/speculative_toy_tokens_per_s.json" 2>&1 | tee "$out/speculative_toy_tokens_per_s.log"
+    ;;
+*)
+    echo "unknown part: $part (tests, speed, speculative)" >&2
+    exit 2
+    ;;
+esac
