@@ -666,7 +666,6 @@ def decode_attention_triton(
     inputs = (q, k_new, v_new, k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit)
     layout = (q, k_new, v_new, k_cache, v_cache, slot_pos, scale, sink_tokens, recent_window, shared, score_kind,
               accumulated is not None, reallocate_every, min_limit)  # fmt: skip
-    direct = False
     if workspaces is None:
         step = DecodeLaunches.prepare(plan, *layout)
     else:
@@ -675,9 +674,11 @@ def decode_attention_triton(
                *(t.stride() for t in inputs[:7]), *layout[6:])  # fmt: skip
         if (step := workspaces.get(key)) is None:
             step = workspaces[key] = DecodeLaunches.prepare(plan, *layout)
-        direct = kernel_launch.DIRECT_LAUNCH and q.is_cuda and aligned(*inputs, *filter(None, [accumulated]))
     work = step.work
     out = q.new_empty(q.shape)  # contiguous, as the reference's output (the op's fake says so)
+    # Direct launches only with kept launches (the scratch buffers are the allocator's: aligned).
+    direct = workspaces is not None and kernel_launch.DIRECT_LAUNCH and q.is_cuda
+    direct = direct and aligned(*inputs, out, *filter(None, [accumulated]))
 
     step.attend(*inputs, work.out_part, work.m_part, work.l_part, work.logits, direct=direct)
     step.score(work.m_part, work.l_part, work.logits, value_norm, slot_pos, write_slot, position, slot_limit,

@@ -62,7 +62,7 @@ class KernelLaunch:
 
     def __init__(self, kernel: object, grid: tuple[int, ...], scalars: tuple, constexprs: dict, **options: int):
         self.kernel = kernel
-        self.grid = grid
+        self.grid = (*grid, 1, 1)[:3]  # three dimensions: the compiled kernel's launcher reads all three
         self.scalars = scalars
         self.constexprs = constexprs
         self.options = options

@@ -169,10 +169,11 @@ def test_kernel_launch_goes_direct_only_after_a_compiled_first_call_and_only_whe
     launched("x2", direct=True)
     launched("x3")  # e.g. an unaligned tensor: the JIT again
     assert log == [
-        ("jit", (4, 1), ("x0", 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
-        ("jit", (4, 1), ("x1", 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
-        ("direct", (4, 1), ("x2", 7, 64, True)),  # every parameter by position, in the kernel's order
-        ("jit", (4, 1), ("x3", 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
+        ("jit", (4, 1, 1), ("x0", 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
+        ("jit", (4, 1, 1), ("x1", 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
+        # every parameter by position, in the kernel's order; the grid in three dimensions
+        ("direct", (4, 1, 1), ("x2", 7, 64, True)),
+        ("jit", (4, 1, 1), ("x3", 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
     ]
     interpreted = []
     launched = launch.KernelLaunch(FakeJit(interpreted, None), (1,), (7,), dict(EVEN=True, BLOCK=64))
