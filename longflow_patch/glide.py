@@ -245,10 +245,11 @@ def target_key_values(
     target: nn.Module, ids: torch.Tensor, positions: torch.Tensor, layer: int
 ) -> tuple[torch.Tensor, ...]:
     """The target's layer ``layer`` keys (rotated at ``positions`` ``[B, T]``) and values
-    ``[B, Hkv, T, D]`` over ``ids`` ``[B, T]``: what the draft's cross-attention reads."""
+    ``[B, Hkv, T, D]`` over ``ids`` ``[B, T]``: what the draft's cross-attention reads; and its last
+    hidden states ``[B, T, H]`` (through ``target.lm_head``, its own next-token logits)."""
     cache = DynamicCache(config=target.config)
-    target.model(input_ids=ids, position_ids=positions, use_cache=True, **{cache_keyword(target.model): cache})
-    return cache.layers[layer].keys, cache.layers[layer].values
+    output = target.model(input_ids=ids, position_ids=positions, use_cache=True, **{cache_keyword(target.model): cache})
+    return cache.layers[layer].keys, cache.layers[layer].values, output.last_hidden_state
 
 
 def teacher_forced_logits(draft: GlideDraft, target: nn.Module, ids: torch.Tensor, positions: torch.Tensor,

@@ -10,7 +10,8 @@ Each step takes rows of the target's own greedy output, cut to ``--length`` toke
 3. runs the draft layer: self-attention under the sink-and-window mask of its decoding cache,
    cross-attention over the target's keys ``j <= i - lag`` (``lag`` drawn per row from
    ``1..--max-lag``: while drafting, the target's cache lags ``d`` tokens behind the ``d``-th draft
-   step), and the target's LM head; the loss is next-token cross-entropy on the output tokens.
+   step), and the target's LM head; the loss is next-token cross-entropy on the output tokens, or
+   with ``--distill`` the KL divergence from the target's own next-token distribution there.
 
 Targets:
 
@@ -91,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--max-lag", type=int, default=6, help="cross-attention lags drawn from 1..max-lag")
+    parser.add_argument("--distill", action="store_true",
+                        help="loss: KL from the target's own next-token distribution (else cross-entropy on "
+                             "its greedy tokens)")  # fmt: skip
     parser.add_argument("--sink-tokens", type=int, default=4)
     parser.add_argument("--window", type=int, default=256, help="the draft's self-attention window")
     parser.add_argument("--init", choices=["random", "target"], default="random",
@@ -232,6 +236,14 @@ def anchor_offset_positions(rng: random.Random, count: int, length: int, sinks: 
     return positions
 
 
+def distillation_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean KL(target || draft) of the next-token distributions at the ``mask`` ``[B, T]`` positions
+    (logits ``[B, T, V]``; the target's carry no gradient)."""
+    target_log_p = F.log_softmax(target_logits[mask].float(), dim=-1)
+    draft_log_p = F.log_softmax(draft_logits[mask], dim=-1)
+    return F.kl_div(draft_log_p, target_log_p, log_target=True, reduction="batchmean")
+
+
 def learning_rate(step: int, args: argparse.Namespace) -> float:
     """Linear warmup, then cosine decay to a tenth at ``args.steps``."""
     if step < args.warmup_steps:
@@ -276,10 +288,13 @@ def train(args: argparse.Namespace) -> GlideDraft:
         ids, labels = (tensor.to(device) for tensor in source.rows(rng, args.rows, args.length))
         positions = anchor_offset_positions(rng, args.rows, args.length, args.sink_tokens, max_position).to(device)
         lag = torch.tensor([rng.randint(1, args.max_lag) for _ in range(args.rows)], device=device)
-        keys, values = target_key_values(target, ids, positions, layer)
+        keys, values, hidden = target_key_values(target, ids, positions, layer)
         logits = teacher_forced_logits(draft, target, ids, positions, lag, keys, values)
         targets = labels[:, 1:]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if args.distill:
+            loss = distillation_loss(logits[:, :-1], target.lm_head(hidden[:, :-1]), targets != -100)
+        else:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         loss.backward()

@@ -47,7 +47,7 @@ def test_decoding_logits_equal_the_training_forward(arch):
     glide = glide_for(model, sink_tokens=3, window=6)
     ids = torch.randint(3, 128, (1, 24), generator=torch.Generator().manual_seed(2))
     positions = torch.arange(24)[None]
-    keys, values = target_key_values(model, ids, positions, 1)
+    keys, values, _ = target_key_values(model, ids, positions, 1)
     with torch.no_grad():
         expected = {lag: teacher_forced_logits(glide, model, ids, positions, torch.tensor([lag]), keys, values)[0]
                     for lag in (1, 2, 3, 4)}  # fmt: skip
@@ -242,6 +242,25 @@ def test_recipe_smoke_run_trains_and_resumes(tmp_path, capsys):
     assert "resumed at step 2" in log and "step     4" in log
     config, metadata = longflow_patch.glide.read_glide_config(tmp_path / "draft")
     assert metadata["steps"] == 4 and metadata["anchor_offset"] and config.window == 16
+
+
+def test_distillation_loss_is_the_kl_from_the_target_at_masked_positions():
+    generator = torch.Generator().manual_seed(0)
+    target, draft = torch.randn(2, 5, 11, generator=generator), torch.randn(2, 5, 11, generator=generator)
+    mask = torch.tensor([[False, True, True, False, True], [True, False, False, False, True]])
+    expected = torch.stack([
+        (target[b, t].softmax(-1) * (target[b, t].log_softmax(-1) - draft[b, t].log_softmax(-1))).sum()
+        for b, t in mask.nonzero().tolist()
+    ]).mean()  # fmt: skip
+    torch.testing.assert_close(train_recipe.distillation_loss(draft, target, mask), expected)
+    assert train_recipe.distillation_loss(target + 3.0, target, mask).abs() < 1e-6  # same distributions
+
+
+def test_recipe_smoke_run_distills(tmp_path, capsys):
+    argv = ["--smoke", "--distill", "--out", str(tmp_path / "draft"), "--checkpoint-dir", str(tmp_path / "ckpt")]
+    train_recipe.main([*argv, "--steps", "3"])
+    losses = [float(line.split()[3]) for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(losses) == 3 and all(loss >= 0 for loss in losses)
 
 
 @pytest.mark.parametrize("tree", [None, (4, 4, 4, 4)], ids=["chain", "tree"])
