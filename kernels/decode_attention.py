@@ -678,7 +678,7 @@ def decode_attention_triton(
     out = q.new_empty(q.shape)  # contiguous, as the reference's output (the op's fake says so)
     # Direct launches only with kept launches (the scratch buffers are the allocator's: aligned).
     direct = workspaces is not None and kernel_launch.DIRECT_LAUNCH and q.is_cuda
-    direct = direct and aligned(*inputs, out, *filter(None, [accumulated]))
+    direct = direct and aligned(*inputs, out, *([] if accumulated is None else [accumulated]))
 
     step.attend(*inputs, work.out_part, work.m_part, work.l_part, work.logits, direct=direct)
     step.score(work.m_part, work.l_part, work.logits, value_norm, slot_pos, write_slot, position, slot_limit,

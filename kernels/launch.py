@@ -66,18 +66,18 @@ class KernelLaunch:
         self.scalars = scalars
         self.constexprs = constexprs
         self.options = options
-        self.direct: Callable | None = None  # the compiled kernel's launcher for this grid
+        self.compiled_launcher: Callable | None = None  # the compiled kernel's, for this grid
         self.fixed_tail: tuple = ()  # scalars, then constexprs in parameter order
 
     def __call__(self, *tensors: torch.Tensor, direct: bool = False) -> None:
         """Launch over ``tensors``. ``direct``: the caller has checked that they specialize the
         kernel as on the first direct-eligible call (same dtypes and device, all aligned)."""
-        if direct and self.direct is not None:
-            self.direct(*tensors, *self.fixed_tail)
+        if direct and self.compiled_launcher is not None:
+            self.compiled_launcher(*tensors, *self.fixed_tail)
             return
         compiled = self.kernel[self.grid](*tensors, *self.scalars, **self.constexprs, **self.options)
         # A CompiledKernel on a GPU; None from the interpreter.
         if direct and compiled is not None and hasattr(compiled, "packed_metadata"):
             leading = len(tensors) + len(self.scalars)
             self.fixed_tail = self.scalars + constexpr_tail(self.kernel, leading, self.constexprs)
-            self.direct = compiled[self.grid]
+            self.compiled_launcher = compiled[self.grid]
