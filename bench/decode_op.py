@@ -102,8 +102,11 @@ def step_call(inputs: dict, direct: bool = False):
     workspaces = {}
 
     def call():
-        launch.DIRECT_LAUNCH = direct
-        return decode_step(*inputs.values(), *SETTINGS.values(), workspaces=workspaces)
+        default, launch.DIRECT_LAUNCH = launch.DIRECT_LAUNCH, direct
+        try:
+            return decode_step(*inputs.values(), *SETTINGS.values(), workspaces=workspaces)
+        finally:  # the setting the rest of the run (the throughput rows) uses
+            launch.DIRECT_LAUNCH = default
 
     return call
 

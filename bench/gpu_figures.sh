@@ -9,8 +9,11 @@
 # (PYTHONPATH, python3 -P), as on a machine where it is not installed.
 #
 # The newest transformers for the tests: its wheels and those of the packages it needs beyond the
-# machine's, downloaded beforehand (pip download --no-deps -d .whl transformers==X kernels==Y
-# huggingface_hub==Z), are installed into a separate folder put first on PYTHONPATH.
+# machine's (torch 2.11 image, transformers 5.17), downloaded beforehand, are installed into a
+# separate folder put first on PYTHONPATH. For transformers 5.25:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl \
+#       transformers==5.25.0 kernels==0.19.1 huggingface_hub==2.4.0 httpx2==2.17.0 httpcore2==2.17.0 \
+#       truststore tomlkit hf-xet click anyio idna h11 typing_extensions
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=$1
@@ -25,6 +28,7 @@ tests)
     bash .ci/gpu_tests.sh "$out/gpu_tests_installed.log" "${parallel[@]}" &
     if compgen -G ".whl/transformers-*.whl" >/dev/null; then
         python3 -m pip install -q --no-deps --target /tmp/newest_transformers .whl/*.whl
+        PYTHONPATH=/tmp/newest_transformers python3 -c "import transformers, kernels, huggingface_hub.file_download"
         PYTHONPATH=/tmp/newest_transformers:$PWD bash .ci/gpu_tests.sh "$out/gpu_tests_newest.log" "${parallel[@]}" &
     fi
     wait

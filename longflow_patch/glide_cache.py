@@ -59,8 +59,9 @@ class GlideCache:
 
     def write_tree(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
         """Store draft nodes' ``[1, Hkv, n, D]`` keys / values at tree slots ``start..start + n``."""
-        self.tree_keys[:, :, start : start + keys.shape[2]] = keys
-        self.tree_values[:, :, start : start + keys.shape[2]] = values
+        slots = torch.arange(start, start + keys.shape[2], device=keys.device)
+        write_slots(self.tree_keys, slots, keys)
+        write_slots(self.tree_values, slots, values)
 
     def commit(self, nodes: list[int], first_position: int) -> None:
         """Copy tree nodes ``nodes`` (an accepted path, root side first) to positions

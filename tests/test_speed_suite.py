@@ -2,6 +2,7 @@
 skips every row still prints its summary and exits cleanly (it crashed there on the H200)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +11,18 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "speed_suite.py"
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "--smoke", *args], capture_output=True, text=True)
+    env = {name: value for name, value in os.environ.items() if name != "LONGFLOW_DIRECT_LAUNCH"}
+    return subprocess.run([sys.executable, str(SCRIPT), "--smoke", *args], capture_output=True, text=True, env=env)
 
 
 def test_smoke_run_measures_every_part(tmp_path):
     done = run("--out-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads((tmp_path / "throughput_tiny_cpu.json").read_text())["rows"]
-    assert {row["config"] for row in rows if "tokens_per_s" in row} >= {"fullcache-loop", "longflow-compiled"}
+    throughput = json.loads((tmp_path / "throughput_tiny_cpu.json").read_text())
+    measured = {row["config"] for row in throughput["rows"] if "tokens_per_s" in row}
+    assert measured >= {"fullcache-loop", "longflow-compiled"}
+    # part a timed direct launches; the throughput rows after it run with the default setting
+    assert throughput["environment"]["longflow_direct_launch"] is False
     assert json.loads((tmp_path / "profile_step_tiny_cpu.json").read_text())["profiles"]
     assert "README table" in done.stdout
 
