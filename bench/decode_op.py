@@ -13,8 +13,9 @@ runs, and also eager (``eager``: Python launch overhead included). Medians after
 ``--eager`` times one eager call at batch 1, where the host is the bottleneck, four ways: the
 registered op (``torch.ops.longflow.decode_attention``: what ``torch.compile`` traces), the
 eager decode step (``longflow_patch.ops.decode_step``: what the cache calls when not compiled;
-no ``torch.library`` dispatch, scratch buffers kept), the same with direct launches of the
-compiled kernels (``direct``: ``LONGFLOW_DIRECT_LAUNCH=1``, no Triton JIT after the first call)
+no ``torch.library`` dispatch, scratch buffers kept, every launch through Triton's JIT: what
+``LONGFLOW_DIRECT_LAUNCH=0`` gives), the same with direct launches of the compiled kernels
+(``direct``: the default, no Triton JIT after the first call)
 and SDPA; each from CUDA events around one call and from the wall clock over 50 back-to-back
 calls, with the ratios to SDPA.
 

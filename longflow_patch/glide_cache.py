@@ -19,7 +19,6 @@ Buffers (fixed addresses, so a compiled round can be a CUDA graph): ``keys`` / `
 import torch
 
 from longflow_patch.glide import GlideConfig
-from longflow_patch.speculative_cache import write_slots
 
 SPARE_SLOTS = 2
 
@@ -48,8 +47,8 @@ class GlideCache:
         """Store accepted tokens' ``[1, Hkv, n, D]`` keys / values at their positions ``[n]`` (distinct
         slots: at most ``window + 2`` positions past the sinks)."""
         slots = self.slots(positions)
-        write_slots(self.keys, slots, keys)
-        write_slots(self.values, slots, values)
+        self.keys.index_copy_(2, slots, keys)
+        self.values.index_copy_(2, slots, values)
         self.slot_pos.index_copy_(0, slots, positions)
 
     def visible(self, positions: torch.Tensor) -> torch.Tensor:
@@ -59,9 +58,8 @@ class GlideCache:
 
     def write_tree(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
         """Store draft nodes' ``[1, Hkv, n, D]`` keys / values at tree slots ``start..start + n``."""
-        slots = torch.arange(start, start + keys.shape[2], device=keys.device)
-        write_slots(self.tree_keys, slots, keys)
-        write_slots(self.tree_values, slots, values)
+        self.tree_keys[:, :, start : start + keys.shape[2]] = keys
+        self.tree_values[:, :, start : start + keys.shape[2]] = values
 
     def commit(self, nodes: list[int], first_position: int) -> None:
         """Copy tree nodes ``nodes`` (an accepted path, root side first) to positions

@@ -75,8 +75,8 @@ def decode_step(q: torch.Tensor, *args: object, workspaces: dict) -> torch.Tenso
     the caller (the cache) where eager steps keep their scratch buffers.
 
     Eager, on CUDA and outside CUDA-graph capture, it calls the Triton launcher directly (no
-    ``torch.library`` dispatch, no scratch allocation; with ``LONGFLOW_DIRECT_LAUNCH=1``, no
-    Triton JIT after the first step: `kernels/launch.py`); while ``torch.compile`` traces it, and
+    ``torch.library`` dispatch, no scratch allocation, no Triton JIT after the first step unless
+    ``LONGFLOW_DIRECT_LAUNCH=0``: `kernels/launch.py`); while ``torch.compile`` traces it, and
     on the CPU, it is the registered op.
     """
     # Dynamo folds is_compiling() to True and stops there: the capture query, which it cannot

@@ -22,18 +22,6 @@ from longflow_patch.policies import Policy
 from longflow_patch.verify_ops import verify_attention
 
 
-def write_slots(buffer: torch.Tensor, slots: torch.Tensor, states: torch.Tensor) -> None:
-    """``buffer[:, :, slots] = states`` in place: ``buffer`` ``[B, H, S, D]``, ``slots`` ``[n]`` int64
-    (distinct), ``states`` ``[B, H, n, D]``.
-
-    Written as ``index_put_`` along the first dimension of views with the slot dimension first:
-    torch.compile keeps that write in place (a scatter of ``n`` rows), while it turns ``index_copy_``
-    along dimension 2, or the same indexing assignment, into a copy of the whole buffer and a copy
-    back, two passes over a full cache per decode step (tests/test_compiled_cache_writes.py).
-    """
-    buffer.transpose(0, 2).index_put_((slots,), states.transpose(0, 2))
-
-
 class SpeculativeLayer(CacheLayerMixin):
     """One layer of the target's full cache.
 
@@ -67,8 +55,8 @@ class SpeculativeLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         index = self.length + torch.arange(key_states.shape[2], device=self.keys.device)
-        write_slots(self.keys, index, key_states)
-        write_slots(self.values, index, value_states)
+        self.keys.index_copy_(2, index, key_states)
+        self.values.index_copy_(2, index, value_states)
         self.length.add_(key_states.shape[2])
         self.prefilled = True
 
@@ -87,8 +75,12 @@ class SpeculativeLayer(CacheLayerMixin):
         Returns ``[B, T, Hq, D]`` (the layout of transformers' attention functions).
         """
         prefix_len = self.length.to(torch.int32).expand(query.shape[0]).contiguous()
-        out = verify_attention(query, self.keys, self.values, prefix_len, key_states, value_states, draft_mask, scale)
+        # Written before the attention reads the buffers (it reads only the first prefix_len slots,
+        # so the result is the same). Under torch.compile a read of a buffer's old value after
+        # its write, in the functional graph, keeps inductor from writing in place: it copies the
+        # whole buffer and copies it back (tests/test_compiled_cache_writes.py).
         self.append(key_states, value_states)
+        out = verify_attention(query, self.keys, self.values, prefix_len, key_states, value_states, draft_mask, scale)
         return out.transpose(1, 2)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int | torch.Tensor]:
@@ -130,8 +122,8 @@ class SpeculativeCache(Cache):
             source = torch.tensor([start + row for row in rows], device=device)
             moved = torch.arange(start + 1, start + 1 + len(rows), device=device)
             for layer in self.layers:
-                write_slots(layer.keys, moved, layer.keys.index_select(2, source))
-                write_slots(layer.values, moved, layer.values.index_select(2, source))
+                layer.keys.index_copy_(2, moved, layer.keys.index_select(2, source))
+                layer.values.index_copy_(2, moved, layer.values.index_select(2, source))
         self.rollback(start + 1 + len(rows))
 
 

@@ -11,7 +11,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "speed_suite.py"
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    env = {name: value for name, value in os.environ.items() if name != "LONGFLOW_DIRECT_LAUNCH"}
+    env = {**os.environ, "LONGFLOW_DIRECT_LAUNCH": "0"}  # part a times direct launches all the same
     return subprocess.run([sys.executable, str(SCRIPT), "--smoke", *args], capture_output=True, text=True, env=env)
 
 
@@ -21,7 +21,7 @@ def test_smoke_run_measures_every_part(tmp_path):
     throughput = json.loads((tmp_path / "throughput_tiny_cpu.json").read_text())
     measured = {row["config"] for row in throughput["rows"] if "tokens_per_s" in row}
     assert measured >= {"fullcache-loop", "longflow-compiled"}
-    # part a timed direct launches; the throughput rows after it run with the default setting
+    # part a timed direct launches; the throughput rows after it run with the process's setting
     assert throughput["environment"]["longflow_direct_launch"] is False
     assert json.loads((tmp_path / "profile_step_tiny_cpu.json").read_text())["profiles"]
     assert "README table" in done.stdout
