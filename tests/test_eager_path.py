@@ -5,6 +5,9 @@ launches on (``LONGFLOW_DIRECT_LAUNCH``), repeated steps on a GPU launch the com
 without Triton's JIT, with the same result bit for bit."""
 
 import inspect
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -157,6 +160,16 @@ class FakeJit:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.log.append(("jit", grid, args, kwargs)) or self.compiled
+
+
+@pytest.mark.parametrize("setting, expected", [(None, True), ("1", True), ("0", False)])
+def test_direct_launches_are_on_unless_the_environment_turns_them_off(setting, expected):
+    env = {name: value for name, value in os.environ.items() if name != "LONGFLOW_DIRECT_LAUNCH"}
+    if setting is not None:
+        env["LONGFLOW_DIRECT_LAUNCH"] = setting
+    code = "from longflow_patch.kernels import launch; print(launch.DIRECT_LAUNCH)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == str(expected)
 
 
 def test_kernel_launch_goes_direct_only_after_a_compiled_first_call_and_only_when_allowed():
