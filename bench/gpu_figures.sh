@@ -13,7 +13,8 @@
 # separate folder put first on PYTHONPATH. For transformers 5.25:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl \
 #       transformers==5.25.0 kernels==0.19.1 huggingface_hub==2.4.0 httpx2==2.17.0 httpcore2==2.17.0 \
-#       truststore tomlkit hf-xet click anyio idna h11 typing_extensions
+#       truststore tomlkit click anyio idna h11 typing_extensions
+# (hf-xet, which only downloads use, is left out: with it the tree passes the device's 64 MiB limit.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 part=$1
