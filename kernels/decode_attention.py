@@ -55,6 +55,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
 
 from . import launch as kernel_launch
 from .decode_attention_reference import check_reallocation
@@ -669,7 +670,8 @@ def decode_attention_triton(
     if workspaces is None:
         step = DecodeLaunches.prepare(plan, *layout)
     else:
-        key = (plan, device, torch.cuda.current_device() if q.is_cuda else None,
+        current_device = torch.cuda.current_device() if q.is_cuda else None
+        key = (plan, device, current_device,
                *(t.dtype for t in inputs), accumulated is None or accumulated.dtype,
                *(t.stride() for t in inputs[:7]), *layout[6:])  # fmt: skip
         if (step := workspaces.get(key)) is None:
@@ -679,14 +681,17 @@ def decode_attention_triton(
     # Direct launches only with kept launches (the scratch buffers are the allocator's: aligned).
     direct = workspaces is not None and kernel_launch.DIRECT_LAUNCH and q.is_cuda
     direct = direct and aligned(*inputs, out, *([] if accumulated is None else [accumulated]))
+    stream = driver.active.get_current_stream(current_device) if direct else None  # looked up once a step
 
-    step.attend(*inputs, work.out_part, work.m_part, work.l_part, work.logits, direct=direct)
+    step.attend(*inputs, work.out_part, work.m_part, work.l_part, work.logits, direct=direct, stream=stream)
     step.score(work.m_part, work.l_part, work.logits, value_norm, slot_pos, write_slot, position, slot_limit,
                work.m_part if accumulated is None else accumulated,
-               work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2, direct=direct)  # fmt: skip
+               work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2,
+               direct=direct, stream=stream)  # fmt: skip
     step.combine(out, work.out_part, work.m_part, work.l_part, work.chunk_min, work.chunk_arg, write_slot,
-                 slot_limit, direct=direct)  # fmt: skip
+                 slot_limit, direct=direct, stream=stream)  # fmt: skip
     if step.reallocate is not None:
         step.reallocate(k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit,
-                        work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2, direct=direct)  # fmt: skip
+                        work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2, direct=direct,
+                        stream=stream)  # fmt: skip
     return out

@@ -17,9 +17,12 @@ specialize the kernel as on the first call:
   checks, `aligned`); an unaligned one sends the call through the JIT;
 - the current CUDA device is the first call's (callers key their launches by it too).
 
-Launch hooks (``triton.knobs.runtime.launch_enter_hook``, profilers) see direct launches as they
-see the JIT's. The JIT's pre-run hooks do not. Under Triton's interpreter the JIT returns no
-compiled kernel, so every call goes through it.
+A direct launch hands the compiled kernel's launcher the CUDA stream its caller looked up once per
+step, and, while no launch hook is set (``triton.knobs.runtime.launch_enter_hook`` /
+``launch_exit_hook``, which profilers set), no launch metadata: Triton's own launcher builds that
+record and calls both hook chains on every launch, even empty ones. With a hook set, direct launches
+build the metadata and call the hooks as the JIT does. The JIT's pre-run hooks never see them.
+Under Triton's interpreter the JIT returns no compiled kernel, so every call goes through it.
 
 Direct launches are on unless ``LONGFLOW_DIRECT_LAUNCH=0`` is set (``DIRECT_LAUNCH``). On an
 H200 they cut an eager decode step at batch 1 from 113-185 µs to 62-98 µs, bit for bit the JIT's
@@ -28,10 +31,10 @@ result (`bench/results/speed_eager_op_h200_direct.json`, ``tests/test_eager_path
 
 import inspect
 import os
-from collections.abc import Callable
 
 import torch
 import triton.language as tl
+from triton import knobs
 
 DIRECT_LAUNCH = os.environ.get("LONGFLOW_DIRECT_LAUNCH", "1") != "0"
 
@@ -67,18 +70,26 @@ class KernelLaunch:
         self.scalars = scalars
         self.constexprs = constexprs
         self.options = options
-        self.compiled_launcher: Callable | None = None  # the compiled kernel's, for this grid
+        self.compiled: object | None = None  # the JIT's CompiledKernel, once a direct-eligible call made it
         self.fixed_tail: tuple = ()  # scalars, then constexprs in parameter order
 
-    def __call__(self, *tensors: torch.Tensor, direct: bool = False) -> None:
+    def __call__(self, *tensors: torch.Tensor, direct: bool = False, stream: int | None = None) -> None:
         """Launch over ``tensors``. ``direct``: the caller has checked that they specialize the
-        kernel as on the first direct-eligible call (same dtypes and device, all aligned)."""
-        if direct and self.compiled_launcher is not None:
-            self.compiled_launcher(*tensors, *self.fixed_tail)
+        kernel as on the first direct-eligible call (same dtypes and device, all aligned), and
+        ``stream`` is the current CUDA stream's handle."""
+        compiled = self.compiled
+        if direct and compiled is not None:
+            args = (*tensors, *self.fixed_tail)
+            enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+            if enter.calls or leave.calls:  # a profiler listens: the metadata and hooks the JIT would give
+                metadata = compiled.launch_metadata(self.grid, stream, *args)
+            else:
+                metadata, enter, leave = None, None, None
+            compiled.run(*self.grid, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave, *args)
             return
         compiled = self.kernel[self.grid](*tensors, *self.scalars, **self.constexprs, **self.options)
         # A CompiledKernel on a GPU; None from the interpreter.
         if direct and compiled is not None and hasattr(compiled, "packed_metadata"):
             leading = len(tensors) + len(self.scalars)
             self.fixed_tail = self.scalars + constexpr_tail(self.kernel, leading, self.constexprs)
-            self.compiled_launcher = compiled[self.grid]
+            self.compiled = compiled  # its launch loaded the module: compiled.function and .run are set

@@ -137,15 +137,19 @@ def test_direct_launch_passes_every_parameter_in_the_kernels_order(monkeypatch):
 
 
 class FakeCompiled:
-    """Stands in for a Triton CompiledKernel: ``[grid]`` gives its launcher."""
+    """Stands in for a Triton CompiledKernel whose launcher logs each launch."""
 
-    packed_metadata = b""
+    packed_metadata = b"packed"
+    function = "function"
 
     def __init__(self, log):
         self.log = log
 
-    def __getitem__(self, grid):
-        return lambda *args: self.log.append(("direct", grid, args))
+    def run(self, x, y, z, stream, function, packed, metadata, enter, leave, *args):
+        self.log.append(("direct", (x, y, z), stream, metadata, enter, leave, args))
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("metadata", grid, stream)
 
 
 class FakeJit:
@@ -172,21 +176,26 @@ def test_direct_launches_are_on_unless_the_environment_turns_them_off(setting, e
     assert done.stdout.strip() == str(expected)
 
 
-def test_kernel_launch_goes_direct_only_after_a_compiled_first_call_and_only_when_allowed():
+def test_kernel_launch_goes_direct_only_after_a_compiled_first_call_and_only_when_allowed(monkeypatch):
     log = []
     launched = launch.KernelLaunch(
         FakeJit(log, FakeCompiled(log)), (4, 1), (7,), dict(EVEN=True, BLOCK=64), num_warps=2
     )
     launched("x0")  # not allowed: the JIT, nothing kept
-    launched("x1", direct=True)  # the JIT compiles; its kernel is kept
-    launched("x2", direct=True)
+    launched("x1", direct=True, stream=5)  # the JIT compiles; its kernel is kept
+    launched("x2", direct=True, stream=5)
     launched("x3")  # e.g. an unaligned tensor: the JIT again
+    hook = object()  # a profiler's launch hook: the metadata and the hook chains go with the launch
+    monkeypatch.setattr(launch.knobs.runtime.launch_enter_hook, "calls", [hook])
+    launched("x4", direct=True, stream=6)
+    enter, leave = launch.knobs.runtime.launch_enter_hook, launch.knobs.runtime.launch_exit_hook
     assert log == [
         ("jit", (4, 1, 1), ("x0", 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
         ("jit", (4, 1, 1), ("x1", 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
-        # every parameter by position, in the kernel's order; the grid in three dimensions
-        ("direct", (4, 1, 1), ("x2", 7, 64, True)),
+        # every parameter by position, in the kernel's order; the grid in three dimensions; no hooks
+        ("direct", (4, 1, 1), 5, None, None, None, ("x2", 7, 64, True)),
         ("jit", (4, 1, 1), ("x3", 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
+        ("direct", (4, 1, 1), 6, ("metadata", (4, 1, 1), 6), enter, leave, ("x4", 7, 64, True)),
     ]
     interpreted = []
     launched = launch.KernelLaunch(FakeJit(interpreted, None), (1,), (7,), dict(EVEN=True, BLOCK=64))
