@@ -23,6 +23,7 @@ last thing printed is a short table of all three parts.
 """
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SMOKE = dict(shape="tiny", prompt=32, timing_prompt=8, outputs=[64, 128], steps=8, max_batch=3, backend="eager",
              eager_slots=[64, 128], candidates=[(2, 256, 100)], profile_outputs=[64])  # fmt: skip
+
+
+def device_tag(name: str) -> str:
+    """The card's model in a device name, lower case ("NVIDIA H100 80GB HBM3": "h100"), else its last word."""
+    model = re.search(r"\b[A-Z]+\d+[A-Z]*\b", name.removeprefix("NVIDIA "))
+    return (model.group() if model else name.split()[-1]).lower()
 
 
 def eager_part(slots: list[int], candidates: list[tuple[int, int, int]], out: Path) -> dict:
@@ -78,7 +85,7 @@ def main() -> None:
         candidates = SMOKE["candidates"]
         args.configs = [c for c in throughput.CONFIGS if c != "longflow-loop"] + ["longflow-loop"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tag = args.tag or (torch.cuda.get_device_name().split()[-1].lower() if device == "cuda" else "cpu")
+    tag = args.tag or (device_tag(torch.cuda.get_device_name()) if device == "cuda" else "cpu")
     out_dir = args.out_dir or (Path("/tmp/speed_suite_smoke") if args.smoke else ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -243,17 +243,25 @@ def bench_context(args: argparse.Namespace, model, drafts: dict, ids: torch.Tens
 
     expected = target()
     baselines = {"target": median_seconds(target, device, args.repeats)}
+    loop_tokens = None
     if args.static:
         baselines["target-static-compiled"] = median_seconds(
             lambda: target(cache_implementation="static"), device, args.repeats
         )
         loop = compiled_loop(model, ids, new)
         baselines["target-loop-compiled"] = median_seconds(loop, device, args.repeats)
-        if not torch.equal(loop(), expected):
-            sys.exit("the compiled target loop differs from generate's greedy output")
+        loop_tokens = loop()
     for name, seconds in baselines.items():
-        record(args, rows, dict(part="toy", context=context, config=name, tokens_per_s=new / seconds))
-        print(f"context {context}: {name} {new / seconds:.1f} tok/s", flush=True)
+        row = dict(part="toy", context=context, config=name, tokens_per_s=new / seconds)
+        if name == "target-loop-compiled":
+            # Inductor's own kernels round unlike eager ones, so greedy tokens may part at a near tie
+            # (it did at 8k on an H100): a baseline's timing all the same, its first new token that
+            # differs recorded (None: identical).
+            differs = (loop_tokens[0, -new:] != expected[0, -new:]).nonzero()
+            row.update(identical=not len(differs), first_difference=int(differs[0]) if len(differs) else None)
+        record(args, rows, row)
+        print(f"context {context}: {name} {new / seconds:.1f} tok/s", {k: row[k] for k in row if k in ("identical",
+              "first_difference")}, flush=True)  # fmt: skip
     models = [model, *(draft for draft in drafts.values() if not isinstance(draft, (str, GlideDraft)))]
     if args.compile:  # patched once for all runs: calls then reuse the compiled graphs
         for patched in models:
@@ -577,7 +585,8 @@ def main() -> None:
         bench_verify(args, device, rows)
     tables = {
         "toy": ["context", "config", "draft", "compiled", "k", "tree", "budget", "tokens_per_s", "speedup_vs_static",
-                "speedup_vs_loop", "acceptance", "accepted_per_round", "tokens_per_round", "identical"],
+                "speedup_vs_loop", "acceptance", "accepted_per_round", "tokens_per_round", "identical",
+                "first_difference"],
         "acceptance-pooled": ["context", "draft", "anchor_offset", "k", "tree", "problem", "acceptance",
                               "accepted_per_round", "tokens_per_round", "identical"],
         "positions": ["draft", "anchor_offset", "span", "tokens", "scored", "agreement"],
@@ -588,7 +597,7 @@ def main() -> None:
     for part, columns in tables.items():
         if selected := [row for row in rows if row["part"] == part]:
             print_table(selected, columns)
-    if any(row.get("identical") is False for row in rows):
+    if any(row.get("identical") is False and row.get("config") != "target-loop-compiled" for row in rows):
         sys.exit("speculative output differed from the target's greedy output (see the results file)")
 
 

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "speed_suite.py"
+sys.path.insert(0, str(SCRIPT.parent))
+import speed_suite  # noqa: E402
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -33,3 +37,13 @@ def test_a_budget_too_small_for_any_row_still_prints_the_summary(tmp_path):
     rows = json.loads((tmp_path / "throughput_tiny_cpu.json").read_text())["rows"]
     assert rows and all("tokens_per_s" not in row and "skipped" in row for row in rows)
     assert "not measured: " in done.stdout and "README table" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "name, tag",
+    [("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100"),
+     ("NVIDIA GeForce RTX 4090", "4090")],
+)  # fmt: skip
+def test_results_are_named_after_the_cards_model(name, tag):
+    """The H100 run had written its files as ``*_hbm3`` (the device name's last word)."""
+    assert speed_suite.device_tag(name) == tag
