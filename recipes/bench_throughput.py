@@ -49,6 +49,7 @@ from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
 import torch
+from torch._dynamo.utils import counters
 from tqdm import tqdm
 from transformers import DynamicCache, StaticCache, StoppingCriteria, StoppingCriteriaList
 
@@ -74,7 +75,8 @@ COMPRESSED = ("longflow-compiled", "longflow", "longflow-loop")
 LOOPS = ("fullcache-loop", "longflow-loop")
 COMPILED = ("fullcache-loop", "longflow-compiled", "longflow-loop", "static")
 COLUMNS = ["config", "output", "batch", "budget", "step_ms_first", "step_ms_last", "tokens_per_s", "x_strongest",
-           "x_full_roofline", "x_default", "x_static", "vs_roofline", "compile_s", "peak_gib"]  # fmt: skip
+           "x_full_roofline", "x_default", "x_static", "vs_roofline", "compile_s", "cudagraph_skips",
+           "peak_gib"]  # fmt: skip
 
 
 def kv_bytes_per_token(config) -> int:
@@ -219,6 +221,7 @@ def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, 
         longflow_patch.apply(model, compile=False)  # installs the attention that serves a SpeculativeCache
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    cudagraph_skips = counters["inductor"]["cudagraph_skips"]
     first_call: dict = {}
     if kind in LOOPS:
         step = loop_steps.setdefault(kind, compiled_greedy_step(kind, backend))
@@ -264,7 +267,9 @@ def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, 
         "vs_roofline": mean_step / roofline,
     }  # fmt: skip
     if kind in COMPILED:
-        row.update(first_call)
+        # Graphs inductor compiled here but would not replay from CUDA graphs (each such step
+        # launches every kernel from the host): 0 unless something blocks capture.
+        row.update(first_call, cudagraph_skips=counters["inductor"]["cudagraph_skips"] - cudagraph_skips)
     return row
 
 

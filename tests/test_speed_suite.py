@@ -25,6 +25,9 @@ def test_smoke_run_measures_every_part(tmp_path):
     throughput = json.loads((tmp_path / "throughput_tiny_cpu.json").read_text())
     measured = {row["config"] for row in throughput["rows"] if "tokens_per_s" in row}
     assert measured >= {"fullcache-loop", "longflow-compiled"}
+    # every compiled row says how many of its graphs inductor would not capture (none asked on a CPU)
+    compiled = [row for row in throughput["rows"] if row["config"] in ("fullcache-loop", "longflow-loop", "static")]
+    assert compiled and all(row["cudagraph_skips"] == 0 for row in compiled if "tokens_per_s" in row)
     # part a timed direct launches; the throughput rows after it run with the process's setting
     assert throughput["environment"]["longflow_direct_launch"] is False
     assert json.loads((tmp_path / "profile_step_tiny_cpu.json").read_text())["profiles"]
