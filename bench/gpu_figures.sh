@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# The GPU runs the docs cite, one part per call; each part fits in 10 minutes on one H200:
+# The GPU runs the docs cite, one part per call, each meant to fit one 10-minute call (rows are written as they finish):
 #   bash bench/gpu_figures.sh tests OUT        # the GPU test files (.ci/gpu_tests.sh), under the installed
 #                                              # transformers and, where .whl/ holds its wheels, the newest one
 #   bash bench/gpu_figures.sh speed OUT        # bench/speed_suite.py: eager call cost (JIT and direct
 #                                              # launches), throughput against the strongest full cache, profiles
-#   bash bench/gpu_figures.sh speculative OUT  # recipes/bench_speculative.py: toy tokens/s per draft, 8B round cost
+#   bash bench/gpu_figures.sh speed-loop OUT   # compiled LongFlow through generate beside the same step in the
+#                                              # bare compiled loop, in the order that idled at 16k on the H100
+#   bash bench/gpu_figures.sh speed-1.7b OUT   # the speed suite on the Qwen3-1.7B shape
+#   bash bench/gpu_figures.sh speculative OUT  # recipes/bench_speculative.py: toy tokens/s per draft at 8k, 8B round cost
+#   bash bench/gpu_figures.sh speculative-2k-4k OUT  # the toy's tokens/s per draft at 2k and 4k
 # OUT gets the results and logs (bench/results/ to commit them). The package is used from this checkout
 # (PYTHONPATH, python3 -P), as on a machine where it is not installed.
 #
@@ -35,14 +39,28 @@ tests)
     wait
     ;;
 speed)
-    python3 -P bench/speed_suite.py --budget-s 540 --out-dir "$out" 2>&1 | tee "$out/speed_suite.log"
+    python3 -P bench/speed_suite.py --budget-s 540 --configs fullcache-loop longflow-compiled longflow default \
+        --out-dir "$out" 2>&1 | tee "$out/speed_suite.log"
+    ;;
+speed-loop)
+    mkdir -p "$out/loop"
+    python3 -P bench/speed_suite.py --budget-s 540 --outputs 8192 32768 16384 --configs longflow-compiled longflow-loop \
+        --profile-outputs 8192 16384 --out-dir "$out/loop" 2>&1 | tee "$out/loop/speed_suite.log"
+    ;;
+speed-1.7b)
+    python3 -P bench/speed_suite.py --budget-s 540 --shape qwen3-1.7b --configs fullcache-loop longflow-compiled longflow default \
+        --out-dir "$out" 2>&1 | tee "$out/speed_suite_1.7b.log"
     ;;
 speculative)
     python3 -P recipes/bench_speculative.py --part toy cost --static --compile --drafts glide glide-tree self toy \
-        --out "$out/speculative_toy_tokens_per_s.json" 2>&1 | tee "$out/speculative_toy_tokens_per_s.log"
+        --contexts 8192 --out "$out/speculative_toy_8k.json" 2>&1 | tee "$out/speculative_toy_8k.log"
+    ;;
+speculative-2k-4k)
+    python3 -P recipes/bench_speculative.py --part toy --static --compile --drafts glide glide-tree self toy \
+        --contexts 2048 4096 --out "$out/speculative_toy_2k_4k.json" 2>&1 | tee "$out/speculative_toy_2k_4k.log"
     ;;
 *)
-    echo "unknown part: $part (tests, speed, speculative)" >&2
+    echo "unknown part: $part (tests, speed, speed-loop, speed-1.7b, speculative, speculative-2k-4k)" >&2
     exit 2
     ;;
 esac
