@@ -81,9 +81,7 @@ class KernelLaunch:
         if direct and compiled is not None:
             args = (*tensors, *self.fixed_tail)
             enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-            # Hook chains (Triton 3.6-3.9) are empty unless a profiler listens; a plain hook (older
-            # Triton) always counts as listening.
-            if getattr(enter, "calls", enter) or getattr(leave, "calls", leave):
+            if enter.calls or leave.calls:  # hook chains, empty unless a profiler listens
                 metadata = compiled.launch_metadata(self.grid, stream, *args)
             else:
                 metadata, enter, leave = None, None, None

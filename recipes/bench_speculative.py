@@ -243,25 +243,23 @@ def bench_context(args: argparse.Namespace, model, drafts: dict, ids: torch.Tens
 
     expected = target()
     baselines = {"target": median_seconds(target, device, args.repeats)}
-    loop_tokens = None
+    checks: dict[str, dict] = {}
     if args.static:
         baselines["target-static-compiled"] = median_seconds(
             lambda: target(cache_implementation="static"), device, args.repeats
         )
         loop = compiled_loop(model, ids, new)
         baselines["target-loop-compiled"] = median_seconds(loop, device, args.repeats)
-        loop_tokens = loop()
+        # Inductor's own kernels round unlike eager ones, so greedy tokens may part at a near tie
+        # (they did at 8k on an H100): a baseline's timing all the same, with its first new token
+        # that differs (None: identical).
+        differs = (loop()[0, -new:] != expected[0, -new:]).nonzero()
+        first = int(differs[0]) if len(differs) else None
+        checks["target-loop-compiled"] = dict(identical=first is None, first_difference=first)
     for name, seconds in baselines.items():
-        row = dict(part="toy", context=context, config=name, tokens_per_s=new / seconds)
-        if name == "target-loop-compiled":
-            # Inductor's own kernels round unlike eager ones, so greedy tokens may part at a near tie
-            # (it did at 8k on an H100): a baseline's timing all the same, its first new token that
-            # differs recorded (None: identical).
-            differs = (loop_tokens[0, -new:] != expected[0, -new:]).nonzero()
-            row.update(identical=not len(differs), first_difference=int(differs[0]) if len(differs) else None)
+        row = dict(part="toy", context=context, config=name, tokens_per_s=new / seconds, **checks.get(name, {}))
         record(args, rows, row)
-        print(f"context {context}: {name} {new / seconds:.1f} tok/s", {k: row[k] for k in row if k in ("identical",
-              "first_difference")}, flush=True)  # fmt: skip
+        print(f"context {context}: {name} {new / seconds:.1f} tok/s {checks.get(name, '')}", flush=True)
     models = [model, *(draft for draft in drafts.values() if not isinstance(draft, (str, GlideDraft)))]
     if args.compile:  # patched once for all runs: calls then reuse the compiled graphs
         for patched in models:
