@@ -4,10 +4,12 @@
 #                                              # transformers and, where .whl/ holds its wheels, the newest one
 #   bash bench/gpu_figures.sh speed OUT        # bench/speed_suite.py: eager call cost (JIT and direct
 #                                              # launches), throughput against the strongest full cache, profiles
+#   bash bench/gpu_figures.sh speed-dynamic OUT  # compiled LongFlow as apply compiled it before (dynamic shapes
+#                                              # from the second shape on), the order that idled on the H100
 #   bash bench/gpu_figures.sh speed-loop OUT   # compiled LongFlow through generate beside the same step in the
-#                                              # bare compiled loop, in the order that idled at 16k on the H100
+#                                              # bare compiled loop
 #   bash bench/gpu_figures.sh speed-1.7b OUT   # the speed suite on the Qwen3-1.7B shape
-#   bash bench/gpu_figures.sh speculative OUT  # recipes/bench_speculative.py: toy tokens/s per draft at 8k, 8B round cost
+#   bash bench/gpu_figures.sh speculative OUT  # recipes/bench_speculative.py: the toy's tokens/s per draft at 8k
 #   bash bench/gpu_figures.sh speculative-2k-4k OUT  # the toy's tokens/s per draft at 2k and 4k
 # OUT gets the results and logs (bench/results/ to commit them). The package is used from this checkout
 # (PYTHONPATH, python3 -P), as on a machine where it is not installed.
@@ -39,8 +41,14 @@ tests)
     wait
     ;;
 speed)
-    python3 -P bench/speed_suite.py --budget-s 540 --configs fullcache-loop longflow-compiled longflow default \
+    python3 -P bench/speed_suite.py --budget-s 570 --configs fullcache-loop longflow-compiled longflow default \
         --out-dir "$out" 2>&1 | tee "$out/speed_suite.log"
+    ;;
+speed-dynamic)
+    mkdir -p "$out/dynamic"
+    python3 -P bench/speed_suite.py --budget-s 330 --outputs 8192 16384 --configs longflow-compiled \
+        --compile-shapes dynamic --profile-outputs 16384 --eager-slots 1024 --out-dir "$out/dynamic" 2>&1 |
+        tee "$out/dynamic/speed_suite.log"
     ;;
 speed-loop)
     mkdir -p "$out/loop"
@@ -52,15 +60,16 @@ speed-1.7b)
         --out-dir "$out" 2>&1 | tee "$out/speed_suite_1.7b.log"
     ;;
 speculative)
-    python3 -P recipes/bench_speculative.py --part toy cost --static --compile --drafts glide glide-tree self toy \
-        --contexts 8192 --out "$out/speculative_toy_8k.json" 2>&1 | tee "$out/speculative_toy_8k.log"
+    python3 -P recipes/bench_speculative.py --part toy --static --compile --drafts glide glide-tree self toy \
+        --contexts 8192 --new-tokens 512 --repeats 1 --out "$out/speculative_toy_8k.json" 2>&1 |
+        tee "$out/speculative_toy_8k.log"
     ;;
 speculative-2k-4k)
     python3 -P recipes/bench_speculative.py --part toy --static --compile --drafts glide glide-tree self toy \
         --contexts 2048 4096 --out "$out/speculative_toy_2k_4k.json" 2>&1 | tee "$out/speculative_toy_2k_4k.log"
     ;;
 *)
-    echo "unknown part: $part (tests, speed, speed-loop, speed-1.7b, speculative, speculative-2k-4k)" >&2
+    echo "unknown part: $part (tests, speed, speed-dynamic, speed-loop, speed-1.7b, speculative, speculative-2k-4k)" >&2
     exit 2
     ;;
 esac

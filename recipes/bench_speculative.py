@@ -195,6 +195,27 @@ def compiled_loop(model, ids: torch.Tensor, new: int) -> Callable[[], torch.Tens
     return run
 
 
+TIE_LOGIT_GAP = 0.1
+"""Logit gap under which two greedy choices are a near tie in bfloat16: with 8 bits of mantissa,
+logits of 8-16 round in steps of 0.03-0.06, and a forward that sums in another order (a verified
+block of tokens against one token at a time) moves them by a few steps."""
+
+
+@torch.inference_mode()
+def parting(model, ids: torch.Tensor, out: torch.Tensor, expected: torch.Tensor) -> dict:
+    """Where ``out`` parts from ``expected`` (``[1, L + new]``, the prompt ``ids`` first): the first
+    new token that differs (``first_difference``, None when identical) and the target's logit gap
+    there between the two choices, from one forward over the shared prefix (``logit_gap``)."""
+    length = ids.shape[1]
+    differs = (out[0, length:] != expected[0, length:]).nonzero()
+    if not len(differs):
+        return dict(identical=True, first_difference=None)
+    index = int(differs[0])
+    logits = model(expected[:, : length + index]).logits[0, -1].float()
+    gap = (logits[expected[0, length + index]] - logits[out[0, length + index]]).abs().item()
+    return dict(identical=False, first_difference=index, logit_gap=gap)
+
+
 def draft_configs(args: argparse.Namespace, drafts: dict) -> list[dict]:
     """Every speculative configuration to run: ``name``, ``draft`` (``"self"`` or a model),
     ``k`` (chain length or tree depth), ``budget`` (LongFlow drafts) and ``tree`` (widths or None)."""
@@ -251,11 +272,8 @@ def bench_context(args: argparse.Namespace, model, drafts: dict, ids: torch.Tens
         loop = compiled_loop(model, ids, new)
         baselines["target-loop-compiled"] = median_seconds(loop, device, args.repeats)
         # Inductor's own kernels round unlike eager ones, so greedy tokens may part at a near tie
-        # (they did at 8k on an H100): a baseline's timing all the same, with its first new token
-        # that differs (None: identical).
-        differs = (loop()[0, -new:] != expected[0, -new:]).nonzero()
-        first = int(differs[0]) if len(differs) else None
-        checks["target-loop-compiled"] = dict(identical=first is None, first_difference=first)
+        # (they did at 8k on an H100): a baseline's timing all the same, with where it parts.
+        checks["target-loop-compiled"] = parting(model, ids, loop(), expected)
     for name, seconds in baselines.items():
         row = dict(part="toy", context=context, config=name, tokens_per_s=new / seconds, **checks.get(name, {}))
         record(args, rows, row)
@@ -272,7 +290,7 @@ def bench_context(args: argparse.Namespace, model, drafts: dict, ids: torch.Tens
 
         seconds = median_seconds(run, device, args.repeats)
         row = dict(part="toy", context=context, config="speculative", **config_fields(config, result["stats"]),
-                   tokens_per_s=new / seconds, identical=bool(torch.equal(result["out"], expected)),
+                   tokens_per_s=new / seconds, **parting(model, ids, result["out"], expected),
                    compiled=args.compile)  # fmt: skip
         for baseline in ("target-static-compiled", "target-loop-compiled"):
             if baseline in baselines:
@@ -305,18 +323,21 @@ def load_glide(path: Path | None, model, label: str) -> GlideDraft:
 
 
 def toy_models(args: argparse.Namespace, device: torch.device) -> tuple:
-    """The toy reasoner, its tokenizer and the drafts asked for, by name."""
+    """The toy reasoner, its tokenizer and the drafts asked for, by name (GLIDE first: a run cut
+    short by a time limit keeps its rows)."""
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(toy.model_path(), dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(toy.model_path())
     model.generation_config.eos_token_id = None  # fixed-length runs: every configuration makes new_tokens tokens
-    drafts: dict = {"self": "self"} if "self" in args.drafts else {}
-    if "toy" in args.drafts:
-        drafts["toy"] = AutoModelForCausalLM.from_pretrained(toy.draft_path(), dtype=dtype).to(device).eval()
+    drafts: dict = {}
     if {"glide", "glide-tree"} & set(args.drafts):
         drafts["glide"] = load_glide(args.glide, model, "glide")
         if args.glide_ablation is not None:
             drafts["glide-ablation"] = load_glide(args.glide_ablation, model, "glide-ablation")
+    if "self" in args.drafts:
+        drafts["self"] = "self"
+    if "toy" in args.drafts:
+        drafts["toy"] = AutoModelForCausalLM.from_pretrained(toy.draft_path(), dtype=dtype).to(device).eval()
     return model, tokenizer, drafts
 
 
@@ -584,7 +605,7 @@ def main() -> None:
     tables = {
         "toy": ["context", "config", "draft", "compiled", "k", "tree", "budget", "tokens_per_s", "speedup_vs_static",
                 "speedup_vs_loop", "acceptance", "accepted_per_round", "tokens_per_round", "identical",
-                "first_difference"],
+                "first_difference", "logit_gap"],
         "acceptance-pooled": ["context", "draft", "anchor_offset", "k", "tree", "problem", "acceptance",
                               "accepted_per_round", "tokens_per_round", "identical"],
         "positions": ["draft", "anchor_offset", "span", "tokens", "scored", "agreement"],
@@ -595,8 +616,10 @@ def main() -> None:
     for part, columns in tables.items():
         if selected := [row for row in rows if row["part"] == part]:
             print_table(selected, columns)
-    if any(row.get("identical") is False and row.get("config") != "target-loop-compiled" for row in rows):
-        sys.exit("speculative output differed from the target's greedy output (see the results file)")
+    # Speculative outputs must be generate's; in bfloat16 they may part where two tokens' logits tie.
+    if any(row.get("identical") is False and row.get("config") != "target-loop-compiled"
+           and row.get("logit_gap", float("inf")) >= TIE_LOGIT_GAP for row in rows):  # fmt: skip
+        sys.exit("speculative output parted from the target's greedy output where it was no near tie (see the results)")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,11 @@ calls of different lengths, so prefill and set-up cancel; the loops time their s
 The roofline of a step is (weight bytes + KV bytes read) over the measured copy bandwidth; the
 full cache's roofline is that of a full cache at its own largest batch, each step reading only
 the filled positions (``prompt + output / 2`` on average). Compiled configurations are compiled
-once per process and shape, as a user's would be: the first output length compiles, the second
-compiles again with dynamic shapes, later ones only capture CUDA graphs; ``first_call_s`` and
-``compile_s`` (first call less a steady call of the same length) record that cost.
+once per process and shape, as a user's would be: the loops compile with dynamic shapes once, and
+later outputs only capture CUDA graphs; compiled LongFlow through ``generate`` compiles each new
+shape (static shapes, `apply`'s default; ``--compile-shapes dynamic``: the second compiles again
+with dynamic shapes and later ones only capture); ``first_call_s`` and ``compile_s`` (first call
+less a steady call of the same length) record that cost.
 
     python recipes/bench_throughput.py --shape qwen3-8b
     python recipes/plot_throughput.py bench/results/throughput_qwen3-8b.json
@@ -51,7 +53,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 import torch
 from torch._dynamo.utils import counters
 from tqdm import tqdm
-from transformers import DynamicCache, StaticCache, StoppingCriteria, StoppingCriteriaList
+from transformers import CompileConfig, DynamicCache, StaticCache, StoppingCriteria, StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
@@ -205,15 +207,26 @@ def loop_step_seconds(model, step: Callable, cache, batch: int, context: int, st
     return seconds, {"first_call_s": first, "compile_s": first - 3 * seconds}
 
 
+def generate_compile_config(kind: str, compile_shapes: str) -> CompileConfig | None:
+    """The model's ``compile_config`` for a row: None (`apply`'s settings for compiled LongFlow,
+    static shapes; transformers' defaults for its static cache), or for ``longflow-compiled`` with
+    ``compile_shapes="dynamic"`` the settings `apply` used before it kept shapes static:
+    transformers' defaults with ``fullgraph`` (dynamic shapes from the second shape on)."""
+    if kind == "longflow-compiled" and compile_shapes == "dynamic":
+        return CompileConfig(fullgraph=True, mode="reduce-overhead")
+    return None
+
+
 @torch.no_grad()
 def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, bandwidth: float,
-            timing_prompt: int, loop_steps: dict, backend: str) -> dict:  # fmt: skip
-    """One row: step times, tokens/s, roofline and first-call cost of ``kind`` at ``batch``."""
+            timing_prompt: int, loop_steps: dict, backend: str, compile_shapes: str = "static") -> dict:  # fmt: skip
+    """One row: step times, tokens/s, roofline and first-call cost of ``kind`` at ``batch``
+    (``compile_shapes``: `generate_compile_config`)."""
     config = model.config
     total = prompt + output
     budget = total // 5
     compressed = kind in COMPRESSED
-    model.generation_config.compile_config = None  # transformers' default for the static cache: reduce-overhead
+    model.generation_config.compile_config = generate_compile_config(kind, compile_shapes)
     if compressed:
         compile = "auto" if kind == "longflow-compiled" else False
         longflow_patch.apply(model, policy="longflow", budget=budget, compile=compile)
@@ -266,6 +279,8 @@ def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, 
         "tokens_per_s": batch / mean_step, "peak_gib": peak, "roofline_ms": roofline * 1e3,
         "vs_roofline": mean_step / roofline,
     }  # fmt: skip
+    if kind == "longflow-compiled":
+        row["compile_shapes"] = compile_shapes
     if kind in COMPILED:
         # Graphs inductor compiled here but would not replay from CUDA graphs (each such step
         # launches every kernel from the host): 0 unless something blocks capture.
@@ -293,13 +308,15 @@ def reset_compiled(model) -> None:
 
 
 def measure_largest(model, kind: str, prompt: int, output: int, cap: float, steps: int, bandwidth: float,
-                    timing_prompt: int, loop_steps: dict, backend: str, most: int = 256) -> dict:  # fmt: skip
+                    timing_prompt: int, loop_steps: dict, backend: str, most: int = 256,
+                    compile_shapes: str = "static") -> dict:  # fmt: skip
     """`measure` at the estimated largest batch, stepping the batch down by 20% on out-of-memory."""
     slots = (prompt + output) // 5 if kind in COMPRESSED else prompt + output
     batch = largest_batch(model, slots, cap, most)
     while True:
         try:
-            return measure(model, kind, prompt, output, batch, steps, bandwidth, timing_prompt, loop_steps, backend)
+            return measure(model, kind, prompt, output, batch, steps, bandwidth, timing_prompt, loop_steps, backend,
+                           compile_shapes)  # fmt: skip
         except torch.OutOfMemoryError:
             release(model)
             if batch == 1:
@@ -370,14 +387,17 @@ def memory_trace(model, batch: int, budget: int, prompt: int, output: int, every
 PASSES = (("fullcache-loop", "longflow-compiled", "longflow-loop"), ("longflow",), ("default",), ("static",))
 
 
-def estimated_seconds(kind: str, shapes_before: int) -> float:
+def estimated_seconds(kind: str, shapes_before: int, compile_shapes: str = "static") -> float:
     """A row's rough cost on an H200 at the 8B shape: a compiled configuration's first shape
-    compiles; through generate, its second compiles again (dynamic shapes; the loops compile
-    dynamic from the first); later shapes only capture CUDA graphs."""
+    compiles; the loops compile with dynamic shapes from the first, so later shapes only capture
+    CUDA graphs; through generate, every shape compiles (static shapes) or the second compiles
+    again with dynamic shapes and later ones only capture (``compile_shapes="dynamic"``)."""
     if kind not in COMPILED:
         return 20
     if kind in LOOPS:
         return 150 if shapes_before == 0 else 30
+    if kind == "longflow-compiled" and compile_shapes == "static":
+        return 150 if shapes_before == 0 else 90
     return (150, 120, 30)[min(shapes_before, 2)]
 
 
@@ -395,7 +415,7 @@ def run_rows(model, args, bandwidth: float, write: Callable[[list[dict], dict], 
     rows, loop_steps, seen, failed = [], {}, {}, set()
     for output, kind in tqdm(order, desc="rows"):
         shapes_before = seen.get(kind, 0)
-        estimate = estimated_seconds(kind, shapes_before)
+        estimate = estimated_seconds(kind, shapes_before, args.compile_shapes)
         if kind in failed or time.time() + estimate > deadline:
             reason = "failed at an earlier output" if kind in failed else f"time: about {estimate} s needed"
             rows.append({"config": kind, "output": output, "skipped": reason})
@@ -406,7 +426,7 @@ def run_rows(model, args, bandwidth: float, write: Callable[[list[dict], dict], 
             reset_compiled(model)  # transformers' own compile settings from here
         try:
             row = measure_largest(model, kind, args.prompt, output, cap, args.steps, bandwidth, args.timing_prompt,
-                                  loop_steps, args.backend, args.max_batch)  # fmt: skip
+                                  loop_steps, args.backend, args.max_batch, args.compile_shapes)  # fmt: skip
         except Exception as error:  # one configuration failing must not lose the others' rows
             rows.append({"config": kind, "output": output, "error": f"{type(error).__name__}: {error}"[:500]})
             tqdm.write(f"{kind:>18} out={output:>6} failed: {type(error).__name__}: {error}")
@@ -436,6 +456,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=256, help="largest batch tried")
     parser.add_argument("--steps", type=int, default=48, help="decode steps per timed call")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of the loops (smoke: eager)")
+    parser.add_argument("--compile-shapes", choices=["static", "dynamic"], default="static",
+                        help="compiled LongFlow through generate: apply's static shapes per shape, or the dynamic "
+                             "shapes apply used before (transformers' defaults)")  # fmt: skip
 
 
 def main() -> None:
@@ -462,7 +485,8 @@ def main() -> None:
     keep = {key: earlier[key] for key in ("memory_trace", "memory_trace_settings") if key in earlier}
     settings = {"benchmark": "throughput", "environment": environment(), "shape": args.shape,
                 "model": SHAPES[args.shape], "prompt": args.prompt, "timing_prompt": args.timing_prompt,
-                "memory_cap_gb": args.memory_cap_gb, "steps": args.steps, "copy_bandwidth_gbs": bandwidth,
+                "memory_cap_gb": args.memory_cap_gb, "steps": args.steps, "compile_shapes": args.compile_shapes,
+                "copy_bandwidth_gbs": bandwidth,
                 "labels": LABELS}  # fmt: skip
 
     def write(rows: list[dict], rooflines: dict) -> None:

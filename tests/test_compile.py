@@ -82,6 +82,45 @@ def test_compiling_generate_hands_transformers_a_fullgraph_cuda_graph_config_and
     assert not hasattr(model, "_longflow_compile")
 
 
+def test_compiled_decode_compiles_static_shapes_then_one_dynamic_graph(monkeypatch):
+    """`apply`'s compile settings, through transformers' generate (a counting backend in place of
+    inductor, on the CPU): the first `STATIC_SHAPES` cache shapes compile with static shapes (a
+    dynamic-shape step idled longer on an H100), later ones share dynamic-shape graphs, so that
+    twelve shapes, each after `unapply`, stay under torch's recompile limit, which fails a
+    ``fullgraph`` compile; every call gives eager's tokens."""
+    torch._dynamo.reset()
+    graphs = []
+    backend = counting_backend(graphs)
+
+    def cpu_config(**settings):
+        config = CompileConfig(**{**settings, "backend": backend, "mode": None})
+        config._compile_all_devices = True
+        return config
+
+    monkeypatch.setattr(longflow_patch.patch, "CompileConfig", cpu_config)
+    model = tiny_model("qwen3", "gqa")
+    shapes = [(2, 16), (3, 16), (2, 24), (4, 16), (5, 16), (6, 16), (3, 32), (7, 24), (2, 16), (8, 40), (9, 16),
+              (1, 16)]  # fmt: skip
+    symbolic = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one new-shape warning per shape
+        for batch, budget in shapes:
+            ids, mask = left_padded_prompts(batch=batch, length=8)
+            outputs = []
+            longflow_patch.unapply(model)  # the shapes met are kept: the compiled graphs are
+            for compile in (False, True):
+                longflow_patch.apply(model, budget=budget, compile=compile)
+                outputs.append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5,
+                                              do_sample=False, pad_token_id=0))  # fmt: skip
+            assert torch.equal(outputs[1], outputs[0]), f"batch {batch}, budget {budget}"
+            symbolic.append([isinstance(node.meta.get("example_value"), torch.SymInt) for node in graphs[-1].graph.nodes
+                             if node.op == "placeholder"])  # fmt: skip
+    static = longflow_patch.patch.STATIC_SHAPES
+    assert not any(any(graph) for graph in symbolic[:static]), "the first shapes compiled with dynamic shapes"
+    assert any(symbolic[static]), "the shape after the static ones compiled with static shapes"
+    assert len(graphs) < torch._dynamo.config.recompile_limit, f"{len(graphs)} graphs for {len(shapes)} shapes"
+
+
 def test_compacting_policies_refuse_compile():
     with pytest.raises(ValueError, match="runs eagerly"):
         longflow_patch.apply(tiny_model(), policy="snapkv", budget=128, compile=True)
