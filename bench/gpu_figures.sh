@@ -10,7 +10,7 @@
 #                                              # bare compiled loop
 #   bash bench/gpu_figures.sh speed-1.7b OUT   # the speed suite on the Qwen3-1.7B shape
 #   bash bench/gpu_figures.sh speculative OUT  # recipes/bench_speculative.py: the toy's tokens/s per draft at 8k
-#   bash bench/gpu_figures.sh speculative-2k-4k OUT  # the toy's tokens/s per draft at 2k and 4k
+#   bash bench/gpu_figures.sh speculative-2k OUT  # the same at 2k (speculative-4k: at 4k)
 # OUT gets the results and logs (bench/results/ to commit them). The package is used from this checkout
 # (PYTHONPATH, python3 -P), as on a machine where it is not installed.
 #
@@ -64,12 +64,14 @@ speculative)
         --contexts 8192 --new-tokens 512 --repeats 1 --out "$out/speculative_toy_8k.json" 2>&1 |
         tee "$out/speculative_toy_8k.log"
     ;;
-speculative-2k-4k)
+speculative-2k | speculative-4k)
+    context=${part#speculative-}
     python3 -P recipes/bench_speculative.py --part toy --static --compile --drafts glide glide-tree self toy \
-        --contexts 2048 4096 --out "$out/speculative_toy_2k_4k.json" 2>&1 | tee "$out/speculative_toy_2k_4k.log"
+        --contexts $((${context%k} * 1024)) --new-tokens 512 --repeats 1 --out "$out/speculative_toy_$context.json" \
+        2>&1 | tee "$out/speculative_toy_$context.log"
     ;;
 *)
-    echo "unknown part: $part (tests, speed, speed-dynamic, speed-loop, speed-1.7b, speculative, speculative-2k-4k)" >&2
+    echo "unknown part: $part (tests, speed, speed-dynamic, speed-loop, speed-1.7b, speculative, speculative-2k, speculative-4k)" >&2
     exit 2
     ;;
 esac
