@@ -59,13 +59,10 @@ speed-1.7b)
     python3 -P bench/speed_suite.py --budget-s 540 --shape qwen3-1.7b --configs fullcache-loop longflow-compiled longflow default \
         --out-dir "$out" 2>&1 | tee "$out/speed_suite_1.7b.log"
     ;;
-speculative)
-    python3 -P recipes/bench_speculative.py --part toy --static --compile --drafts glide glide-tree self toy \
-        --contexts 8192 --new-tokens 512 --repeats 1 --out "$out/speculative_toy_8k.json" 2>&1 |
-        tee "$out/speculative_toy_8k.log"
-    ;;
-speculative-2k | speculative-4k)
-    context=${part#speculative-}
+speculative | speculative-2k | speculative-4k)
+    context=${part#speculative}
+    context=${context#-}
+    context=${context:-8k}
     python3 -P recipes/bench_speculative.py --part toy --static --compile --drafts glide glide-tree self toy \
         --contexts $((${context%k} * 1024)) --new-tokens 512 --repeats 1 --out "$out/speculative_toy_$context.json" \
         2>&1 | tee "$out/speculative_toy_$context.log"

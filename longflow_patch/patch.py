@@ -268,8 +268,13 @@ def decode_compile_config(model: nn.Module) -> CompileConfig:
     (``fullgraph``) under CUDA graphs (``mode="reduce-overhead"``), with static shapes until
     `STATIC_SHAPES` shapes were met, then with dynamic shapes (``dynamic=None``: the sizes seen to
     change become symbolic), for good: transformers compiles afresh whenever the settings change."""
-    shapes = len(_COMPILED_SHAPES.get(model, []))
-    return CompileConfig(fullgraph=True, mode="reduce-overhead", dynamic=False if shapes < STATIC_SHAPES else None)
+    return CompileConfig(fullgraph=True, mode="reduce-overhead", dynamic=False if _static_shapes_left(model) else None)
+
+
+def _static_shapes_left(model: nn.Module) -> bool:
+    """Whether ``model``'s compiled ``generate`` still compiles a new shape with static shapes
+    (fewer than `STATIC_SHAPES` shapes met so far)."""
+    return len(_COMPILED_SHAPES.get(model, [])) < STATIC_SHAPES
 
 
 def _warn_on_new_shape(model: nn.Module, cache: LongFlowCache | None) -> None:
@@ -283,7 +288,7 @@ def _warn_on_new_shape(model: nn.Module, cache: LongFlowCache | None) -> None:
     if shape in seen:
         return
     if seen:
-        how = "again (static shapes)" if len(seen) < STATIC_SHAPES else "with dynamic shapes (or reused that graph)"
+        how = "again (static shapes)" if _static_shapes_left(model) else "with dynamic shapes (or reused that graph)"
         warnings.warn(
             f"compiled decoding met a new shape (batch {batch}, {slots} slots per KV head in layer 0; "
             f"{len(seen)} shape(s) before): this generate call compiled the decode step {how} and captured "
