@@ -3,7 +3,8 @@
 #   bash bench/gpu_figures.sh tests OUT        # the GPU test files (.ci/gpu_tests.sh), under the installed
 #                                              # transformers and, where .whl/ holds its wheels, the newest one
 #   bash bench/gpu_figures.sh speed OUT        # bench/speed_suite.py: eager call cost (JIT and direct
-#                                              # launches), throughput against the strongest full cache, profiles
+#                                              # launches), throughput against the strongest full cache (and
+#                                              # compiled LongFlow with generate's per-step stop check), profiles
 #   bash bench/gpu_figures.sh speed-dynamic OUT  # compiled LongFlow as apply compiled it before (dynamic shapes
 #                                              # from the second shape on), the order that idled on the H100
 #   bash bench/gpu_figures.sh speed-loop OUT   # compiled LongFlow through generate beside the same step in the
@@ -41,7 +42,8 @@ tests)
     wait
     ;;
 speed)
-    python3 -P bench/speed_suite.py --budget-s 570 --configs fullcache-loop longflow-compiled longflow default \
+    python3 -P bench/speed_suite.py --budget-s 570 --configs fullcache-loop longflow-compiled longflow-compiled-sync \
+        longflow default \
         --out-dir "$out" 2>&1 | tee "$out/speed_suite.log"
     ;;
 speed-dynamic)

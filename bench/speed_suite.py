@@ -83,7 +83,7 @@ def main() -> None:
         for name, value in SMOKE.items():
             setattr(args, name, value)
         candidates = SMOKE["candidates"]
-        args.configs = [c for c in throughput.CONFIGS if c != "longflow-loop"] + ["longflow-loop"]
+        args.configs = list(throughput.CONFIGS)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tag = args.tag or (device_tag(torch.cuda.get_device_name()) if device == "cuda" else "cpu")
     out_dir = args.out_dir or (Path("/tmp/speed_suite_smoke") if args.smoke else ROOT / "bench" / "results")

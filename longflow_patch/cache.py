@@ -344,10 +344,27 @@ class LongFlowCache(Cache):
     """A transformers ``Cache`` of ``LongFlowLayer`` s, one per decoder layer, all under one policy
     (and one dict of eager scratch buffers, ``workspaces``: layers of one shape share them)."""
 
+    made_by_generate = False
+    """True for a cache the patched ``generate`` made itself (the caller passed none): the caller
+    sees it only through ``return_dict_in_generate``."""
+    _passed_to_generate = False
+
     def __init__(self, policy: Policy, num_layers: int):
         self.workspaces: dict = {}
         super().__init__(layers=[LongFlowLayer(policy, layer, self.workspaces) for layer in range(num_layers)])
         self.policy = policy
+
+    @property
+    def _is_user_defined(self) -> bool:
+        """transformers' mark on a cache passed to ``generate``: the caller holds it after the call,
+        so ``generate`` keeps it consistent with the tokens it returns (and reads its stop check on
+        the host every step, `longflow_patch.compat.defer_stop_check_on_cuda`). A cache the patched
+        ``generate`` made and passed on itself is not the caller's."""
+        return self._passed_to_generate and not self.made_by_generate
+
+    @_is_user_defined.setter
+    def _is_user_defined(self, passed: bool) -> None:
+        self._passed_to_generate = passed
 
     def kv_bytes(self) -> int:
         """Bytes held by keys and values over all layers."""

@@ -16,7 +16,7 @@ from transformers import CompileConfig
 
 from longflow_patch.attention import longflow_attention_forward
 from longflow_patch.cache import LongFlowCache
-from longflow_patch.compat import cache_from_kwargs, cache_keyword
+from longflow_patch.compat import cache_from_kwargs, cache_keyword, defer_stop_check_on_cuda
 from longflow_patch.ops import KERNEL_DTYPES, KERNEL_HEAD_DIMS
 from longflow_patch.policies import Policy, ProfiledPolicy, check_budget, make_policy
 
@@ -157,6 +157,7 @@ def apply(
     elif settings:
         raise TypeError("pass settings either inside a Policy object or as keyword arguments, not both")
     model._longflow_compile = _check_compile_request(model, policy, compile)
+    defer_stop_check_on_cuda()
     for module in _attention_modules(model):
         if not hasattr(module, "_longflow_original_forward"):
             module._longflow_original_forward = module.forward
@@ -219,6 +220,8 @@ def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.T
     transformers would compile any generate call on a GPU whose cache is compileable (a surprise
     compile per new shape, and endless recompiles under device_map's hooks), so it is told not to
     unless the caller asks for it (a ``compile_config`` of their own, or ``disable_compile``).
+    On CUDA, ``generate`` reads its stop check one step late for a cache made here and not
+    returned (`longflow_patch.compat.defer_stop_check_on_cuda`), so the host never waits on a step.
     """
     compiling = _resolve_compile(self, self._longflow_policy, self._longflow_compile)
     _, given = cache_from_kwargs(kwargs, "generate")
@@ -234,6 +237,7 @@ def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.T
         cache = getattr(self, "_longflow_reused_cache", None)
         if cache is None or cache.policy is not policy or budget is not None:
             cache = new_cache(self, budget)
+            cache.made_by_generate = True
         if compiling:
             self._longflow_reused_cache = cache
         cache.reset()

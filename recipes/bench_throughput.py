@@ -14,6 +14,8 @@ fit under ``--memory-cap-gb`` (rows are labelled in the JSON, `LABELS`):
    `apply`'s defaults (``compile="auto"``: compiled + CUDA graphs on one GPU), through ``generate``;
 3. ``longflow``: the same, eager (``compile=False``);
 4. ``longflow-loop``: LongFlow in the same compiled loop as ``fullcache-loop`` (no ``generate``);
+   ``longflow-compiled-sync``: ``longflow-compiled`` with ``generate`` reading its stop check on
+   the host every step (transformers' rule on CUDA, which `apply` lifts for its own caches);
 5. ``default``: transformers' default, DynamicCache + SDPA, eager ``generate``;
 6. ``static``: transformers' static cache + ``torch.compile`` (CUDA graphs); with an attention
    mask it repeats K/V over each GQA group and reads all ``max_cache_len`` slots every step.
@@ -40,13 +42,14 @@ less a steady call of the same length) record that cost.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import os
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
@@ -57,25 +60,40 @@ from transformers import CompileConfig, DynamicCache, StaticCache, StoppingCrite
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
+from longflow_patch import compat
 from longflow_patch.compat import cache_keyword
 from longflow_patch.progress import TokenProgress
 from longflow_patch.speculative_cache import SpeculativeCache
 
 from common import SHAPES, build_model, copy_bandwidth_gbs, environment, print_table, synchronize, write_results
 
-CONFIGS = ("fullcache-loop", "longflow-compiled", "longflow", "longflow-loop", "default", "static")
+CONFIGS = (
+    "fullcache-loop",
+    "longflow-compiled",
+    "longflow",
+    "longflow-loop",
+    "longflow-compiled-sync",
+    "default",
+    "static",
+)
+OPT_IN = ("longflow-loop", "longflow-compiled-sync")
+"""Configurations run only when named in ``--configs``."""
 LABELS = {
     "fullcache-loop": "strongest full cache: compiled static-shape loop, CUDA graphs, split-K GQA kernel "
     "reading only the filled positions",
     "longflow-compiled": "LongFlow 80% compression, apply's default (compile='auto': compiled + CUDA graphs), generate",
     "longflow": "LongFlow 80% compression, eager (compile=False), generate",
     "longflow-loop": "LongFlow 80% compression in the same compiled loop as fullcache-loop",
+    "longflow-compiled-sync": "longflow-compiled with generate's stop check read on the host every step "
+    "(transformers' rule on CUDA)",
     "default": "transformers default: DynamicCache + SDPA, eager generate",
     "static": "transformers static cache + torch.compile (CUDA graphs; repeats K/V per GQA group, reads all slots)",
 }
-COMPRESSED = ("longflow-compiled", "longflow", "longflow-loop")
+THROUGH_GENERATE = ("longflow-compiled", "longflow-compiled-sync")
+"""Compiled LongFlow through ``generate`` (apply's ``compile="auto"``)."""
+COMPRESSED = (*THROUGH_GENERATE, "longflow", "longflow-loop")
 LOOPS = ("fullcache-loop", "longflow-loop")
-COMPILED = ("fullcache-loop", "longflow-compiled", "longflow-loop", "static")
+COMPILED = ("fullcache-loop", *THROUGH_GENERATE, "longflow-loop", "static")
 COLUMNS = ["config", "output", "batch", "budget", "step_ms_first", "step_ms_last", "tokens_per_s", "x_strongest",
            "x_full_roofline", "x_default", "x_static", "vs_roofline", "compile_s", "cudagraph_skips",
            "peak_gib"]  # fmt: skip
@@ -212,9 +230,22 @@ def generate_compile_config(kind: str, compile_shapes: str) -> CompileConfig | N
     static shapes; transformers' defaults for its static cache), or for ``longflow-compiled`` with
     ``compile_shapes="dynamic"`` the settings `apply` used before it kept shapes static:
     transformers' defaults with ``fullgraph`` (dynamic shapes from the second shape on)."""
-    if kind == "longflow-compiled" and compile_shapes == "dynamic":
+    if kind in THROUGH_GENERATE and compile_shapes == "dynamic":
         return CompileConfig(fullgraph=True, mode="reduce-overhead")
     return None
+
+
+@contextlib.contextmanager
+def stop_check(kind: str) -> Iterator[None]:
+    """For ``longflow-compiled-sync``, ``generate`` reads its stop check on the host every step,
+    as transformers does on CUDA (`longflow_patch.compat.defer_stop_check_on_cuda`)."""
+    deferring = compat.DEFERRED_STOP_DEVICES
+    if kind == "longflow-compiled-sync":
+        compat.DEFERRED_STOP_DEVICES = ()
+    try:
+        yield
+    finally:
+        compat.DEFERRED_STOP_DEVICES = deferring
 
 
 @torch.no_grad()
@@ -228,7 +259,7 @@ def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, 
     compressed = kind in COMPRESSED
     model.generation_config.compile_config = generate_compile_config(kind, compile_shapes)
     if compressed:
-        compile = "auto" if kind == "longflow-compiled" else False
+        compile = "auto" if kind in THROUGH_GENERATE else False
         longflow_patch.apply(model, policy="longflow", budget=budget, compile=compile)
     elif kind == "fullcache-loop":
         longflow_patch.apply(model, compile=False)  # installs the attention that serves a SpeculativeCache
@@ -260,7 +291,8 @@ def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, 
         first, last = times[0], times[-1]
         del cache
     elif compressed:
-        first, first_call = generate_step_seconds(model, kind, batch, timing_prompt, total, steps)
+        with stop_check(kind):
+            first, first_call = generate_step_seconds(model, kind, batch, timing_prompt, total, steps)
         last = first
     elif kind == "static":
         first, first_call = generate_step_seconds(model, kind, batch, prompt + output // 2, total, steps)
@@ -279,7 +311,7 @@ def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, 
         "tokens_per_s": batch / mean_step, "peak_gib": peak, "roofline_ms": roofline * 1e3,
         "vs_roofline": mean_step / roofline,
     }  # fmt: skip
-    if kind == "longflow-compiled":
+    if kind in THROUGH_GENERATE:
         row["compile_shapes"] = compile_shapes
     if kind in COMPILED:
         # Graphs inductor compiled here but would not replay from CUDA graphs (each such step
@@ -384,16 +416,24 @@ def memory_trace(model, batch: int, budget: int, prompt: int, output: int, every
 # Rows are measured in passes, most needed first, so that a run cut short by its time budget loses
 # the least: the strongest baseline and compiled LongFlow, then eager LongFlow, then transformers'
 # paths (static last: its compile settings differ from the others').
-PASSES = (("fullcache-loop", "longflow-compiled", "longflow-loop"), ("longflow",), ("default",), ("static",))
+PASSES = (
+    ("fullcache-loop", "longflow-compiled", "longflow-compiled-sync", "longflow-loop"),
+    ("longflow",),
+    ("default",),
+    ("static",),
+)
 
 
 def estimated_seconds(kind: str, shapes_before: int, compile_shapes: str = "static") -> float:
     """A row's rough cost on an H200 at the 8B shape: a compiled configuration's first shape
     compiles; the loops compile with dynamic shapes from the first, so later shapes only capture
     CUDA graphs; through generate, every shape compiles (static shapes) or the second compiles
-    again with dynamic shapes and later ones only capture (``compile_shapes="dynamic"``)."""
+    again with dynamic shapes and later ones only capture (``compile_shapes="dynamic"``);
+    ``longflow-compiled-sync`` replays the graphs ``longflow-compiled`` compiled just before it."""
     if kind not in COMPILED:
         return 20
+    if kind == "longflow-compiled-sync":
+        return 40
     if kind in LOOPS:
         return 150 if shapes_before == 0 else 30
     if kind == "longflow-compiled" and compile_shapes == "static":
@@ -451,7 +491,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timing-prompt", type=int, default=16,
                         help="prompt tokens when timing LongFlow (its step does not depend on them)")  # fmt: skip
     parser.add_argument("--outputs", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
-    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=[c for c in CONFIGS if c != "longflow-loop"])
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=[c for c in CONFIGS if c not in OPT_IN])
     parser.add_argument("--memory-cap-gb", type=float, default=70.0)
     parser.add_argument("--max-batch", type=int, default=256, help="largest batch tried")
     parser.add_argument("--steps", type=int, default=48, help="decode steps per timed call")

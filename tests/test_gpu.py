@@ -122,3 +122,38 @@ def test_cuda_graph_replay_matches_compiled_step_and_never_recaptures(policy, tm
     assert len(captures) == first, f"{len(captures) - first} re-captures while generating 200 tokens"
     assert torch.equal(replayed, without_graphs), "CUDA-graph replay changed the tokens"
     assert torch.equal(replayed[:, :28], eager[:, :28]), "compiled decoding diverged from eager at once"
+
+
+def test_compiled_generate_defers_its_stop_check_and_keeps_the_tokens(monkeypatch):
+    """On CUDA the patched generate's own cache gets transformers' deferred stop check (the host
+    never waits on a step): with every row stopping on an end token, the path with the extra,
+    undone step, the tokens are those of the per-step check."""
+    from transformers.generation import utils as generation_utils
+
+    from longflow_patch import compat
+
+    torch._dynamo.reset()
+    model = tiny_model("qwen3", "gqa", layers=2, head_dim=64, dtype=torch.bfloat16).cuda()
+    longflow_patch.apply(model, budget=32, compile=True)
+    ids, mask = left_padded_prompts(batch=4, length=20)
+    ids, mask = ids.cuda(), mask.cuda()
+
+    def generate(new_tokens, eos):
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=0, eos_token_id=eos)  # fmt: skip
+
+    eos = sorted(set(generate(13, None)[:, -1].tolist()))  # every row's token at new position 12
+    built = []
+    original_init = generation_utils.DeferredStopCheck.__init__
+
+    def recording_init(check, *args, **kwargs):
+        built.append(check)
+        original_init(check, *args, **kwargs)
+
+    monkeypatch.setattr(generation_utils.DeferredStopCheck, "__init__", recording_init)
+    deferred = generate(60, eos)
+    monkeypatch.setattr(compat, "DEFERRED_STOP_DEVICES", ())
+    per_step = generate(60, eos)
+    assert len(built) == 1, "the compiled generate on CUDA did not defer its stop check"
+    assert deferred.shape[1] <= ids.shape[1] + 13, "the rows did not stop on their end tokens"
+    assert torch.equal(deferred, per_step)
