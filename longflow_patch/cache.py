@@ -103,11 +103,13 @@ class LongFlowLayer(CacheLayerMixin):
             "transformers release passes it; please report the latter"
         )
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int | torch.Tensor]:
-        """Mask over the new tokens only (``kv_length = query_length`` at offset ``tokens seen``):
-        the patched attention reads padding from the prompt mask and slot positions afterwards,
-        and a decode mask whose shape never changes keeps compiled steps static."""
-        return query_length, self.token_count if self.prefilled else 0
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Mask over the new tokens only (``kv_length = query_length``, offset 0): the patched
+        attention reads padding from the prompt mask and slot positions afterwards, never a decode
+        mask, and one whose shape never changes keeps compiled steps static. (An offset of tokens
+        seen, a device tensor, made transformers' mask builder read it on the host every step: a
+        device sync per step, outside the compiled graph.)"""
+        return query_length, 0
 
     def get_seq_length(self) -> int | torch.Tensor:
         """Tokens processed so far (prompt, padding included, plus generated), not slots held.

@@ -1,12 +1,17 @@
 """``generate`` reads its stop check one step late for the caches the patched ``generate`` makes
 (`longflow_patch.compat.defer_stop_check_on_cuda`): the per-step check's tokens, one extra step
 when every row stops on an end-of-sequence token, and the caller's caches keep transformers' rule.
+Besides that check, a decode step reads no tensor on the host (each such read waits for the GPU).
 
 The deferred check runs on CUDA only (it records ``torch.Event`` s, which the CPU lacks); here the
 CPU stands in for CUDA, with an event that completes at once (CPU work is synchronous)."""
 
+import sys
+from collections import Counter
+
 import pytest
 import torch
+from transformers import CompileConfig
 from transformers.generation import utils as generation_utils
 
 import longflow_patch
@@ -99,3 +104,45 @@ def test_returned_and_callers_caches_keep_the_per_step_check(deferred_checks):
     assert cache._is_user_defined and not returned.past_key_values._is_user_defined
     assert int(cache.get_seq_length()) == given.shape[1] - 1, "the caller's cache holds a step it did not return"
     assert torch.equal(returned.sequences, given)
+
+
+HOST_READS = ("__bool__", "item", "tolist", "__int__", "__index__", "__float__", "cpu", "numpy")
+"""Tensor methods that bring a value to the host: on a GPU, each waits for the device."""
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_decode_step_reads_nothing_on_the_host_but_the_stop_check(monkeypatch, compiled):
+    """Per step, the patched ``generate`` reads one value on the host: transformers' stop check
+    (deferred on CUDA). The mask builder once read the cache's token count, its offset, every step."""
+    model = longflow_patch.apply(tiny_model("qwen3", "gqa"), budget=24, compile=False)
+    if compiled:
+        config = CompileConfig(fullgraph=True, backend="eager", mode=None)
+        config._compile_all_devices = True  # transformers compiles decode steps only on accelerators otherwise
+        model.generation_config.compile_config = config
+    ids, mask = left_padded_prompts(batch=3, length=10)
+    stop_check = generation_utils.StopCheck.__call__.__code__
+    reads, counting = Counter(), [False]
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def read(tensor, *args, _original=original, _name=name, **kwargs):
+            if counting[0] and not torch.compiler.is_compiling():
+                caller = sys._getframe(1).f_code
+                where = "stop check" if caller is stop_check else f"{_name} in {caller.co_filename}:{caller.co_name}"
+                reads[where] += 1
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    def reads_of(new_tokens: int) -> Counter:
+        reads.clear()
+        counting[0] = True
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0)  # fmt: skip
+        counting[0] = False
+        return Counter(reads)
+
+    reads_of(4)  # compiles
+    short, long = reads_of(4), reads_of(24)
+    long.subtract(short)
+    assert +long == Counter({"stop check": 20})
