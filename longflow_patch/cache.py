@@ -347,8 +347,9 @@ class LongFlowCache(Cache):
     (and one dict of eager scratch buffers, ``workspaces``: layers of one shape share them)."""
 
     made_by_generate = False
-    """True for a cache the patched ``generate`` made itself (the caller passed none): the caller
-    sees it only through ``return_dict_in_generate``."""
+    """True while the patched ``generate`` decodes into a cache of its own (the caller passed none),
+    which the caller sees only through ``return_dict_in_generate``; a cache the caller passes in is
+    theirs, even one an earlier call returned."""
     _passed_to_generate = False
 
     def __init__(self, policy: Policy, num_layers: int):

@@ -231,16 +231,18 @@ def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.T
             "attention would fill without compression; pass no cache (each call gets a compressed one), one "
             "from longflow_patch.new_cache(model), or call longflow_patch.unapply(model) first"
         )
-    if given is None and kwargs.get("use_cache", True):
+    if given is not None:
+        given.made_by_generate = False  # the caller's, even one an earlier call returned
+    elif kwargs.get("use_cache", True):
         policy = self._longflow_policy
         budget = max(policy.minimum_budget, _tokens_to_hold(self, args, kwargs)) if policy.sized_by_generate else None
         cache = getattr(self, "_longflow_reused_cache", None)
         if cache is None or cache.policy is not policy or budget is not None:
             cache = new_cache(self, budget)
-            cache.made_by_generate = True
         if compiling:
             self._longflow_reused_cache = cache
         cache.reset()
+        cache.made_by_generate = True
         kwargs[cache_keyword(self)] = cache
     config = kwargs.get("generation_config") or self.generation_config
     if config.compile_config is None and "compile_config" not in kwargs:

@@ -97,13 +97,14 @@ def test_returned_and_callers_caches_keep_the_per_step_check(deferred_checks):
     settings = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0,
                     eos_token_id=eos)  # fmt: skip
     returned = model.generate(**settings, return_dict_in_generate=True)
-    cache = longflow_patch.new_cache(model)
-    given = model.generate(**settings, **{cache_keyword(model): cache})
+    assert returned.past_key_values.made_by_generate and not returned.past_key_values._is_user_defined
+    returned.past_key_values.reset()  # to be filled afresh, as a new one
+    for cache in (longflow_patch.new_cache(model), returned.past_key_values):  # a new one; one handed back
+        given = model.generate(**settings, **{cache_keyword(model): cache})
+        assert not cache.made_by_generate and cache._is_user_defined
+        assert int(cache.get_seq_length()) == given.shape[1] - 1, "the caller's cache holds a step it did not return"
+        assert torch.equal(returned.sequences, given)
     assert deferred_checks == []
-    assert returned.past_key_values.made_by_generate and not cache.made_by_generate
-    assert cache._is_user_defined and not returned.past_key_values._is_user_defined
-    assert int(cache.get_seq_length()) == given.shape[1] - 1, "the caller's cache holds a step it did not return"
-    assert torch.equal(returned.sequences, given)
 
 
 HOST_READS = ("__bool__", "item", "tolist", "__int__", "__index__", "__float__", "cpu", "numpy")
