@@ -12,6 +12,7 @@ step (inductor's CUDA-graph tree manager), allocator retries.
 """
 
 import argparse
+import contextlib
 import sys
 import time
 import warnings
@@ -24,10 +25,9 @@ from torch._inductor import cudagraph_trees
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 import longflow_patch
-from longflow_patch import compat
 
 import bench_throughput as throughput
-from common import build_model, environment, parse_args_on_gpu, print_table, synchronize, write_results
+from common import SHAPES, build_model, environment, parse_args_on_gpu, print_table, synchronize, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 TREE_EVENTS = {"replays": "execute_node", "recordings": "record_function", "warm_ups": "run_eager"}
@@ -67,13 +67,9 @@ def timed_call(model, batch: int, new_tokens: int, counts: Counter) -> dict:
 def measure(model, order: str, output: int, batch: int, steps: int, counts: Counter) -> dict:
     """Step time of compiled LongFlow at one shape with the stop check ``order`` (``deferred`` or
     ``per-step``), and the per-step difference of the counts between a long and a short call."""
-    deferring = compat.DEFERRED_STOP_DEVICES
-    compat.DEFERRED_STOP_DEVICES = deferring if order == "deferred" else ()
-    try:
+    with throughput.per_step_stop_check() if order == "per-step" else contextlib.nullcontext():
         first = timed_call(model, batch, steps, counts)
         short, long = timed_call(model, batch, steps // 4, counts), timed_call(model, batch, steps, counts)
-    finally:
-        compat.DEFERRED_STOP_DEVICES = deferring
     span = steps - steps // 4
     step_ms = (long["seconds"] - short["seconds"]) / span * 1e3
     row = {"output": output, "batch": batch, "stop_check": order, "step_ms": step_ms, "first_call_s": first["seconds"]}
@@ -85,10 +81,10 @@ def measure(model, order: str, output: int, batch: int, steps: int, counts: Coun
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="qwen3-8b")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--outputs", type=int, nargs="+", default=[8192, 16384, 4096])
-    parser.add_argument("--orders", nargs="+", default=["deferred", "per-step"],
+    parser.add_argument("--orders", nargs="+", choices=["deferred", "per-step"], default=["deferred", "per-step"],
                         help="stop checks measured at each shape, in this order")  # fmt: skip
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--memory-cap-gb", type=float, default=70.0)

@@ -236,12 +236,11 @@ def generate_compile_config(kind: str, compile_shapes: str) -> CompileConfig | N
 
 
 @contextlib.contextmanager
-def stop_check(kind: str) -> Iterator[None]:
-    """For ``longflow-compiled-sync``, ``generate`` reads its stop check on the host every step,
-    as transformers does on CUDA (`longflow_patch.compat.defer_stop_check_on_cuda`)."""
+def per_step_stop_check() -> Iterator[None]:
+    """``generate`` reads its stop check on the host every step, as transformers does on CUDA,
+    not one step late (`longflow_patch.compat.defer_stop_check_on_cuda`)."""
     deferring = compat.DEFERRED_STOP_DEVICES
-    if kind == "longflow-compiled-sync":
-        compat.DEFERRED_STOP_DEVICES = ()
+    compat.DEFERRED_STOP_DEVICES = ()
     try:
         yield
     finally:
@@ -291,7 +290,7 @@ def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, 
         first, last = times[0], times[-1]
         del cache
     elif compressed:
-        with stop_check(kind):
+        with per_step_stop_check() if kind == "longflow-compiled-sync" else contextlib.nullcontext():
             first, first_call = generate_step_seconds(model, kind, batch, timing_prompt, total, steps)
         last = first
     elif kind == "static":
