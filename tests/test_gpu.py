@@ -5,9 +5,11 @@ import torch
 from transformers import DynamicCache
 
 import longflow_patch
+from longflow_patch import compat
 from longflow_patch.compat import cache_keyword
 
 from models import left_padded_prompts, tiny_model
+from test_stop_check import end_tokens, record_deferred_checks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -128,10 +130,6 @@ def test_compiled_generate_defers_its_stop_check_and_keeps_the_tokens(monkeypatc
     """On CUDA the patched generate's own cache gets transformers' deferred stop check (the host
     never waits on a step): with every row stopping on an end token, the path with the extra,
     undone step, the tokens are those of the per-step check."""
-    from transformers.generation import utils as generation_utils
-
-    from longflow_patch import compat
-
     torch._dynamo.reset()
     model = tiny_model("qwen3", "gqa", layers=2, head_dim=64, dtype=torch.bfloat16).cuda()
     longflow_patch.apply(model, budget=32, compile=True)
@@ -142,15 +140,8 @@ def test_compiled_generate_defers_its_stop_check_and_keeps_the_tokens(monkeypatc
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                               pad_token_id=0, eos_token_id=eos)  # fmt: skip
 
-    eos = sorted(set(generate(13, None)[:, -1].tolist()))  # every row's token at new position 12
-    built = []
-    original_init = generation_utils.DeferredStopCheck.__init__
-
-    def recording_init(check, *args, **kwargs):
-        built.append(check)
-        original_init(check, *args, **kwargs)
-
-    monkeypatch.setattr(generation_utils.DeferredStopCheck, "__init__", recording_init)
+    eos = end_tokens(model, ids, mask, step=12)
+    built = record_deferred_checks(monkeypatch)
     deferred = generate(60, eos)
     monkeypatch.setattr(compat, "DEFERRED_STOP_DEVICES", ())
     per_step = generate(60, eos)

@@ -34,11 +34,8 @@ class HostEvent:
         pass
 
 
-@pytest.fixture
-def deferred_checks(monkeypatch) -> list:
-    """Let the CPU defer like CUDA; returns the list of `DeferredStopCheck` s that calls build."""
-    monkeypatch.setattr(compat, "DEFERRED_STOP_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(torch, "Event", HostEvent)
+def record_deferred_checks(monkeypatch) -> list:
+    """The list that every `DeferredStopCheck` built from now on (for the test) is appended to."""
     built = []
     original_init = generation_utils.DeferredStopCheck.__init__
 
@@ -48,6 +45,14 @@ def deferred_checks(monkeypatch) -> list:
 
     monkeypatch.setattr(generation_utils.DeferredStopCheck, "__init__", recording_init)
     return built
+
+
+@pytest.fixture
+def deferred_checks(monkeypatch) -> list:
+    """Let the CPU defer like CUDA; returns the list of `DeferredStopCheck` s that calls build."""
+    monkeypatch.setattr(compat, "DEFERRED_STOP_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(torch, "Event", HostEvent)
+    return record_deferred_checks(monkeypatch)
 
 
 def end_tokens(model, ids, mask, step: int) -> list[int]:
