@@ -10,6 +10,13 @@
 #   bash bench/gpu_figures.sh speed-loop OUT   # compiled LongFlow through generate beside the same step in the
 #                                              # bare compiled loop
 #   bash bench/gpu_figures.sh speed-1.7b OUT   # the speed suite on the Qwen3-1.7B shape
+#   bash bench/gpu_figures.sh roofline-batches OUT  # compiled LongFlow (8B shape) at batch 64 and 128, each
+#                                              # step against its own roofline (the "batch >= 64")
+#   bash bench/gpu_figures.sh kernel-ab OUT    # bench/kernel_ab.py: the decode op against an earlier kernel
+#                                              # file, put first at bench/baseline/decode_attention.py (ignored by
+#                                              # git; carry it), e.g. from 5715db2, the last with three launches:
+#                                              #   mkdir -p bench/baseline && git show \
+#                                              #     5715db2:kernels/decode_attention.py > bench/baseline/decode_attention.py
 #   bash bench/gpu_figures.sh speculative OUT  # recipes/bench_speculative.py: the toy's tokens/s per draft at 8k
 #   bash bench/gpu_figures.sh speculative-2k OUT  # the same at 2k (speculative-4k: at 4k)
 # OUT gets the results and logs (bench/results/ to commit them). The package is used from this checkout
@@ -61,6 +68,18 @@ speed-1.7b)
     python3 -P bench/speed_suite.py --budget-s 540 --shape qwen3-1.7b --configs fullcache-loop longflow-compiled longflow default \
         --out-dir "$out" 2>&1 | tee "$out/speed_suite_1.7b.log"
     ;;
+roofline-batches)
+    for batch in 64 128; do
+        python3 -P recipes/bench_throughput.py --configs longflow-compiled --max-batch $batch --outputs 8192 16384 4096 \
+            --steps 32 --out "$out/throughput_qwen3-8b_b$batch.json" 2>&1 | tee "$out/roofline_b$batch.log"
+    done
+    ;;
+kernel-ab)
+    baseline=bench/baseline/decode_attention.py
+    [ -f $baseline ] || { echo "kernel-ab: no $baseline (see the top of this file)" >&2; exit 2; }
+    python3 bench/kernel_ab.py --baseline $baseline --label "${AB_LABEL:-5715db2}" --out "$out/kernel_ab.json" 2>&1 |
+        tee "$out/kernel_ab.log"
+    ;;
 speculative | speculative-2k | speculative-4k)
     context=${part#speculative}
     context=${context#-}
@@ -70,7 +89,8 @@ speculative | speculative-2k | speculative-4k)
         2>&1 | tee "$out/speculative_toy_$context.log"
     ;;
 *)
-    echo "unknown part: $part (tests, speed, speed-dynamic, speed-loop, speed-1.7b, speculative, speculative-2k, speculative-4k)" >&2
+    echo "unknown part: $part (tests, speed, speed-dynamic, speed-loop, speed-1.7b, roofline-batches, kernel-ab," \
+        "speculative, speculative-2k, speculative-4k)" >&2
     exit 2
     ;;
 esac

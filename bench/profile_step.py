@@ -34,8 +34,7 @@ from common import (
 # (group, pattern on the kernel name, lower-cased); the first match wins.
 GROUPS = [
     ("fused op: attention pass (reads the KV cache)", r"_attend_split_kernel"),
-    ("fused op: scoring pass", r"_score_chunk_kernel"),
-    ("fused op: combine + arg-min", r"_combine_kernel"),
+    ("fused op: scoring pass + output merge", r"_score_merge_kernel"),
     ("fused op: re-allocation", r"_reallocate_kernel"),
     ("matmul", r"gemm|nvjet|cutlass|cublas|xmma|gemv|splitk|sm90_|sm80_|aten::mm|aten::addmm|aten::linear|aten::bmm"),
     ("norm (RMSNorm, with what inductor fused into it)", r"rsqrt"),

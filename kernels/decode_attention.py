@@ -1,7 +1,7 @@
 """Fused decode step: attention over a fixed-size KV cache, slot importance and eviction choice.
 
 The PyTorch reference beside this file (`decode_attention_reference.py`) defines the semantics
-and the tensor shapes; this module computes the same thing in three Triton launches (four with
+and the tensor shapes; this module computes the same thing in two Triton launches (three with
 online re-allocation):
 
 1. ``_attend_split_kernel`` (grid ``splits x Hkv x B``, flash-decoding split-K). Each program
@@ -16,17 +16,19 @@ online re-allocation):
    slot is skipped in the tiles; the program whose range holds it folds this step's token in from
    registers and stores its key/value/value norm/position into the cache, so no program reads what another
    writes and the K/V tiles reach the MMA unmodified.
-2. ``_score_chunk_kernel`` (grid ``chunks x Hsel x B``). Once all splits are done the softmax
-   normalisers are known: each program rebuilds them from the split partials (a few floats per
-   query head) for every query head of its selection scope at once (all ``Hq`` heads when eviction
-   is shared, else the ``G`` heads of one KV head), turns its chunk of logits into softmax
-   weights (contribution scores: ``log2 p + log2 ||v_s||_1`` combined by a log-sum-exp over the
-   heads, the reference's log-space ranking; attention scores: summed weights), masks
-   empty / protected / unusable slots and writes the chunk's minimum and its index.
-3. ``_combine_kernel`` (grid ``Hkv x B x D / 32``). Merges the split partials into the final
-   output, each program a 32-column slice of it, and (the first slice's program) reduces the
-   chunk minima to the slot the next step overwrites.
-4. ``_reallocate_kernel`` (grid ``B``, only with online re-allocation). The scoring pass then also
+2. ``_score_merge_kernel`` (grid ``(chunks + output programs) x Hsel x B``). Once all splits are
+   done the softmax normalisers are known. A score-chunk program rebuilds them from the split
+   partials (a few floats per query head) for every query head of its selection scope at once
+   (all ``Hq`` heads when eviction is shared, else the ``G`` heads of one KV head), turns its
+   chunk of logits into softmax weights (contribution scores: ``log2 p + log2 ||v_s||_1``
+   combined by a log-sum-exp over the heads, the reference's log-space ranking; attention scores:
+   summed weights), masks empty / protected / unusable slots and folds the chunk's lowest rank and
+   its slot into the scope's cell with one atomic max of a packed int64 (`_pack_choice`); the
+   last chunk to arrive (an atomic count) writes the scope's next write slot and empties the cell.
+   The output programs, one per KV head of the scope and 32-column slice of the head dim, merge
+   the split partials into the final output meanwhile. (Until 2026-12-05 both were a third
+   launch, which an eager step pays for on the host; `bench/kernel_ab.py` times the two.)
+3. ``_reallocate_kernel`` (grid ``B``, only with online re-allocation). The scoring pass then also
    keeps each chunk's second-lowest rank; one program per row reduces every head's two cheapest
    slots from the chunk pairs and moves one slot between two heads (`reallocate_one_slot` in the
    reference): a few scalars and one key/value row, so re-allocation is part of the step, on the
@@ -34,8 +36,8 @@ online re-allocation):
 
 Ragged budgets (a different live limit per KV head in one physical allocation): splits and score
 chunks are sized for the mean live budget (``planned_slots``) and launched over all physical
-slots; programs past a head's live limit exit at once, and the scoring and combine passes read
-only the live ones, so a ragged layer does the work of a uniform one of the same total.
+slots; programs past a head's live limit exit at once, and the scoring pass and the output merge
+read only the live ones, so a ragged layer does the work of a uniform one of the same total.
 
 Launch metadata (grids, split and chunk sizes, block sizes) depends only on the shape and is
 planned once per shape (`plan_decode`); the scratch buffers of the passes (`DecodeWorkspace`) and
@@ -63,13 +65,13 @@ from .launch import KernelLaunch, aligned
 from .online_softmax import merge_split_partials, online_softmax_step
 
 LOG2E = 1.4426950408889634
-# Output columns merged by one program of the combine pass: each (row, KV head) is merged by
-# head_dim / 32 programs, so a small batch still spreads over the GPU and all of a head's splits
-# fit one load. Against one program per head, `bench/ragged_overhead.py` on an H100 (committed
-# results before and after): uniform steps 2.8% faster (geomean of 12 shapes, 5-10% at batch
-# 1), and ragged / uniform at batch 1 with 8192 slots per head 1.13 -> 1.04 (the ragged combine
-# pass had taken 1.45x uniform's time there).
-COMBINE_D_SLICE = 32
+# Output columns merged by one output program: each (row, KV head) is merged by head_dim / 32
+# programs, so a small batch still spreads over the GPU and all of a head's splits fit one load.
+# Against one program per head, `bench/ragged_overhead.py` on an H100 (committed results before
+# and after, then a pass of its own): uniform steps 2.8% faster (geomean of 12 shapes, 5-10% at
+# batch 1), and ragged / uniform at batch 1 with 8192 slots per head 1.13 -> 1.04 (the ragged
+# merge had taken 1.45x uniform's time there).
+OUTPUT_D_SLICE = 32
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
@@ -116,7 +118,7 @@ def _attend_split_kernel(
     limit = tl.load(Slot_limit + row * kv_heads + head)
     start = split * split_size
     # Splits past the head's live limit (ragged budgets) exit at once and write nothing: the
-    # scoring and combine passes read only the live splits.
+    # scoring pass and the output merge read only the live splits.
     if start >= limit:
         return
     offs_g = tl.arange(0, BLOCK_G)
@@ -184,21 +186,65 @@ def _attend_split_kernel(
 
 
 @triton.jit
-def _score_chunk_kernel(
+def _pack_choice(rank, slot):
+    """A chunk's choice (``rank`` float32, ``slot`` int32) as one positive int64 that is larger for a
+    better choice: a lower rank, then among equal ranks a lower slot. ``atomic_max`` over these picks
+    the lowest rank and the earliest slot among ties, as the reference's ``argmin``; 0 (an empty
+    cell) is below every choice."""
+    rank = tl.where(rank == 0.0, 0.0, rank)  # -0.0 and 0.0 tie, as floats compare
+    bits = rank.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # int32 that orders as the floats do
+    key = ordered.to(tl.int64) + 2147483647 + 1  # [0, 2^32)
+    return 0x7FFFFFFFFFFFFFFF - ((key << 31) + slot.to(tl.int64))  # slots are below 2^31
+
+
+@triton.jit
+def _merge_output_slice(
+    Out, Out_part, M_part, L_part, Slot_limit, row, head, d_slice, kv_heads, n_splits, split_size,
+    stride_ob, stride_oh,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, D_SLICE: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
+):  # fmt: skip
+    """The final output of the ``G`` query heads of KV head ``head`` in ``row``, columns ``d_slice *
+    D_SLICE`` on: the merge of the head's live split partials (only splits below its limit wrote)."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = d_slice * D_SLICE + tl.arange(0, D_SLICE)
+    g_mask = offs_g < G
+    live_splits = tl.cdiv(tl.load(Slot_limit + row * kv_heads + head), split_size)
+    parts = (row * kv_heads + head) * n_splits
+    _, l_run, acc = merge_split_partials(Out_part, M_part, L_part, parts, live_splits, offs_g, g_mask, offs_d,
+                                         G, BLOCK_G, HEAD_DIM, D_SLICE, SPLIT_CHUNK)  # fmt: skip
+    out = acc / tl.where(g_mask, l_run, 1.0)[:, None]
+    tl.store(Out + row * stride_ob + (head * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=g_mask[:, None])  # fmt: skip
+
+
+@triton.jit
+def _score_merge_kernel(
     M_part, L_part, Logits, Value_norm, Slot_pos, Write_slot, Position, Slot_limit, Accumulated,
-    Chunk_min, Chunk_arg, Chunk_min2, Chunk_arg2,
-    stride_pb, stride_ph,
+    Chunk_min, Chunk_arg, Chunk_min2, Chunk_arg2, Out, Out_part, Choice,
+    stride_pb, stride_ph, stride_ob, stride_oh,
     n_splits, split_size, num_slots, kv_heads, n_chunks, chunk_size, sink_tokens, recent_window,
     G: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_SLICE: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr,
     SHARED: tl.constexpr, SCORE_KIND: tl.constexpr, ACCUMULATE: tl.constexpr, TOP2: tl.constexpr,
 ):  # fmt: skip
-    chunk = tl.program_id(0)
+    program = tl.program_id(0)
     sel = tl.program_id(1)
     row = tl.program_id(2).to(tl.int64)
     n_sel = tl.num_programs(1)
+    if program >= n_chunks:
+        # An output program: one 32-column slice of one KV head of the scope.
+        slices: tl.constexpr = HEAD_DIM // D_SLICE
+        unit = program - n_chunks
+        _merge_output_slice(Out, Out_part, M_part, L_part, Slot_limit, row, sel * HEADS + unit // slices,
+                            unit % slices, kv_heads, n_splits, split_size, stride_ob, stride_oh,
+                            G, BLOCK_G, HEAD_DIM, D_SLICE, SPLIT_CHUNK)  # fmt: skip
+        return
+    chunk = program
     # Head `sel` stands for the layer when eviction is shared: all heads hold the same positions
-    # and limits. Chunks past the live limit exit; the combine pass reads only the live ones.
+    # and limits. Chunks past the live limit exit: the scope's choice waits for the live ones only.
     limit = tl.load(Slot_limit + row * kv_heads + sel)
     if chunk * chunk_size >= limit:
         return
@@ -272,11 +318,12 @@ def _score_chunk_kernel(
     chunk_min = tl.min(best_rank, axis=0)
     # Among lanes holding the minimum, the lowest slot: ties go to the earliest slot overall.
     slot = tl.min(tl.where(best_rank == chunk_min, best_slot, num_slots), axis=0)
-    out = (row * n_sel + sel) * n_chunks + chunk
-    tl.store(Chunk_min + out, chunk_min)
-    tl.store(Chunk_arg + out, slot)
     if TOP2:
-        # The chunk's runner-up: the winning lane's runner-up or another lane's best.
+        # Each chunk's lowest and runner-up, for the re-allocation pass: the runner-up is the
+        # winning lane's runner-up or another lane's best.
+        out = (row * n_sel + sel) * n_chunks + chunk
+        tl.store(Chunk_min + out, chunk_min)
+        tl.store(Chunk_arg + out, slot)
         winner = (best_rank == chunk_min) & (best_slot == slot)
         rank_2 = tl.where(winner, second_rank, best_rank)
         slot_2 = tl.where(winner, second_slot, best_slot)
@@ -284,44 +331,17 @@ def _score_chunk_kernel(
         tl.store(Chunk_min2 + out, chunk_min2)
         tl.store(Chunk_arg2 + out, tl.min(tl.where(rank_2 == chunk_min2, slot_2, num_slots), axis=0))
 
-
-@triton.jit
-def _combine_kernel(
-    Out, Out_part, M_part, L_part, Chunk_min, Chunk_arg, Write_slot, Slot_limit,
-    stride_ob, stride_oh,
-    n_splits, split_size, n_chunks, chunk_size,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, D_SLICE: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, SHARED: tl.constexpr,
-):  # fmt: skip
-    head = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
-    d_slice = tl.program_id(2)
-    kv_heads = tl.num_programs(0)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = d_slice * D_SLICE + tl.arange(0, D_SLICE)
-    g_mask = offs_g < G
-
-    # Only the splits and score chunks below each head's live limit wrote anything.
-    live_splits = tl.cdiv(tl.load(Slot_limit + row * kv_heads + head), split_size)
-    parts = (row * kv_heads + head) * n_splits
-    _, l_run, acc = merge_split_partials(Out_part, M_part, L_part, parts, live_splits, offs_g, g_mask, offs_d,
-                                         G, BLOCK_G, HEAD_DIM, D_SLICE, SPLIT_CHUNK)  # fmt: skip
-    l_run = tl.where(g_mask, l_run, 1.0)
-    out = acc / l_run[:, None]
-    tl.store(Out + row * stride_ob + (head * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=g_mask[:, None])  # fmt: skip
-    if d_slice != 0:
-        return
-
-    # The next write slot: the minimum over the chunk minima of this head's selection scope.
-    sel = 0 if SHARED else head
-    n_sel = 1 if SHARED else kv_heads
-    offs_k = tl.arange(0, BLOCK_CHUNKS)
-    base = (row * n_sel + sel) * n_chunks
-    live_chunks = tl.cdiv(tl.load(Slot_limit + row * kv_heads + sel), chunk_size)
-    minima = tl.load(Chunk_min + base + offs_k, mask=offs_k < live_chunks, other=float("inf"))
-    slot = tl.load(Chunk_arg + base + tl.argmin(minima, axis=0))
-    tl.store(Write_slot + row * kv_heads + head, slot.to(Write_slot.dtype.element_ty))
+    # The scope's next write slot, without another launch: every live chunk folds its choice into
+    # the scope's cell (``Choice[row, sel]``: arrivals, best packed choice), then counts itself in
+    # (release: its choice is visible first); the last to arrive (acquire: it sees every choice)
+    # writes the slot and empties the cell for the next step.
+    cell = Choice + (row * n_sel + sel) * 2
+    tl.atomic_max(cell + 1, _pack_choice(chunk_min, slot), sem="relaxed", scope="gpu")
+    if tl.atomic_add(cell, 1, sem="acq_rel", scope="gpu") == tl.cdiv(limit, chunk_size) - 1:
+        best = tl.atomic_xchg(cell + 1, 0, sem="acquire", scope="gpu")
+        tl.atomic_xchg(cell, 0, sem="relaxed", scope="gpu")
+        chosen = (0x7FFFFFFFFFFFFFFF - best) & 0x7FFFFFFF
+        tl.store(Write_slot + row * kv_heads + head, chosen.to(Write_slot.dtype.element_ty), mask=offs_h < HEADS)
 
 
 @triton.jit
@@ -433,7 +453,7 @@ def _plan_chunks(selectors: int, slots: int, block: int, num_sms: int, planned_s
 
 @dataclass(frozen=True, eq=False)
 class DecodePlan:
-    """Everything about a decode step's three (four) launches that depends only on its shape and
+    """Everything about a decode step's two (three) launches that depends only on its shape and
     settings: grids, split and chunk sizes, block sizes and warps. `plan_decode` computes it
     once per shape, so an eager call does no planning (flashinfer's plan / run split). Plans
     compare by identity (cheap to look up): `plan_decode` returns one object per shape.
@@ -465,10 +485,10 @@ class DecodePlan:
     chunk_size: int
     n_chunks: int
     block_splits: int
-    # combine pass
-    combine_g: int
+    # output programs of the scoring pass
     d_slice: int
     split_chunk: int
+    # re-allocation pass
     block_chunks: int
 
 
@@ -503,8 +523,7 @@ def plan_decode(
     block_h, score_g = triton.next_power_of_2(heads), max(2, triton.next_power_of_2(group))
     score_block = min(score_launch.block, max(16, 4096 // (block_h * score_g)))
     chunk_size, n_chunks = _plan_chunks(batch * n_sel, slots, score_block, num_sms, planned_slots)
-    combine_g = max(2, triton.next_power_of_2(group))  # no tl.dot here: no padding to 16 rows
-    d_slice = min(COMBINE_D_SLICE, head_dim)
+    d_slice = min(OUTPUT_D_SLICE, head_dim)
     return DecodePlan(
         batch=batch, kv_heads=kv_heads, group=group, slots=slots, head_dim=head_dim, top2=top2,
         n_splits=n_splits, split_size=split_size, block_g=max(16, triton.next_power_of_2(group)), block_s=block_s,
@@ -512,10 +531,10 @@ def plan_decode(
         n_sel=n_sel, heads=heads, block_h=block_h, score_g=score_g, score_block=score_block,
         score_warps=score_launch.num_warps, chunk_size=chunk_size, n_chunks=n_chunks,
         block_splits=max(2, triton.next_power_of_2(n_splits)),
-        combine_g=combine_g, d_slice=d_slice,
+        d_slice=d_slice,
         # All splits in one load (up to 8192 floats: 64 registers a thread), so a head above the
         # mean budget costs no extra trip.
-        split_chunk=min(triton.next_power_of_2(n_splits), max(1, 8192 // (combine_g * d_slice))),
+        split_chunk=min(triton.next_power_of_2(n_splits), max(1, 8192 // (score_g * d_slice))),
         block_chunks=max(2, triton.next_power_of_2(n_chunks)),
     )  # fmt: skip
 
@@ -524,18 +543,23 @@ def plan_decode(
 class DecodeWorkspace:
     """Scratch of one decode step (float32 unless noted; P = ``n_splits``, C = ``n_chunks``):
     ``out_part`` ``[B, Hkv, P, G, D]``, ``m_part`` / ``l_part`` ``[B, Hkv, P, G]`` split partials;
-    ``logits`` ``[B, Hkv, G, S]`` base-2 logits; ``chunk_min`` ``[B, Hsel, C]`` and ``chunk_arg``
-    (int32) each score chunk's lowest rank and its slot; ``chunk_min2`` / ``chunk_arg2`` the
-    runner-ups (only with ``top2``; else the lowest's buffers stand in, unused).
+    ``logits`` ``[B, Hkv, G, S]`` base-2 logits; ``choice`` ``[B, Hsel, 2]`` int64, zeros: per
+    selection scope, the score chunks arrived so far and their best packed choice (`_pack_choice`),
+    emptied again by the last chunk of every step; with ``top2`` (online re-allocation) also
+    ``chunk_min`` ``[B, Hsel, C]`` and ``chunk_arg`` (int32), each score chunk's lowest rank and
+    its slot, and ``chunk_min2`` / ``chunk_arg2`` the runner-ups (without it ``choice`` stands in
+    for all four, unused).
 
     Every pass reads only what an earlier pass of the same step wrote (live splits, usable slots,
-    live chunks), so a workspace can serve step after step, and layer after layer on one stream.
+    live chunks), and ``choice`` is empty again after every step, so a workspace can serve step
+    after step, and layer after layer on one stream.
     """
 
     out_part: torch.Tensor
     m_part: torch.Tensor
     l_part: torch.Tensor
     logits: torch.Tensor
+    choice: torch.Tensor
     chunk_min: torch.Tensor
     chunk_arg: torch.Tensor
     chunk_min2: torch.Tensor
@@ -545,29 +569,30 @@ class DecodeWorkspace:
     def allocate(cls, plan: DecodePlan, device: torch.device) -> "DecodeWorkspace":
         f32 = dict(dtype=torch.float32, device=device)
         batch, kv_heads, group = plan.batch, plan.kv_heads, plan.group
-        chunk_min = torch.empty((batch, plan.n_sel, plan.n_chunks), **f32)
-        chunk_arg = torch.empty((batch, plan.n_sel, plan.n_chunks), dtype=torch.int32, device=device)
+        choice = torch.zeros((batch, plan.n_sel, 2), dtype=torch.int64, device=device)
+        chunks = (batch, plan.n_sel, plan.n_chunks)
+        top2 = plan.top2
         return cls(
             out_part=torch.empty((batch, kv_heads, plan.n_splits, group, plan.head_dim), **f32),
             m_part=torch.empty((batch, kv_heads, plan.n_splits, group), **f32),
             l_part=torch.empty((batch, kv_heads, plan.n_splits, group), **f32),
             logits=torch.empty((batch, kv_heads, group, plan.slots), **f32),
-            chunk_min=chunk_min,
-            chunk_arg=chunk_arg,
-            chunk_min2=torch.empty_like(chunk_min) if plan.top2 else chunk_min,
-            chunk_arg2=torch.empty_like(chunk_arg) if plan.top2 else chunk_arg,
+            choice=choice,
+            chunk_min=torch.empty(chunks, **f32) if top2 else choice,
+            chunk_arg=torch.empty(chunks, dtype=torch.int32, device=device) if top2 else choice,
+            chunk_min2=torch.empty(chunks, **f32) if top2 else choice,
+            chunk_arg2=torch.empty(chunks, dtype=torch.int32, device=device) if top2 else choice,
         )
 
 
 @dataclass(frozen=True, eq=False)
 class DecodeLaunches:
-    """A decode step's scratch buffers and its three (four) launches, for one plan, argument layout
+    """A decode step's scratch buffers and its two (three) launches, for one plan, argument layout
     (dtypes, strides) and settings; eager callers keep it from call to call (``workspaces``)."""
 
     work: DecodeWorkspace
     attend: KernelLaunch
-    score: KernelLaunch
-    combine: KernelLaunch
+    score_merge: KernelLaunch
     reallocate: KernelLaunch | None
 
     @classmethod
@@ -585,24 +610,19 @@ class DecodeLaunches:
             dict(G=group, BLOCK_G=plan.block_g, HEAD_DIM=head_dim, BLOCK_S=plan.block_s),
             num_warps=plan.attend_warps, num_stages=plan.attend_stages,
         )  # fmt: skip
-        score = KernelLaunch(
-            _score_chunk_kernel, (plan.n_chunks, plan.n_sel, batch),
-            (*pos_strides, plan.n_splits, plan.split_size, slots, kv_heads, plan.n_chunks, plan.chunk_size,
-             sink_tokens, recent_window),
+        # Per selection scope, its score chunks, then one output program per KV head of the scope
+        # and 32-column slice. The output is contiguous (`decode_attention_triton` allocates it
+        # like q's shape).
+        output_programs = plan.heads * (head_dim // plan.d_slice)
+        score_merge = KernelLaunch(
+            _score_merge_kernel, (plan.n_chunks + output_programs, plan.n_sel, batch),
+            (*pos_strides, q.shape[1] * head_dim, head_dim, plan.n_splits, plan.split_size, slots, kv_heads,
+             plan.n_chunks, plan.chunk_size, sink_tokens, recent_window),
             dict(G=group, HEADS=plan.heads, BLOCK_H=plan.block_h, BLOCK_G=plan.score_g,
-                 BLOCK_SPLITS=plan.block_splits, BLOCK=plan.score_block, SHARED=shared, SCORE_KIND=int(score_kind),
-                 ACCUMULATE=accumulate, TOP2=plan.top2),
+                 BLOCK_SPLITS=plan.block_splits, BLOCK=plan.score_block, HEAD_DIM=head_dim, D_SLICE=plan.d_slice,
+                 SPLIT_CHUNK=plan.split_chunk, SHARED=shared, SCORE_KIND=int(score_kind), ACCUMULATE=accumulate,
+                 TOP2=plan.top2),
             num_warps=plan.score_warps,
-        )  # fmt: skip
-        # The output is contiguous (`decode_attention_triton` allocates it like q's shape).
-        # Four warps and no pipelining: one or two trips of a latency-bound loop (measured 10-15%
-        # faster for the whole op at batch 1 on an H100 than eight warps).
-        combine = KernelLaunch(
-            _combine_kernel, (kv_heads, batch, head_dim // plan.d_slice),
-            (q.shape[1] * head_dim, head_dim, plan.n_splits, plan.split_size, plan.n_chunks, plan.chunk_size),
-            dict(G=group, BLOCK_G=plan.combine_g, HEAD_DIM=head_dim, D_SLICE=plan.d_slice,
-                 SPLIT_CHUNK=plan.split_chunk, BLOCK_CHUNKS=plan.block_chunks, SHARED=shared),
-            num_warps=4, num_stages=1,
         )  # fmt: skip
         reallocate = None
         if reallocate_every:
@@ -614,7 +634,7 @@ class DecodeLaunches:
                      BLOCK_CHUNKS=plan.block_chunks),
                 num_warps=1,
             )  # fmt: skip
-        return cls(DecodeWorkspace.allocate(plan, q.device), attend, score, combine, reallocate)
+        return cls(DecodeWorkspace.allocate(plan, q.device), attend, score_merge, reallocate)
 
 
 def decode_attention_triton(
@@ -684,12 +704,10 @@ def decode_attention_triton(
     stream = driver.active.get_current_stream(current_device) if direct else None  # looked up once a step
 
     step.attend(*inputs, work.out_part, work.m_part, work.l_part, work.logits, direct=direct, stream=stream)
-    step.score(work.m_part, work.l_part, work.logits, value_norm, slot_pos, write_slot, position, slot_limit,
-               work.m_part if accumulated is None else accumulated,
-               work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2,
-               direct=direct, stream=stream)  # fmt: skip
-    step.combine(out, work.out_part, work.m_part, work.l_part, work.chunk_min, work.chunk_arg, write_slot,
-                 slot_limit, direct=direct, stream=stream)  # fmt: skip
+    step.score_merge(work.m_part, work.l_part, work.logits, value_norm, slot_pos, write_slot, position, slot_limit,
+                     work.m_part if accumulated is None else accumulated,
+                     work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2, out, work.out_part, work.choice,
+                     direct=direct, stream=stream)  # fmt: skip
     if step.reallocate is not None:
         step.reallocate(k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit,
                         work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2, direct=direct,

@@ -46,6 +46,7 @@ import contextlib
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 import types
@@ -91,6 +92,10 @@ LABELS = {
 }
 THROUGH_GENERATE = ("longflow-compiled", "longflow-compiled-sync")
 """Compiled LongFlow through ``generate`` (apply's ``compile="auto"``)."""
+# Timed calls of each length per row, after the first (which compiles): the median is kept. (One
+# call each let a single slow call decide a row: the H100's fifth run has a row whose short call
+# took 13 s longer than its long one.)
+TIMED_REPEATS = 3
 COMPRESSED = (*THROUGH_GENERATE, "longflow", "longflow-loop")
 LOOPS = ("fullcache-loop", "longflow-loop")
 COMPILED = ("fullcache-loop", *THROUGH_GENERATE, "longflow-loop", "static")
@@ -151,7 +156,8 @@ def timed_generate(model, batch: int, context: int, new_tokens: int, cache=None)
 def generate_step_seconds(model, kind: str, batch: int, context: int, max_len: int, steps: int) -> tuple[float, dict]:
     """Seconds per decode step of the real ``generate`` loop at ``context`` tokens, and the first
     call's cost (compilation and CUDA-graph capture happen there): ``first_call_s`` and
-    ``compile_s``, the first call less a steady call of the same length."""
+    ``compile_s``, the first call less a steady call of the same length. The step is the median
+    long call less the median short one, over `TIMED_REPEATS` of each, taken in turns."""
     static = filled_cache(model, "static", batch, context, max_len) if kind == "static" else None
 
     def run(new_tokens: int) -> float:
@@ -164,7 +170,8 @@ def generate_step_seconds(model, kind: str, batch: int, context: int, max_len: i
         return timed_generate(model, batch, context, new_tokens, static)
 
     first = run(steps)
-    short, long = run(steps // 4), run(steps)
+    shorts, longs = zip(*((run(steps // 4), run(steps)) for _ in range(TIMED_REPEATS)), strict=True)
+    short, long = statistics.median(shorts), statistics.median(longs)
     return (long - short) / (steps - steps // 4), {"first_call_s": first, "compile_s": first - long}
 
 
@@ -198,9 +205,10 @@ def mark_batch_and_slots_dynamic(cache) -> None:
 
 def loop_step_seconds(model, step: Callable, cache, batch: int, context: int, steps: int,
                       set_context: Callable[[], None]) -> tuple[float, dict]:  # fmt: skip
-    """Seconds per step of a compiled decode loop, and its first three steps' cost (compilation
-    and capture): ``first_call_s`` and ``compile_s``, those steps less three steady ones.
-    ``set_context`` puts the cache back at ``context`` tokens before each run."""
+    """Seconds per step of a compiled decode loop (the median of `TIMED_REPEATS` runs), and its
+    first three steps' cost (compilation and capture): ``first_call_s`` and ``compile_s``, those
+    steps less three steady ones. ``set_context`` puts the cache back at ``context`` tokens before
+    each run."""
     keyword = cache_keyword(model)
     token = torch.randint(3, model.config.vocab_size, (batch, 1), device=model.device)
 
@@ -221,7 +229,7 @@ def loop_step_seconds(model, step: Callable, cache, batch: int, context: int, st
         return time.perf_counter() - start
 
     first = run(3)
-    seconds = run(steps) / steps
+    seconds = statistics.median(run(steps) for _ in range(TIMED_REPEATS)) / steps
     return seconds, {"first_call_s": first, "compile_s": first - 3 * seconds}
 
 

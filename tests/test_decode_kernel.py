@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from longflow_patch.kernels.decode_attention import decode_attention_triton, plan_splits
+from longflow_patch.kernels.decode_attention import ScoreLaunch, decode_attention_triton, plan_splits
 from longflow_patch.kernels.decode_attention_reference import ScoreKind, decode_attention_reference
 
 from triton_interpreter import INTERPRETED
@@ -95,7 +95,7 @@ CASES = [
     (2, 2, 4, 160, 64, torch.bfloat16, 160, False, ScoreKind.CONTRIBUTION, 2, True, False),
     (1, 1, 4, 16, 64, torch.bfloat16, 16, True, ScoreKind.CONTRIBUTION, 1, False, False),
     (2, 2, 16, 70, 32, torch.float16, 40, True, ScoreKind.CONTRIBUTION, 1, False, False),
-    # the combine pass merges 32-column slices: one narrower slice (16), eight slices (256)
+    # the output programs merge 32-column slices: one narrower slice (16), eight slices (256)
     (2, 1, 4, 40, 16, torch.float16, 30, True, ScoreKind.ATTENTION, 2, False, False),
     (1, 2, 2, 48, 256, torch.bfloat16, 48, False, ScoreKind.CONTRIBUTION, 2, True, False),
 ]
@@ -132,9 +132,10 @@ def test_ragged_budgets_planned_for_the_mean_match_reference(score):
     assert_same_step(*run_both(step, score, False, planned_slots=planned))
 
 
-def chained_steps(step: dict, settings: dict, count: int):
+def chained_steps(step: dict, settings: dict, count: int, **kernel_options):
     """Run ``count`` decode steps on one cache with both implementations, fresh query and token
-    each step; yields the step index, the reference's arguments and the kernel's after each."""
+    each step; yields the step index, the reference's arguments and the kernel's after each
+    (``kernel_options``: more arguments of the kernel's launcher)."""
     theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
     for index in range(count):
         new = dict(
@@ -146,7 +147,7 @@ def chained_steps(step: dict, settings: dict, count: int):
         step.update(new)
         theirs.update({k: v.clone() for k, v in new.items()})
         decode_attention_reference(**step, **settings)
-        decode_attention_triton(**theirs, **settings)
+        decode_attention_triton(**theirs, **settings, **kernel_options)
         yield index, step, theirs
 
 
@@ -157,6 +158,25 @@ def test_kernel_over_many_steps_keeps_choosing_like_reference():
     for index, ours, theirs in chained_steps(step, settings, 40):
         assert torch.equal(ours["write_slot"], theirs["write_slot"]), f"step {index}"
         assert torch.equal(ours["slot_pos"], theirs["slot_pos"]), f"step {index}"
+
+
+@pytest.mark.parametrize("score", list(ScoreKind))
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "perhead"])
+def test_many_score_chunks_choose_like_reference_step_after_step(score, shared):
+    """Score tiles of 16 slots: ten to twenty chunks per selection scope fold their choices into one
+    cell, in any order, and the last to arrive writes the slot. Over chained steps with kept
+    scratch (the cell must be empty again after each step) the slots match the reference's,
+    including ties across chunks: empty slots at both ends (the earliest goes first)."""
+    step = random_step(2, 2, 4, 300, 64, torch.bfloat16, 260, shared=shared, accumulate=score == ScoreKind.ATTENTION)
+    settings = dict(scale=0.125, sink_tokens=4, recent_window=8, shared=shared, score_kind=int(score))
+    workspaces = {}
+    for index, ours, theirs in chained_steps(step, settings, 12, score_launch=ScoreLaunch(16), workspaces=workspaces):
+        assert torch.equal(ours["write_slot"], theirs["write_slot"]), f"step {index}"
+        assert torch.equal(ours["slot_pos"], theirs["slot_pos"]), f"step {index}"
+    ((plan, *_),) = workspaces
+    assert plan.n_chunks >= 8
+    (launches,) = workspaces.values()
+    assert not launches.work.choice.any(), "every scope's cell is empty after the step"
 
 
 def test_empty_slots_fill_before_any_eviction_and_protection_holds():

@@ -1,6 +1,6 @@
 """The eager decode step: the Triton launcher called directly, with scratch buffers kept from
 call to call, gives the registered op's step bit for bit, plans once per shape and launches
-three kernels (four with online re-allocation); tracing still records the op. With direct
+two kernels (three with online re-allocation); tracing still records the op. With direct
 launches on (``LONGFLOW_DIRECT_LAUNCH``), repeated steps on a GPU launch the compiled kernels
 without Triton's JIT, with the same result bit for bit."""
 
@@ -86,12 +86,12 @@ def counted(monkeypatch) -> list[str]:
             launches.append(self.name)
             return self.function[grid]
 
-    for name in ("_attend_split_kernel", "_score_chunk_kernel", "_combine_kernel", "_reallocate_kernel"):
+    for name in ("_attend_split_kernel", "_score_merge_kernel", "_reallocate_kernel"):
         monkeypatch.setattr(kernel, name, Counting(name, getattr(kernel, name)))
     return launches
 
 
-def test_eager_step_plans_once_allocates_only_its_output_and_launches_three_kernels(monkeypatch):
+def test_eager_step_plans_once_allocates_only_its_output_and_launches_two_kernels(monkeypatch):
     monkeypatch.setattr(launch, "DIRECT_LAUNCH", False)  # every launch through the JIT, where they are counted
     launches = counted(monkeypatch)
     allocations = []
@@ -106,12 +106,12 @@ def test_eager_step_plans_once_allocates_only_its_output_and_launches_three_kern
         kernel.decode_attention_triton(**step, **settings, workspaces=workspaces)
     assert kernel.plan_decode.cache_info().misses == 1, "the launch plan is computed once per shape"
     assert len(allocations) == 1, "scratch buffers are allocated once, then kept"
-    assert launches == ["_attend_split_kernel", "_score_chunk_kernel", "_combine_kernel"] * 3
+    assert launches == ["_attend_split_kernel", "_score_merge_kernel"] * 3
     launches.clear()
     step = reallocating_step(2, 2, 2, 64, 64, torch.bfloat16, 64, every=1)
     kernel.decode_attention_triton(**step, scale=0.125, sink_tokens=2, recent_window=4, shared=False, score_kind=0,
                                    reallocate_every=1, min_limit=7, workspaces=workspaces)  # fmt: skip
-    assert launches == ["_attend_split_kernel", "_score_chunk_kernel", "_combine_kernel", "_reallocate_kernel"]
+    assert launches == ["_attend_split_kernel", "_score_merge_kernel", "_reallocate_kernel"]
 
 
 def test_direct_launch_passes_every_parameter_in_the_kernels_order(monkeypatch):
@@ -127,7 +127,7 @@ def test_direct_launch_passes_every_parameter_in_the_kernels_order(monkeypatch):
     step = reallocating_step(2, 2, 2, 64, 64, torch.bfloat16, 64, every=1)
     kernel.decode_attention_triton(**step, scale=0.125, sink_tokens=2, recent_window=4, shared=False, score_kind=0,
                                    reallocate_every=1, min_limit=7)  # fmt: skip
-    assert len(calls) == 7
+    assert len(calls) == 5
     for launched, tensors in calls:
         signature = inspect.signature(launched.kernel.fn)
         tail = launch.constexpr_tail(launched.kernel, len(tensors) + len(launched.scalars), launched.constexprs)
@@ -229,7 +229,7 @@ def test_unaligned_inputs_go_through_the_jit_with_the_same_result(monkeypatch):
         jit_launches.clear()
         got = kernel.decode_attention_triton(**kept, **settings, workspaces=workspaces)
         assert torch.equal(got, expected), f"step {index}: output differs"
-        assert len(jit_launches) == 3, f"step {index}: {jit_launches}"
+        assert len(jit_launches) == 2, f"step {index}: {jit_launches}"
 
 
 def on_gpu_path(monkeypatch) -> list[str]:

@@ -1,0 +1,130 @@
+"""The fused decode op of this tree against an earlier version of its kernel file, in one process.
+
+    git show REV:kernels/decode_attention.py > /tmp/baseline.py
+    python3 bench/kernel_ab.py --baseline /tmp/baseline.py --label REV
+
+The baseline file is loaded as a module of ``longflow_patch.kernels`` (its relative imports resolve
+to this tree's launch helpers, reference and online-softmax blocks), and both versions run the
+same inputs (`decode_op.make_inputs`: 32 query / 8 KV heads, head_dim 128, bf16, shared eviction,
+contribution scores), interleaved round by round, medians over the rounds:
+
+- ``eager``, batch 1: one eager decode step as the cache runs it (scratch kept, direct launches
+  of the compiled kernels), from the wall clock per call over 50 calls in a row and from CUDA
+  events around one call, beside SDPA's eager call (``enable_gqa``, attention only);
+- ``graph``: GPU time of one step replayed in a CUDA graph (no launch overhead), beside SDPA's.
+
+Before timing, each shape checks that both versions choose the same next write slots and give the
+same output up to bf16 rounding (a difference is an error, not a row), and records whether the
+outputs are equal bit for bit.
+"""
+
+import argparse
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from longflow_patch.kernels import decode_attention as current
+
+import common
+from common import environment, graph_median_ms, median_ms, print_table, wall_ms_per_call, write_results
+from decode_op import SETTINGS, make_inputs, sdpa_call
+
+EAGER_SLOTS = [1024, 4096, 16384]
+GRAPH_SHAPES = [(1, 1024), (1, 16384), (8, 4096), (32, 4096), (128, 4096), (128, 16384)]
+
+
+def load_baseline(path: Path) -> object:
+    """``path`` (a copy of ``kernels/decode_attention.py``) as ``longflow_patch.kernels.baseline``."""
+    name = "longflow_patch.kernels.baseline"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def step_call(module: object, inputs: dict, workspaces: dict | None):
+    """One decode step of ``module``'s launcher on ``inputs``; ``workspaces``: kept scratch (eager),
+    or None (fresh scratch per call, as under CUDA-graph capture)."""
+    return lambda: module.decode_attention_triton(**inputs, **SETTINGS, workspaces=workspaces)
+
+
+def same_step(baseline: object, batch: int, slots: int) -> bool:
+    """Both versions on copies of one step: whether the outputs are equal bit for bit. Next write
+    slots that differ, or outputs beyond rounding (bf16), are an error."""
+    inputs = make_inputs(batch, slots)
+    copies = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()} for _ in range(2)]
+    outputs = [baseline.decode_attention_triton(**copies[0], **SETTINGS),
+               current.decode_attention_triton(**copies[1], **SETTINGS)]  # fmt: skip
+    if not torch.equal(copies[0]["write_slot"], copies[1]["write_slot"]) or not torch.allclose(
+        *(out.float() for out in outputs), rtol=1e-2, atol=1e-3
+    ):
+        raise SystemExit(f"kernel_ab: the versions differ at batch {batch}, {slots} slots")
+    return torch.equal(*outputs)
+
+
+def eager_row(baseline: object, slots: int, rounds: int) -> dict:
+    inputs = make_inputs(1, slots)
+    calls = {"baseline": step_call(baseline, inputs, {}), "current": step_call(current, inputs, {}),
+             "sdpa": sdpa_call(inputs)}  # fmt: skip
+    times = {f"{name}_{clock}_us": [] for name in calls for clock in ("wall", "event")}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times[f"{name}_wall_us"].append(wall_ms_per_call(call) * 1e3)
+            times[f"{name}_event_us"].append(median_ms(call) * 1e3)
+    row = {"batch": 1, "slots": slots, **{key: statistics.median(values) for key, values in times.items()}}
+    for clock in ("wall", "event"):
+        row[f"current/baseline {clock}"] = row[f"current_{clock}_us"] / row[f"baseline_{clock}_us"]
+        row[f"current/sdpa {clock}"] = row[f"current_{clock}_us"] / row[f"sdpa_{clock}_us"]
+        row[f"baseline/sdpa {clock}"] = row[f"baseline_{clock}_us"] / row[f"sdpa_{clock}_us"]
+    return row
+
+
+def graph_row(baseline: object, batch: int, slots: int, rounds: int) -> dict:
+    inputs = make_inputs(batch, slots)
+    calls = {"baseline": step_call(baseline, inputs, None), "current": step_call(current, inputs, None),
+             "sdpa": sdpa_call(inputs)}  # fmt: skip
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times[name].append(graph_median_ms(call) * 1e3)
+    row = {"batch": batch, "slots": slots, **{f"{name}_us": statistics.median(t) for name, t in times.items()}}
+    row["current/baseline"] = row["current_us"] / row["baseline_us"]
+    row["current/sdpa"] = row["current_us"] / row["sdpa_us"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", type=Path, help="an earlier kernels/decode_attention.py (required)")
+    parser.add_argument("--label", help="what the baseline is, e.g. the revision it came from (required)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/kernel_ab.json"))
+    args = common.parse_args_on_gpu(parser)
+    if args.baseline is None or args.label is None:
+        parser.error("--baseline and --label are required")
+    import longflow_patch  # noqa: F401  (registers the op)
+
+    baseline = load_baseline(args.baseline)
+    shapes = [(1, slots) for slots in EAGER_SLOTS] + GRAPH_SHAPES
+    bit_equal = {f"{batch}x{slots}": same_step(baseline, batch, slots) for batch, slots in shapes}
+    print(f"outputs equal bit for bit (batch x slots): {bit_equal}")
+    eager = [eager_row(baseline, slots, args.rounds) for slots in EAGER_SLOTS]
+    print(f"eager step at batch 1, us (baseline: {args.label}; medians of {args.rounds} interleaved rounds)")
+    columns = [f"{name}_{clock}_us" for clock in ("wall", "event") for name in ("baseline", "current", "sdpa")]
+    columns += [f"{ratio} {clock}" for clock in ("wall", "event")
+                for ratio in ("current/baseline", "baseline/sdpa", "current/sdpa")]  # fmt: skip
+    print_table(eager, ["slots", *columns])
+    graph = [graph_row(baseline, batch, slots, args.rounds) for batch, slots in GRAPH_SHAPES]
+    print("\nGPU time per step in a CUDA graph, us")
+    print_table(graph, ["batch", "slots", "baseline_us", "current_us", "sdpa_us", "current/baseline", "current/sdpa"])
+    write_results(args.out, {"benchmark": "kernel_ab", "environment": environment(), "baseline": args.label,
+                             "settings": SETTINGS, "rounds": args.rounds, "outputs_bit_equal": bit_equal,
+                             "eager": eager, "graph": graph})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
