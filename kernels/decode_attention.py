@@ -67,8 +67,8 @@ from .online_softmax import merge_split_partials, online_softmax_step
 LOG2E = 1.4426950408889634
 # Output columns merged by one output program: each (row, KV head) is merged by head_dim / 32
 # programs, so a small batch still spreads over the GPU and all of a head's splits fit one load.
-# Against one program per head, `bench/ragged_overhead.py` on an H100 (committed results before
-# and after, then a pass of its own): uniform steps 2.8% faster (geomean of 12 shapes, 5-10% at
+# Against one program per head (measured while the merge was a pass of its own),
+# `bench/ragged_overhead.py` on an H100: uniform steps 2.8% faster (geomean of 12 shapes, 5-10% at
 # batch 1), and ragged / uniform at batch 1 with 8192 slots per head 1.13 -> 1.04 (the ragged
 # merge had taken 1.45x uniform's time there).
 OUTPUT_D_SLICE = 32
@@ -228,7 +228,7 @@ def _score_merge_kernel(
     G: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_SLICE: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr,
-    SHARED: tl.constexpr, SCORE_KIND: tl.constexpr, ACCUMULATE: tl.constexpr, TOP2: tl.constexpr,
+    SCORE_KIND: tl.constexpr, ACCUMULATE: tl.constexpr, TOP2: tl.constexpr,
 ):  # fmt: skip
     program = tl.program_id(0)
     sel = tl.program_id(1)
@@ -599,7 +599,7 @@ class DecodeLaunches:
     def prepare(
         cls, plan: DecodePlan, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
         v_cache: torch.Tensor, slot_pos: torch.Tensor, scale: float, sink_tokens: int, recent_window: int,
-        shared: bool, score_kind: int, accumulate: bool, reallocate_every: int, min_limit: int,
+        score_kind: int, accumulate: bool, reallocate_every: int, min_limit: int,
     ) -> "DecodeLaunches":  # fmt: skip
         batch, kv_heads, group, slots, head_dim = plan.batch, plan.kv_heads, plan.group, plan.slots, plan.head_dim
         k_strides, v_strides, pos_strides = k_cache.stride()[:3], v_cache.stride()[:3], slot_pos.stride()[:2]
@@ -620,8 +620,7 @@ class DecodeLaunches:
              plan.n_chunks, plan.chunk_size, sink_tokens, recent_window),
             dict(G=group, HEADS=plan.heads, BLOCK_H=plan.block_h, BLOCK_G=plan.score_g,
                  BLOCK_SPLITS=plan.block_splits, BLOCK=plan.score_block, HEAD_DIM=head_dim, D_SLICE=plan.d_slice,
-                 SPLIT_CHUNK=plan.split_chunk, SHARED=shared, SCORE_KIND=int(score_kind), ACCUMULATE=accumulate,
-                 TOP2=plan.top2),
+                 SPLIT_CHUNK=plan.split_chunk, SCORE_KIND=int(score_kind), ACCUMULATE=accumulate, TOP2=plan.top2),
             num_warps=plan.score_warps,
         )  # fmt: skip
         reallocate = None
@@ -685,7 +684,7 @@ def decode_attention_triton(
     plan = plan_decode(batch, kv_heads, q.shape[1] // kv_heads, slots, head_dim, multiprocessor_count(device),
                        shared, planned_slots, reallocate_every > 0, n_splits, launch, score_launch)  # fmt: skip
     inputs = (q, k_new, v_new, k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit)
-    layout = (q, k_new, v_new, k_cache, v_cache, slot_pos, scale, sink_tokens, recent_window, shared, score_kind,
+    layout = (q, k_new, v_new, k_cache, v_cache, slot_pos, scale, sink_tokens, recent_window, score_kind,
               accumulated is not None, reallocate_every, min_limit)  # fmt: skip
     if workspaces is None:
         step = DecodeLaunches.prepare(plan, *layout)

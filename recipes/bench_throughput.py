@@ -438,7 +438,7 @@ def estimated_seconds(kind: str, shapes_before: int, compile_shapes: str = "stat
     again with dynamic shapes and later ones only capture (``compile_shapes="dynamic"``);
     ``longflow-compiled-sync`` replays the graphs ``longflow-compiled`` compiled just before it."""
     if kind not in COMPILED:
-        return 20
+        return 30  # transformers' default: two contexts, seven generate calls each
     if kind == "longflow-compiled-sync":
         return 40
     if kind in LOOPS:
