@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script with -P too, like the other benches
 from longflow_patch.kernels import decode_attention as current
 
 import common
