@@ -32,13 +32,20 @@ graph could use it) and SDPA over the whole capacity (what a static cache reads)
 """
 
 import argparse
+import dataclasses
 import itertools
 
 import torch
 import torch.nn.functional as F
 
 from longflow_patch.kernels import launch
-from longflow_patch.kernels.decode_attention import AttendLaunch, ScoreLaunch, decode_attention_triton
+from longflow_patch.kernels.decode_attention import (
+    AttendLaunch,
+    ScoreLaunch,
+    decode_attention_triton,
+    multiprocessor_count,
+    plan_decode,
+)
 from longflow_patch.ops import decode_step
 
 import common
@@ -53,8 +60,20 @@ from common import (
 )
 
 QUERY_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-# Scoring-pass launch shapes timed by --score-sweep: the default first, the earlier one (256, 8) second.
-SCORE_LAUNCHES = [ScoreLaunch(), ScoreLaunch(256, 8), ScoreLaunch(256, 4), ScoreLaunch(512, 8), ScoreLaunch(1024, 4)]
+# Scoring-pass launch shapes timed by --score-sweep, the default first. With shared eviction the 32
+# query heads cap a tile at tile_logits / 32 slots, so `block` only matters per KV head there.
+SCORE_LAUNCHES = [
+    ScoreLaunch(),
+    ScoreLaunch(256, 8),
+    ScoreLaunch(num_warps=8),
+    ScoreLaunch(1024, 4),
+    ScoreLaunch(tile_logits=2048),
+    ScoreLaunch(tile_logits=8192),
+    ScoreLaunch(tile_logits=8192, num_warps=8),
+    ScoreLaunch(programs_per_sm=4),
+    ScoreLaunch(programs_per_sm=64),
+    ScoreLaunch(tile_logits=2048, programs_per_sm=64),
+]
 SETTINGS = dict(scale=HEAD_DIM**-0.5, sink_tokens=4, recent_window=8, shared=True, score_kind=0)
 # Full-cache candidates at the 8B shape's baseline operating points (batch, capacity, filled):
 # half-way through 4k, 8k and 32k outputs after a 512-token prompt, at the largest batch in 70 GB.
@@ -268,12 +287,16 @@ def main() -> None:
                     }
                 )
         if args.score_sweep:  # whole-step time; vs_default is against the first (default) launch
+            sms = multiprocessor_count(torch.device("cuda"))
             for shared in (True, False):
                 times = [graph_median_ms(fused_call(inputs, score_launch=launch, shared=shared))
                          for launch in SCORE_LAUNCHES]  # fmt: skip
-                score_rows += [{"batch": batch, "slots": slots, "shared": shared, "block": launch.block,
-                                "warps": launch.num_warps, "ms": ms, "vs_default": ms / times[0]}
-                               for launch, ms in zip(SCORE_LAUNCHES, times, strict=True)]  # fmt: skip
+                for launch, ms in zip(SCORE_LAUNCHES, times, strict=True):
+                    plan = plan_decode(batch, KV_HEADS, QUERY_HEADS // KV_HEADS, slots, HEAD_DIM, sms, shared,
+                                       score_launch=launch)  # fmt: skip
+                    score_rows.append({"batch": batch, "slots": slots, "shared": shared, **dataclasses.asdict(launch),
+                                       "tile_slots": plan.score_block, "chunks": plan.n_chunks, "ms": ms,
+                                       "vs_default": ms / times[0]})  # fmt: skip
         del inputs
         torch.cuda.empty_cache()
 
@@ -284,8 +307,10 @@ def main() -> None:
             best += sorted((r for r in sweep_rows if (r["batch"], r["slots"]) == shape), key=lambda r: r["ms"])[:3]
         print_table(best, ["batch", "slots", "block_s", "warps", "stages", "min_tiles", "ms", "vs_floor"])
     if score_rows:
-        print("\nscoring-pass launch shapes (whole step, ms; vs_default: against block 512, 4 warps)")
-        print_table(score_rows, ["batch", "slots", "shared", "block", "warps", "ms", "vs_default"])
+        print("\nscoring-pass launch shapes (whole step, ms; tile_slots and chunks per scope as planned; "
+              "vs_default: against the default launch)")  # fmt: skip
+        print_table(score_rows, ["batch", "slots", "shared", "block", "num_warps", "tile_logits", "programs_per_sm",
+                                 "tile_slots", "chunks", "ms", "vs_default"])  # fmt: skip
     if rows:
         print()
         columns = ["batch", "slots", "floor_ms", "sdpa_graph_ms", "fused_graph_ms", "fused/sdpa", "fused/floor",

@@ -11,7 +11,11 @@
 #                                              # bare compiled loop
 #   bash bench/gpu_figures.sh speed-1.7b OUT   # the speed suite on the Qwen3-1.7B shape
 #   bash bench/gpu_figures.sh roofline-batches OUT  # compiled LongFlow (8B shape) at batch 64 and 128, each
-#                                              # step against its own roofline (the "batch >= 64")
+#                                              # step against its own roofline (the "batch >= 64"),
+#                                              # and the profile of the 8k step at batch 64
+#   bash bench/gpu_figures.sh score-sweep OUT  # bench/decode_op.py at batch 64 and 171 (8B throughput rows),
+#                                              # budgets on and off multiples of 16: per-kernel times and
+#                                              # the scoring pass's launch shapes
 #   bash bench/gpu_figures.sh kernel-ab OUT    # bench/kernel_ab.py: the decode op against an earlier kernel
 #                                              # file, put first at bench/baseline/decode_attention.py (ignored by
 #                                              # git; carry it), e.g. from 5715db2, the last with three launches:
@@ -77,6 +81,12 @@ roofline-batches)
         python3 -P recipes/bench_throughput.py --configs longflow-compiled --max-batch "$batch" --outputs "$@" \
             --steps 32 --out "$out/throughput_qwen3-8b_b$batch.json" 2>&1 | tee "$out/roofline_b$batch.log"
     done
+    python3 -P bench/profile_step.py --shape qwen3-8b --batch 64 --budget 1740 \
+        --out "$out/profile_step_qwen3-8b_b64.json" 2>&1 | tee "$out/profile_b64.log"
+    ;;
+score-sweep)
+    python3 -P bench/decode_op.py --batches 64 171 --slots 921 1024 1740 2048 3379 --score-sweep --profile \
+        --out "$out/decode_op_score_sweep.json" 2>&1 | tee "$out/decode_op_score_sweep.log"
     ;;
 kernel-ab)
     baseline=bench/baseline/decode_attention.py
@@ -93,8 +103,8 @@ speculative | speculative-2k | speculative-4k)
         2>&1 | tee "$out/speculative_toy_$context.log"
     ;;
 *)
-    echo "unknown part: $part (tests, speed, speed-dynamic, speed-loop, speed-1.7b, roofline-batches, kernel-ab," \
-        "speculative, speculative-2k, speculative-4k)" >&2
+    echo "unknown part: $part (tests, speed, speed-dynamic, speed-loop, speed-1.7b, roofline-batches, score-sweep," \
+        "kernel-ab, speculative, speculative-2k, speculative-4k)" >&2
     exit 2
     ;;
 esac

@@ -34,7 +34,9 @@ from common import environment, graph_median_ms, median_ms, print_table, wall_ms
 from decode_op import SETTINGS, make_inputs, sdpa_call
 
 EAGER_SLOTS = [1024, 4096, 16384]
-GRAPH_SHAPES = [(1, 1024), (1, 16384), (8, 4096), (32, 4096), (128, 4096), (128, 16384)]
+# Powers of two, then the 8B throughput rows' batch x budget (budgets off any power of two).
+GRAPH_SHAPES = [(1, 1024), (1, 16384), (8, 4096), (32, 4096), (128, 4096), (128, 16384),
+                (64, 921), (64, 1740), (171, 1740), (95, 3379)]  # fmt: skip
 
 
 def load_baseline(path: Path) -> object:

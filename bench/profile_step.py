@@ -5,7 +5,7 @@ per decode step is the difference over ``long - short`` steps, so prefill and se
 Kernels are grouped into what the roofline counts (the matmuls that read the weights, the fused
 op's attention pass that reads the KV cache) and everything else: the lm_head's logits over the
 vocabulary (the one matmul launched once a step), norms, RoPE, the SwiGLU activation, the fused
-op's scoring and combine / arg-min passes, copies, and generate's own per-step work. The step's
+op's scoring pass (with the output merge), copies, and generate's own per-step work. The step's
 wall time less its summed kernel time is time the GPU waits for the host.
 
     python bench/profile_step.py --shape qwen3-8b --batch 256 --budget 921

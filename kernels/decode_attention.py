@@ -89,13 +89,25 @@ class AttendLaunch:
 
 @dataclass(frozen=True)
 class ScoreLaunch:
-    """Launch shape of the scoring pass: the most slots per tile (fewer when many query heads
-    share a tile: at most 4096 logits per tile) and warps. Defaults from the H100 sweep in
-    ``bench/decode_op.py --score-sweep``: with the earlier 256 and 8 the whole step took
-    1.04-1.12x as long with shared eviction and 1.06-1.18x per KV head, at batch 1-128."""
+    """Launch shape of the scoring pass: the most slots per tile (``block``; fewer when many query
+    heads share a tile, so that a tile holds at most ``tile_logits`` logits: 128 slots for shared
+    eviction over 32 query heads), warps, and about how many score programs per SM cut each
+    selection scope's slots into chunks (``programs_per_sm``). Powers of two, except the warps.
+    Defaults from the H100 sweep in ``bench/decode_op.py --score-sweep``: with a block of 256 and 8
+    warps the whole step took 1.04-1.12x as long with shared eviction and 1.06-1.18x per KV head,
+    at batch 1-128. (That sweep varied ``block`` from 256 up, which shared eviction's tile cap
+    overrode: there it compared warps only. The other two fields are swept since 2026-12-05.)"""
 
     block: int = 512
     num_warps: int = 4
+    tile_logits: int = 4096
+    programs_per_sm: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("block", "tile_logits", "programs_per_sm"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"ScoreLaunch.{name} must be a power of two, got {value}")
 
 
 @triton.jit
@@ -439,14 +451,16 @@ def plan_splits(
     return math.ceil(slots / split_size), split_size
 
 
-def _plan_chunks(selectors: int, slots: int, block: int, num_sms: int, planned_slots: int = 0) -> tuple[int, int]:
-    """(chunk_size, n_chunks) for the scoring pass: about sixteen programs per SM, whole tiles each;
-    chunks sized for ``planned_slots`` live slots (0: all), as many as cover all ``slots``.
+def _plan_chunks(
+    selectors: int, slots: int, block: int, num_sms: int, planned_slots: int = 0, programs_per_sm: int = 16
+) -> tuple[int, int]:
+    """(chunk_size, n_chunks) for the scoring pass: about ``programs_per_sm`` programs per SM, whole
+    tiles each; chunks sized for ``planned_slots`` live slots (0: all), as many as cover all ``slots``.
     (Short programs keep the tail even when ragged heads hold different numbers of chunks:
     sixteen measured 3-4% faster than four for ragged budgets at batch 32-128 on an H100,
     and no slower for uniform ones; `bench/ragged_overhead.py`.)"""
     tiles = math.ceil(min(planned_slots or slots, slots) / block)
-    n_chunks = min(tiles, max(1, math.ceil(16 * num_sms / selectors)))
+    n_chunks = min(tiles, max(1, math.ceil(programs_per_sm * num_sms / selectors)))
     chunk_size = math.ceil(tiles / n_chunks) * block
     return chunk_size, math.ceil(slots / chunk_size)
 
@@ -521,8 +535,10 @@ def plan_decode(
     n_sel = 1 if shared else kv_heads
     heads = kv_heads if shared else 1
     block_h, score_g = triton.next_power_of_2(heads), max(2, triton.next_power_of_2(group))
-    score_block = min(score_launch.block, max(16, 4096 // (block_h * score_g)))
-    chunk_size, n_chunks = _plan_chunks(batch * n_sel, slots, score_block, num_sms, planned_slots)
+    score_block = min(score_launch.block, max(16, score_launch.tile_logits // (block_h * score_g)))
+    chunk_size, n_chunks = _plan_chunks(
+        batch * n_sel, slots, score_block, num_sms, planned_slots, score_launch.programs_per_sm
+    )
     d_slice = min(OUTPUT_D_SLICE, head_dim)
     return DecodePlan(
         batch=batch, kv_heads=kv_heads, group=group, slots=slots, head_dim=head_dim, top2=top2,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from longflow_patch.kernels.decode_attention import ScoreLaunch, decode_attention_triton, plan_splits
+from longflow_patch.kernels.decode_attention import ScoreLaunch, decode_attention_triton, plan_decode, plan_splits
 from longflow_patch.kernels.decode_attention_reference import ScoreKind, decode_attention_reference
 
 from triton_interpreter import INTERPRETED
@@ -105,6 +105,8 @@ if not INTERPRETED:
         (1, 8, 4, 16384, 128, torch.bfloat16, 16384, False, ScoreKind.CONTRIBUTION, None, False, False),
         (32, 8, 4, 1024, 128, torch.float16, 1000, True, ScoreKind.ATTENTION, None, True, True),
         (4, 4, 8, 2048, 64, torch.bfloat16, 2048, False, ScoreKind.CONTRIBUTION, None, True, False),
+        # a throughput row's shape: a budget off any multiple of 16, one split per head
+        (64, 8, 4, 1740, 128, torch.bfloat16, 1740, True, ScoreKind.CONTRIBUTION, None, False, False),
     ]
 
 
@@ -160,21 +162,37 @@ def test_kernel_over_many_steps_keeps_choosing_like_reference():
         assert torch.equal(ours["slot_pos"], theirs["slot_pos"]), f"step {index}"
 
 
-@pytest.mark.parametrize("score", list(ScoreKind))
-@pytest.mark.parametrize("shared", [True, False], ids=["shared", "perhead"])
-def test_many_score_chunks_choose_like_reference_step_after_step(score, shared):
-    """Score tiles of 16 slots: ten to twenty chunks per selection scope fold their choices into one
-    cell, in any order, and the last to arrive writes the slot. Over chained steps with kept
-    scratch (the cell must be empty again after each step) the slots match the reference's,
-    including ties across chunks: empty slots at both ends (the earliest goes first)."""
+# Score tiles of 16 slots, either one tile a chunk (many chunks per scope) or several (few chunks:
+# a tile cap of 64 logits over 4-8 query heads, and 2 programs per SM of the interpreter's 4).
+ONE_TILE_CHUNKS, MULTI_TILE_CHUNKS = ScoreLaunch(16), ScoreLaunch(tile_logits=64, programs_per_sm=2)
+
+
+@pytest.mark.parametrize(
+    "score,shared,score_launch",
+    [
+        pytest.param(score, shared, launch, id=f"{score.name}-{'shared' if shared else 'perhead'}-{name}")
+        for score, launch, name in [(kind, ONE_TILE_CHUNKS, "one-tile") for kind in ScoreKind]
+        + [(ScoreKind.CONTRIBUTION, MULTI_TILE_CHUNKS, "multi-tile")]
+        for shared in (True, False)
+    ],
+)
+def test_many_score_chunks_choose_like_reference_step_after_step(score, shared, score_launch):
+    """Several chunks per selection scope fold their choices into one cell, in any order, and the
+    last to arrive writes the slot. Over chained steps with kept scratch (the cell must be empty
+    again after each step) the slots match the reference's, including ties across chunks: empty
+    slots at both ends (the earliest goes first)."""
     step = random_step(2, 2, 4, 300, 64, torch.bfloat16, 260, shared=shared, accumulate=score == ScoreKind.ATTENTION)
     settings = dict(scale=0.125, sink_tokens=4, recent_window=8, shared=shared, score_kind=int(score))
     workspaces = {}
-    for index, ours, theirs in chained_steps(step, settings, 12, score_launch=ScoreLaunch(16), workspaces=workspaces):
+    for index, ours, theirs in chained_steps(step, settings, 12, score_launch=score_launch, workspaces=workspaces):
         assert torch.equal(ours["write_slot"], theirs["write_slot"]), f"step {index}"
         assert torch.equal(ours["slot_pos"], theirs["slot_pos"]), f"step {index}"
     ((plan, *_),) = workspaces
-    assert plan.n_chunks >= 8
+    assert plan.score_block == 16
+    if score_launch is ONE_TILE_CHUNKS:
+        assert plan.n_chunks >= 8
+    else:
+        assert 2 <= plan.n_chunks <= 4 and plan.chunk_size >= 5 * plan.score_block
     (launches,) = workspaces.values()
     assert not launches.work.choice.any(), "every scope's cell is empty after the step"
 
@@ -197,6 +215,21 @@ def test_empty_slots_fill_before_any_eviction_and_protection_holds():
     step["write_slot"].fill_(5)  # position 5 is overwritten by position 64
     _, _, theirs, _ = run_both(step, ScoreKind.POSITION, True, sink=4, recent=8)
     assert theirs["write_slot"].item() == 4  # oldest non-sink token: position 4
+
+
+def test_score_launch_sets_tile_and_chunks_and_refuses_what_no_tile_can_be():
+    """``tile_logits`` caps the logits of a scoring tile (32 query heads share one with shared
+    eviction) and ``programs_per_sm`` sets how many chunks cut a scope; the chunks always cover it."""
+    shape = dict(batch=64, kv_heads=8, group=4, slots=1740, head_dim=128, num_sms=132, shared=True)
+    default = plan_decode(**shape)
+    assert (default.score_block, default.n_chunks, default.chunk_size) == (128, 14, 128)
+    assert plan_decode(**shape, score_launch=ScoreLaunch(tile_logits=2048)).score_block == 64
+    fewer = plan_decode(**shape, score_launch=ScoreLaunch(programs_per_sm=4))
+    assert (fewer.n_chunks, fewer.chunk_size) == (7, 256)
+    assert (fewer.n_chunks - 1) * fewer.chunk_size < shape["slots"] <= fewer.n_chunks * fewer.chunk_size
+    for field in ("block", "tile_logits", "programs_per_sm"):
+        with pytest.raises(ValueError, match=f"ScoreLaunch.{field} must be a power of two"):
+            ScoreLaunch(**{field: 96})
 
 
 @pytest.mark.parametrize("batch,kv_heads,slots", [(1, 8, 16384), (128, 8, 1024), (8, 2, 100)])
