@@ -232,6 +232,14 @@ def test_score_launch_sets_tile_and_chunks_and_refuses_what_no_tile_can_be():
             ScoreLaunch(**{field: 96})
 
 
+@pytest.mark.parametrize("slots", [100, 921, 1740, 6656])
+def test_logit_rows_start_aligned_whatever_the_budget(slots):
+    """The logits scratch's row stride is the budget rounded up to 16 floats, which Triton reads as
+    "every row aligned"; the other kernel tests run budgets off that multiple (300, 100)."""
+    plan = plan_decode(8, 8, 4, slots, 128, 132, True)
+    assert plan.logit_stride % 16 == 0 and slots <= plan.logit_stride < slots + 16
+
+
 @pytest.mark.parametrize("batch,kv_heads,slots", [(1, 8, 16384), (128, 8, 1024), (8, 2, 100)])
 def test_split_plan_covers_cache(batch, kv_heads, slots):
     n_splits, split_size = plan_splits(batch, kv_heads, slots, 64, 132)
