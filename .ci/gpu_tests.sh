@@ -6,6 +6,7 @@
 # speculative rounds, inductor's code for cache writes) plus the allocated policies; the other files
 # build CPU tensors only, so on a GPU machine they repeat what CI runs. Each test's result is logged
 # as it ends (-v), so a run cut short still shows which passed. Exits with pytest's status.
+# GPU_TEST_FILES (space-separated) runs only those files instead.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log=$1
@@ -14,7 +15,8 @@ shift
     python3 -c 'import sys, torch, transformers, triton
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| transformers", transformers.__version__,
       "| triton", triton.__version__, "|", torch.cuda.get_device_name())'
-    python3 -m pytest -v --durations=25 -p no:cacheprovider "$@" tests/test_gpu.py tests/test_speculative_gpu.py \
-        tests/test_compile.py tests/test_eager_path.py tests/test_decode_kernel.py tests/test_verify_attention.py \
-        tests/test_op.py tests/test_allocated_policies.py tests/test_compiled_cache_writes.py
+    # shellcheck disable=SC2086  # a list of paths
+    python3 -m pytest -v --durations=25 -p no:cacheprovider "$@" ${GPU_TEST_FILES:-tests/test_gpu.py \
+        tests/test_speculative_gpu.py tests/test_compile.py tests/test_eager_path.py tests/test_decode_kernel.py \
+        tests/test_verify_attention.py tests/test_op.py tests/test_allocated_policies.py tests/test_compiled_cache_writes.py}
 } 2>&1 | tee "$log"

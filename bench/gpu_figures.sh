@@ -2,6 +2,8 @@
 # The GPU runs the docs cite, one part per call, each meant to fit one 10-minute call (rows are written as they finish):
 #   bash bench/gpu_figures.sh tests OUT        # the GPU test files (.ci/gpu_tests.sh), under the installed
 #                                              # transformers and, where .whl/ holds its wheels, the newest one
+#   bash bench/gpu_figures.sh kernel-tests OUT # the GPU test files that run the decode kernel (kernel against
+#                                              # reference, eager path, op, compile), before timing a change
 #   bash bench/gpu_figures.sh speed OUT        # bench/speed_suite.py: eager call cost (JIT and direct
 #                                              # launches), throughput against the strongest full cache (and
 #                                              # compiled LongFlow with generate's per-step stop check), profiles
@@ -51,6 +53,10 @@ tests)
         PYTHONPATH=/tmp/newest_transformers:$PWD bash .ci/gpu_tests.sh "$out/gpu_tests_newest.log" "${parallel[@]}" &
     fi
     wait
+    ;;
+kernel-tests)
+    GPU_TEST_FILES="tests/test_decode_kernel.py tests/test_eager_path.py tests/test_op.py tests/test_compile.py" \
+        bash .ci/gpu_tests.sh "$out/gpu_tests_kernel.log" "${parallel[@]}"
     ;;
 speed)
     python3 -P bench/speed_suite.py --budget-s 570 --configs fullcache-loop longflow-compiled longflow-compiled-sync \
@@ -103,7 +109,7 @@ speculative | speculative-2k | speculative-4k)
         2>&1 | tee "$out/speculative_toy_$context.log"
     ;;
 *)
-    echo "unknown part: $part (tests, speed, speed-dynamic, speed-loop, speed-1.7b, roofline-batches, score-sweep," \
+    echo "unknown part: $part (tests, kernel-tests, speed, speed-dynamic, speed-loop, speed-1.7b, roofline-batches, score-sweep," \
         "kernel-ab, speculative, speculative-2k, speculative-4k)" >&2
     exit 2
     ;;
