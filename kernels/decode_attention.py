@@ -79,7 +79,7 @@ OUTPUT_D_SLICE = 32
 # Rows of the logits scratch start on a multiple of this many floats (64 bytes). Triton specializes
 # an integer argument divisible by 16, so the row stride tells both passes that every row is
 # aligned and a thread's four adjacent logits can move as one 16-byte access; with the budget as
-# the stride (921, 1740, 3379, ...) nothing was known and every logit moved alone.
+# the stride (921, 1740, 3379, ...) Triton can assume nothing about where a row starts.
 LOGIT_ROW_ALIGN = 16
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
@@ -498,8 +498,6 @@ class DecodePlan:
     slots: int
     head_dim: int
     top2: bool
-    # logits scratch: row stride, S rounded up to 16 floats (aligned rows whatever the budget)
-    logit_stride: int
     # attention pass
     n_splits: int
     split_size: int
@@ -522,6 +520,16 @@ class DecodePlan:
     split_chunk: int
     # re-allocation pass
     block_chunks: int
+
+    @property
+    def logit_stride(self) -> int:
+        """Row stride of the logits scratch: ``slots`` rounded up to `LOGIT_ROW_ALIGN` floats."""
+        return LOGIT_ROW_ALIGN * math.ceil(self.slots / LOGIT_ROW_ALIGN)
+
+    @property
+    def attend_writes_output(self) -> bool:
+        """One split per head: the attention pass writes the output, and no merge is launched."""
+        return self.n_splits == 1
 
 
 @functools.lru_cache(maxsize=1024)
@@ -560,7 +568,6 @@ def plan_decode(
     d_slice = min(OUTPUT_D_SLICE, head_dim)
     return DecodePlan(
         batch=batch, kv_heads=kv_heads, group=group, slots=slots, head_dim=head_dim, top2=top2,
-        logit_stride=LOGIT_ROW_ALIGN * math.ceil(slots / LOGIT_ROW_ALIGN),
         n_splits=n_splits, split_size=split_size, block_g=max(16, triton.next_power_of_2(group)), block_s=block_s,
         attend_warps=launch.num_warps, attend_stages=launch.num_stages,
         n_sel=n_sel, heads=heads, block_h=block_h, score_g=score_g, score_block=score_block,
@@ -578,8 +585,7 @@ def plan_decode(
 class DecodeWorkspace:
     """Scratch of one decode step (float32 unless noted; P = ``n_splits``, C = ``n_chunks``):
     ``out_part`` ``[B, Hkv, P, G, D]`` (only for P > 1), ``m_part`` / ``l_part`` ``[B, Hkv, P, G]``
-    split partials;
-    ``logits`` ``[B, Hkv, G, S']`` base-2 logits (``S'``: ``S`` rounded up to `LOGIT_ROW_ALIGN`);
+    split partials; ``logits`` ``[B, Hkv, G, S']`` base-2 logits (``S'``: ``S`` rounded up to `LOGIT_ROW_ALIGN`);
     ``choice`` ``[B, Hsel, 2]`` int64, zeros: per selection scope, the score chunks arrived so far
     and their best packed choice (`_pack_choice`), emptied again by the last chunk of every step;
     with ``top2`` (online re-allocation) also ``chunk_min`` ``[B, Hsel, C]`` and ``chunk_arg``
@@ -611,9 +617,9 @@ class DecodeWorkspace:
         m_part = torch.empty((batch, kv_heads, plan.n_splits, group), **f32)
         return cls(
             # With one split per head the attention pass writes the output: m_part stands in, unused.
-            out_part=torch.empty((batch, kv_heads, plan.n_splits, group, plan.head_dim), **f32)
-            if plan.n_splits > 1
-            else m_part,
+            out_part=m_part
+            if plan.attend_writes_output
+            else torch.empty((batch, kv_heads, plan.n_splits, group, plan.head_dim), **f32),
             m_part=m_part,
             l_part=torch.empty((batch, kv_heads, plan.n_splits, group), **f32),
             logits=torch.empty((batch, kv_heads, group, plan.logit_stride), **f32),
@@ -649,12 +655,13 @@ class DecodeLaunches:
             _attend_split_kernel, (plan.n_splits, kv_heads, batch),
             (*q.stride()[:2], *k_new.stride()[:2], *v_new.stride()[:2], *k_strides, *v_strides, *pos_strides,
              *out_strides, plan.n_splits, plan.split_size, slots, plan.logit_stride, scale * LOG2E),
-            dict(G=group, BLOCK_G=plan.block_g, HEAD_DIM=head_dim, BLOCK_S=plan.block_s, FINAL=plan.n_splits == 1),
+            dict(G=group, BLOCK_G=plan.block_g, HEAD_DIM=head_dim, BLOCK_S=plan.block_s,
+                 FINAL=plan.attend_writes_output),
             num_warps=plan.attend_warps, num_stages=plan.attend_stages,
         )  # fmt: skip
         # Per selection scope, its score chunks, then one output program per KV head of the scope
         # and 32-column slice, unless the attention pass wrote the output (one split per head).
-        output_programs = 0 if plan.n_splits == 1 else plan.heads * (head_dim // plan.d_slice)
+        output_programs = 0 if plan.attend_writes_output else plan.heads * (head_dim // plan.d_slice)
         score_merge = KernelLaunch(
             _score_merge_kernel, (plan.n_chunks + output_programs, plan.n_sel, batch),
             (*pos_strides, *out_strides, plan.n_splits, plan.split_size, slots, plan.logit_stride,
