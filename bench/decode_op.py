@@ -66,6 +66,8 @@ SCORE_LAUNCHES = [
     ScoreLaunch(),
     ScoreLaunch(256, 8),
     ScoreLaunch(num_warps=8),
+    ScoreLaunch(num_warps=1),
+    ScoreLaunch(num_warps=2),
     ScoreLaunch(1024, 4),
     ScoreLaunch(tile_logits=2048),
     ScoreLaunch(tile_logits=8192),

@@ -17,8 +17,8 @@ online re-allocation):
    registers and stores its key/value/value norm/position into the cache, so no program reads what
    another writes and the K/V tiles reach the MMA unmodified. With one split per head (from about
    ``2 * SMs / Hkv`` rows up, where `plan_splits` wants no more) a program has seen the whole
-   softmax and writes the final output itself. The logits go to rows whose stride is the slot
-   count rounded up to 16 floats (`LOGIT_ROW_ALIGN`), so every row starts aligned.
+   softmax and writes the final output itself. The logits go to rows padded to whole tiles of
+   the scoring pass (`DecodePlan.logit_stride`), which therefore loads them without a slot mask.
 2. ``_score_merge_kernel`` (grid ``(chunks + output programs) x Hsel x B``). Once all splits are
    done the softmax normalisers are known. A score-chunk program rebuilds them from the split
    partials (a few floats per query head) for every query head of its selection scope at once
@@ -76,11 +76,6 @@ LOG2E = 1.4426950408889634
 # batch 1), and ragged / uniform at batch 1 with 8192 slots per head 1.13 -> 1.04 (the ragged
 # merge had taken 1.45x uniform's time there).
 OUTPUT_D_SLICE = 32
-# Rows of the logits scratch start on a multiple of this many floats (64 bytes). Triton specializes
-# an integer argument divisible by 16, so the row stride tells both passes that every row is
-# aligned and a thread's four adjacent logits can move as one 16-byte access; with the budget as
-# the stride (921, 1740, 3379, ...) Triton can assume nothing about where a row starts.
-LOGIT_ROW_ALIGN = 16
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
@@ -310,8 +305,11 @@ def _score_merge_kernel(
         if SCORE_KIND == 2:
             score = pos.to(tl.float32)
         else:
-            tile_mask = hg_mask[:, :, None] & usable[None, None, :]
-            logits = tl.load(logit_rows[:, :, None] + offs_s[None, None, :], mask=tile_mask, other=float("-inf"))
+            # Whole tiles (rows are padded to them: `DecodePlan.logit_stride`): no slot mask on the
+            # load, so it moves four adjacent logits at once; slots past the limit are masked after.
+            logits = tl.load(logit_rows[:, :, None] + offs_s[None, None, :], mask=hg_mask[:, :, None],
+                             other=float("-inf"))  # fmt: skip
+            logits = tl.where(usable[None, None, :], logits, float("-inf"))
             if SCORE_KIND == 0:
                 # log2 of p * ||v||_1 per head, then a log-sum-exp over the heads: the reference's
                 # log-space ranking, immune to underflow ties.
@@ -523,8 +521,12 @@ class DecodePlan:
 
     @property
     def logit_stride(self) -> int:
-        """Row stride of the logits scratch: ``slots`` rounded up to `LOGIT_ROW_ALIGN` floats."""
-        return LOGIT_ROW_ALIGN * math.ceil(self.slots / LOGIT_ROW_ALIGN)
+        """Row stride of the logits scratch: ``slots`` rounded up to whole scoring tiles. Every tile of
+        the scoring pass then lies inside its row, so it loads with no slot mask (slots past the
+        limit are masked after the load), and as the stride and the tiles' starts are multiples of
+        16, which Triton specializes on, four adjacent logits move as one 16-byte access. (With the
+        budget as the stride, 921, 1,740, 3,379, ..., and a mask per slot, each logit was a load.)"""
+        return self.score_block * math.ceil(self.slots / self.score_block)
 
     @property
     def attend_writes_output(self) -> bool:
@@ -585,7 +587,7 @@ def plan_decode(
 class DecodeWorkspace:
     """Scratch of one decode step (float32 unless noted; P = ``n_splits``, C = ``n_chunks``):
     ``out_part`` ``[B, Hkv, P, G, D]`` (only for P > 1), ``m_part`` / ``l_part`` ``[B, Hkv, P, G]``
-    split partials; ``logits`` ``[B, Hkv, G, S']`` base-2 logits (``S'``: ``S`` rounded up to `LOGIT_ROW_ALIGN`);
+    split partials; ``logits`` ``[B, Hkv, G, S']`` base-2 logits (``S'``: `DecodePlan.logit_stride`);
     ``choice`` ``[B, Hsel, 2]`` int64, zeros: per selection scope, the score chunks arrived so far
     and their best packed choice (`_pack_choice`), emptied again by the last chunk of every step;
     with ``top2`` (online re-allocation) also ``chunk_min`` ``[B, Hsel, C]`` and ``chunk_arg``

@@ -232,12 +232,38 @@ def test_score_launch_sets_tile_and_chunks_and_refuses_what_no_tile_can_be():
             ScoreLaunch(**{field: 96})
 
 
+@pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("slots", [100, 921, 1740, 6656])
-def test_logit_rows_start_aligned_whatever_the_budget(slots):
-    """The logits scratch's row stride is the budget rounded up to 16 floats, which Triton reads as
-    "every row aligned"; the other kernel tests run budgets off that multiple (300, 100)."""
-    plan = plan_decode(8, 8, 4, slots, 128, 132, True)
-    assert plan.logit_stride % 16 == 0 and slots <= plan.logit_stride < slots + 16
+def test_logit_rows_hold_every_scoring_tile(slots, shared):
+    """The scoring pass loads whole tiles with no slot mask: the logits' row stride must cover the
+    last tile of every chunk (all tiles start on a multiple of the tile), and be a multiple of 16
+    floats, which Triton reads as "every row aligned"."""
+    plan = plan_decode(8, 8, 4, slots, 128, 132, shared)
+    last_tile_end = max(
+        (s0 + plan.score_block for chunk in range(plan.n_chunks)
+         for s0 in range(chunk * plan.chunk_size, min((chunk + 1) * plan.chunk_size, slots), plan.score_block)),
+    )  # fmt: skip
+    assert plan.logit_stride % 16 == 0 and plan.logit_stride % plan.score_block == 0
+    assert slots <= last_tile_end <= plan.logit_stride < slots + plan.score_block
+
+
+@pytest.mark.parametrize("score", [ScoreKind.CONTRIBUTION, ScoreKind.ATTENTION])
+def test_logits_past_the_live_slots_never_reach_a_score(score):
+    """The tile padding of the logits rows, and the slots past a ragged limit, are loaded but never
+    written by the attention pass: NaN there must not reach a choice or the accumulated scores."""
+    step = random_step(2, 2, 4, 100, 64, torch.bfloat16, 100, ragged=True, shared=False, accumulate=True)
+    settings = dict(scale=0.125, sink_tokens=4, recent_window=8, shared=False, score_kind=int(score))
+    workspaces = {}
+    steps = chained_steps(step, settings, 3, score_launch=ScoreLaunch(64), workspaces=workspaces)
+    for index, ours, theirs in steps:
+        if index == 0:  # the scratch now exists: poison it before the next steps write their logits
+            ((plan, *_),) = workspaces
+            (launches,) = workspaces.values()
+            assert plan.logit_stride == 128 > 100
+            launches.work.logits.fill_(float("nan"))
+            continue
+        assert torch.equal(ours["write_slot"], theirs["write_slot"]), f"step {index}"
+        torch.testing.assert_close(theirs["accumulated"], ours["accumulated"], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("batch,kv_heads,slots", [(1, 8, 16384), (128, 8, 1024), (8, 2, 100)])
