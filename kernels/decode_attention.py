@@ -97,10 +97,13 @@ class ScoreLaunch:
     heads share a tile, so that a tile holds at most ``tile_logits`` logits: 128 slots for shared
     eviction over 32 query heads), warps, and about how many score programs per SM cut each
     selection scope's slots into chunks (``programs_per_sm``). Powers of two, except the warps.
-    Defaults from the H100 sweep in ``bench/decode_op.py --score-sweep``: with a block of 256 and 8
-    warps the whole step took 1.04-1.12x as long with shared eviction and 1.06-1.18x per KV head,
-    at batch 1-128. (That sweep varied ``block`` from 256 up, which shared eviction's tile cap
-    overrode: there it compared warps only. The other two fields are swept since 2026-12-05.)"""
+    Defaults from the H100 sweeps in ``bench/decode_op.py --score-sweep``. The first, at batch
+    1-128: with a block of 256 and 8 warps the whole step took 1.04-1.12x as long with shared
+    eviction and 1.06-1.18x per KV head (it varied ``block`` from 256 up, which shared eviction's
+    tile cap overrode: there it compared warps only). The second (2026-12-06; batch 64 and 171,
+    1,740 and 3,379 slots, both eviction scopes): 1, 2 or 8 warps, tiles of 2,048-8,192 logits,
+    4-64 programs per SM. None beat these defaults by more than 3% (0.97-1.02x the step), and
+    8 warps lost 1-19%."""
 
     block: int = 512
     num_warps: int = 4
