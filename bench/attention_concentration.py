@@ -20,6 +20,7 @@ match the model's eager attention). Default: the bundled toy reasoner on its own
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from longflow_patch import toy
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules (`common`), also under python -P
 from common import environment, print_table, write_results
 
 ATTENTION = "longflow_concentration"

@@ -34,6 +34,8 @@ graph could use it) and SDPA over the whole capacity (what a static cache reads)
 import argparse
 import dataclasses
 import itertools
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,7 @@ from longflow_patch.kernels.decode_attention import (
 )
 from longflow_patch.ops import decode_step
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules (`common`), also under python -P
 import common
 from common import (
     copy_bandwidth_gbs,
@@ -66,6 +69,8 @@ SCORE_LAUNCHES = [
     ScoreLaunch(),
     ScoreLaunch(256, 8),
     ScoreLaunch(num_warps=8),
+    ScoreLaunch(num_warps=1),
+    ScoreLaunch(num_warps=2),
     ScoreLaunch(1024, 4),
     ScoreLaunch(tile_logits=2048),
     ScoreLaunch(tile_logits=8192),

@@ -29,15 +29,18 @@ beside the weights are skipped and listed.
 
 import argparse
 import math
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from ragged_overhead import CAPACITY, ragged_limits
 
 import longflow_patch
 from longflow_patch.compat import cache_keyword
 from longflow_patch.profiles import BudgetProfile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules (`common`), also under python -P
+from ragged_overhead import CAPACITY, ragged_limits
 
 from common import SHAPES, build_model, environment, graph_median_ms, parse_args_on_gpu, print_table, write_results
 

@@ -25,9 +25,12 @@ part of each step).
 import argparse
 import itertools
 import math
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules (`common`), also under python -P
 from common import environment, graph_median_ms, parse_args_on_gpu, print_table, write_results
 from decode_op import HEAD_DIM, KV_HEADS, QUERY_HEADS, make_inputs
 

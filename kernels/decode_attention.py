@@ -14,8 +14,11 @@ online re-allocation):
    step: it lives in the cache beside V, written once with the token. Recomputing it per tile
    measured 15-30% slower on an H100, from the second register layout V needs.) The write
    slot is skipped in the tiles; the program whose range holds it folds this step's token in from
-   registers and stores its key/value/value norm/position into the cache, so no program reads what another
-   writes and the K/V tiles reach the MMA unmodified.
+   registers and stores its key/value/value norm/position into the cache, so no program reads what
+   another writes and the K/V tiles reach the MMA unmodified. With one split per head (from about
+   ``2 * SMs / Hkv`` rows up, where `plan_splits` wants no more) a program has seen the whole
+   softmax and writes the final output itself. The logits go to rows padded to whole tiles of
+   the scoring pass (`DecodePlan.logit_stride`), which therefore loads them without a slot mask.
 2. ``_score_merge_kernel`` (grid ``(chunks + output programs) x Hsel x B``). Once all splits are
    done the softmax normalisers are known. A score-chunk program rebuilds them from the split
    partials (a few floats per query head) for every query head of its selection scope at once
@@ -26,8 +29,9 @@ online re-allocation):
    its slot into the scope's cell with one atomic max of a packed int64 (`_pack_choice`); the
    last chunk to arrive (an atomic count) writes the scope's next write slot and empties the cell.
    The output programs, one per KV head of the scope and 32-column slice of the head dim, merge
-   the split partials into the final output meanwhile. (Until 2026-12-05 both were a third
-   launch, which an eager step pays for on the host; `bench/kernel_ab.py` times the two.)
+   the split partials into the final output meanwhile (there are none with one split per head).
+   (Until 2026-12-05 both were a third launch, which an eager step pays for on the host;
+   `bench/kernel_ab.py` times the two.)
 3. ``_reallocate_kernel`` (grid ``B``, only with online re-allocation). The scoring pass then also
    keeps each chunk's second-lowest rank; one program per row reduces every head's two cheapest
    slots from the chunk pairs and moves one slot between two heads (`reallocate_one_slot` in the
@@ -93,10 +97,13 @@ class ScoreLaunch:
     heads share a tile, so that a tile holds at most ``tile_logits`` logits: 128 slots for shared
     eviction over 32 query heads), warps, and about how many score programs per SM cut each
     selection scope's slots into chunks (``programs_per_sm``). Powers of two, except the warps.
-    Defaults from the H100 sweep in ``bench/decode_op.py --score-sweep``: with a block of 256 and 8
-    warps the whole step took 1.04-1.12x as long with shared eviction and 1.06-1.18x per KV head,
-    at batch 1-128. (That sweep varied ``block`` from 256 up, which shared eviction's tile cap
-    overrode: there it compared warps only. The other two fields are swept since 2026-12-05.)"""
+    Defaults from the H100 sweeps in ``bench/decode_op.py --score-sweep``. The first, at batch
+    1-128: with a block of 256 and 8 warps the whole step took 1.04-1.12x as long with shared
+    eviction and 1.06-1.18x per KV head (it varied ``block`` from 256 up, which shared eviction's
+    tile cap overrode: there it compared warps only). The second (2026-12-06; batch 64 and 171,
+    1,740 and 3,379 slots, both eviction scopes): 1, 2 or 8 warps, tiles of 2,048-8,192 logits,
+    4-64 programs per SM. None beat these defaults by more than 3% (0.97-1.02x the step), and
+    8 warps lost 1-19%."""
 
     block: int = 512
     num_warps: int = 4
@@ -113,14 +120,14 @@ class ScoreLaunch:
 @triton.jit
 def _attend_split_kernel(
     Q, K_new, V_new, K_cache, V_cache, Value_norm, Slot_pos, Write_slot, Position, Slot_limit,
-    Out_part, M_part, L_part, Logits,
+    Out_part, M_part, L_part, Logits, Out,
     stride_qb, stride_qh,
     stride_nkb, stride_nkh, stride_nvb, stride_nvh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    stride_pb, stride_ph,
-    n_splits, split_size, num_slots, qk_scale,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    stride_pb, stride_ph, stride_ob, stride_oh,
+    n_splits, split_size, num_slots, logit_stride, qk_scale,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, FINAL: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     head = tl.program_id(1)
@@ -148,7 +155,7 @@ def _attend_split_kernel(
     k_base = K_cache + row * stride_kb + head * stride_kh
     v_base = V_cache + row * stride_vb + head * stride_vh
     pos_base = Slot_pos + row * stride_pb + head * stride_ph
-    logit_base = Logits + ((row * kv_heads + head) * G) * num_slots
+    logit_base = Logits + ((row * kv_heads + head) * G) * logit_stride
     end = tl.minimum(start + split_size, limit)
 
     # Cached slots. The write slot is skipped here: its old token is being replaced, and the new
@@ -168,7 +175,7 @@ def _attend_split_kernel(
 
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_S], base-2 logits
         qk = tl.where(valid[None, :], qk, float("-inf"))
-        tl.store(logit_base + offs_g[:, None] * num_slots + offs_s[None, :], qk,
+        tl.store(logit_base + offs_g[:, None] * logit_stride + offs_s[None, :], qk,
                  mask=g_mask[:, None] & in_range[None, :])  # fmt: skip
         m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, qk, v)
 
@@ -184,7 +191,7 @@ def _attend_split_kernel(
     l_i = l_i * alpha + p_new
     acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
     m_i = m_new
-    tl.store(logit_base + offs_g * num_slots + write_slot, qk_new, mask=g_mask & owns)
+    tl.store(logit_base + offs_g * logit_stride + write_slot, qk_new, mask=g_mask & owns)
     norm_new = tl.sum(tl.abs(v_new.to(tl.float32)), axis=0)
     tl.store(Value_norm + (row * kv_heads + head) * num_slots + write_slot, norm_new, mask=owns)
     tl.store(k_base + write_slot * stride_ks + offs_d, k_new, mask=owns & (offs_d < HEAD_DIM))
@@ -192,7 +199,14 @@ def _attend_split_kernel(
     tl.store(pos_base + write_slot, position, mask=owns)
 
     part = (row * kv_heads + head) * n_splits + split
-    tl.store(Out_part + (part * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+    if FINAL:
+        # One split per head: this program saw every slot, so its state is the whole softmax and the
+        # output needs no merge (the division is the merge's, bit for bit: one split's scale is 1).
+        out = acc / tl.where(g_mask, l_i, 1.0)[:, None]
+        tl.store(Out + row * stride_ob + (head * G + offs_g)[:, None] * stride_oh + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=g_mask[:, None])  # fmt: skip
+    else:
+        tl.store(Out_part + (part * G + offs_g)[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
     tl.store(M_part + part * G + offs_g, m_i, mask=g_mask)
     tl.store(L_part + part * G + offs_g, l_i, mask=g_mask)
 
@@ -236,7 +250,7 @@ def _score_merge_kernel(
     M_part, L_part, Logits, Value_norm, Slot_pos, Write_slot, Position, Slot_limit, Accumulated,
     Chunk_min, Chunk_arg, Chunk_min2, Chunk_arg2, Out, Out_part, Choice,
     stride_pb, stride_ph, stride_ob, stride_oh,
-    n_splits, split_size, num_slots, kv_heads, n_chunks, chunk_size, sink_tokens, recent_window,
+    n_splits, split_size, num_slots, logit_stride, kv_heads, n_chunks, chunk_size, sink_tokens, recent_window,
     G: tl.constexpr, HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, D_SLICE: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr,
@@ -276,7 +290,7 @@ def _score_merge_kernel(
     m_hg = tl.max(m_p, axis=2)
     m_hg = tl.where(m_hg == float("-inf"), 0.0, m_hg)
     inv_l = 1.0 / tl.where(hg_mask, tl.sum(l_p * tl.exp2(m_p - m_hg[:, :, None]), axis=2), 1.0)
-    logit_rows = Logits + ((row * kv_heads + head[:, None]) * G + offs_g[None, :]) * num_slots  # [BLOCK_H, BLOCK_G]
+    logit_rows = Logits + ((row * kv_heads + head[:, None]) * G + offs_g[None, :]) * logit_stride  # [BLOCK_H, BLOCK_G]
     norm_rows = Value_norm + (row * kv_heads + head) * num_slots  # [BLOCK_H]
 
     pos_base = Slot_pos + row * stride_pb + sel * stride_ph
@@ -294,8 +308,11 @@ def _score_merge_kernel(
         if SCORE_KIND == 2:
             score = pos.to(tl.float32)
         else:
-            tile_mask = hg_mask[:, :, None] & usable[None, None, :]
-            logits = tl.load(logit_rows[:, :, None] + offs_s[None, None, :], mask=tile_mask, other=float("-inf"))
+            # Whole tiles (rows are padded to them: `DecodePlan.logit_stride`): no slot mask on the
+            # load, so it moves four adjacent logits at once; slots past the limit are masked after.
+            logits = tl.load(logit_rows[:, :, None] + offs_s[None, None, :], mask=hg_mask[:, :, None],
+                             other=float("-inf"))  # fmt: skip
+            logits = tl.where(usable[None, None, :], logits, float("-inf"))
             if SCORE_KIND == 0:
                 # log2 of p * ||v||_1 per head, then a log-sum-exp over the heads: the reference's
                 # log-space ranking, immune to underflow ties.
@@ -505,6 +522,20 @@ class DecodePlan:
     # re-allocation pass
     block_chunks: int
 
+    @property
+    def logit_stride(self) -> int:
+        """Row stride of the logits scratch: ``slots`` rounded up to whole scoring tiles. Every tile of
+        the scoring pass then lies inside its row, so it loads with no slot mask (slots past the
+        limit are masked after the load), and as the stride and the tiles' starts are multiples of
+        16, which Triton specializes on, four adjacent logits move as one 16-byte access. (With the
+        budget as the stride, 921, 1,740, 3,379, ..., and a mask per slot, each logit was a load.)"""
+        return self.score_block * math.ceil(self.slots / self.score_block)
+
+    @property
+    def attend_writes_output(self) -> bool:
+        """One split per head: the attention pass writes the output, and no merge is launched."""
+        return self.n_splits == 1
+
 
 @functools.lru_cache(maxsize=1024)
 def plan_decode(
@@ -558,13 +589,13 @@ def plan_decode(
 @dataclass(frozen=True)
 class DecodeWorkspace:
     """Scratch of one decode step (float32 unless noted; P = ``n_splits``, C = ``n_chunks``):
-    ``out_part`` ``[B, Hkv, P, G, D]``, ``m_part`` / ``l_part`` ``[B, Hkv, P, G]`` split partials;
-    ``logits`` ``[B, Hkv, G, S]`` base-2 logits; ``choice`` ``[B, Hsel, 2]`` int64, zeros: per
-    selection scope, the score chunks arrived so far and their best packed choice (`_pack_choice`),
-    emptied again by the last chunk of every step; with ``top2`` (online re-allocation) also
-    ``chunk_min`` ``[B, Hsel, C]`` and ``chunk_arg`` (int32), each score chunk's lowest rank and
-    its slot, and ``chunk_min2`` / ``chunk_arg2`` the runner-ups (without it ``choice`` stands in
-    for all four, unused).
+    ``out_part`` ``[B, Hkv, P, G, D]`` (only for P > 1), ``m_part`` / ``l_part`` ``[B, Hkv, P, G]``
+    split partials; ``logits`` ``[B, Hkv, G, S']`` base-2 logits (``S'``: `DecodePlan.logit_stride`);
+    ``choice`` ``[B, Hsel, 2]`` int64, zeros: per selection scope, the score chunks arrived so far
+    and their best packed choice (`_pack_choice`), emptied again by the last chunk of every step;
+    with ``top2`` (online re-allocation) also ``chunk_min`` ``[B, Hsel, C]`` and ``chunk_arg``
+    (int32), each score chunk's lowest rank and its slot, and ``chunk_min2`` / ``chunk_arg2`` the
+    runner-ups (without it ``choice`` stands in for all four, unused).
 
     Every pass reads only what an earlier pass of the same step wrote (live splits, usable slots,
     live chunks), and ``choice`` is empty again after every step, so a workspace can serve step
@@ -588,11 +619,15 @@ class DecodeWorkspace:
         choice = torch.zeros((batch, plan.n_sel, 2), dtype=torch.int64, device=device)
         chunks = (batch, plan.n_sel, plan.n_chunks)
         top2 = plan.top2
+        m_part = torch.empty((batch, kv_heads, plan.n_splits, group), **f32)
         return cls(
-            out_part=torch.empty((batch, kv_heads, plan.n_splits, group, plan.head_dim), **f32),
-            m_part=torch.empty((batch, kv_heads, plan.n_splits, group), **f32),
+            # With one split per head the attention pass writes the output: m_part stands in, unused.
+            out_part=m_part
+            if plan.attend_writes_output
+            else torch.empty((batch, kv_heads, plan.n_splits, group, plan.head_dim), **f32),
+            m_part=m_part,
             l_part=torch.empty((batch, kv_heads, plan.n_splits, group), **f32),
-            logits=torch.empty((batch, kv_heads, group, plan.slots), **f32),
+            logits=torch.empty((batch, kv_heads, group, plan.logit_stride), **f32),
             choice=choice,
             chunk_min=torch.empty(chunks, **f32) if top2 else choice,
             chunk_arg=torch.empty(chunks, dtype=torch.int32, device=device) if top2 else choice,
@@ -619,21 +654,23 @@ class DecodeLaunches:
     ) -> "DecodeLaunches":  # fmt: skip
         batch, kv_heads, group, slots, head_dim = plan.batch, plan.kv_heads, plan.group, plan.slots, plan.head_dim
         k_strides, v_strides, pos_strides = k_cache.stride()[:3], v_cache.stride()[:3], slot_pos.stride()[:2]
+        # The output is contiguous (`decode_attention_triton` allocates it like q's shape).
+        out_strides = (q.shape[1] * head_dim, head_dim)
         attend = KernelLaunch(
             _attend_split_kernel, (plan.n_splits, kv_heads, batch),
             (*q.stride()[:2], *k_new.stride()[:2], *v_new.stride()[:2], *k_strides, *v_strides, *pos_strides,
-             plan.n_splits, plan.split_size, slots, scale * LOG2E),
-            dict(G=group, BLOCK_G=plan.block_g, HEAD_DIM=head_dim, BLOCK_S=plan.block_s),
+             *out_strides, plan.n_splits, plan.split_size, slots, plan.logit_stride, scale * LOG2E),
+            dict(G=group, BLOCK_G=plan.block_g, HEAD_DIM=head_dim, BLOCK_S=plan.block_s,
+                 FINAL=plan.attend_writes_output),
             num_warps=plan.attend_warps, num_stages=plan.attend_stages,
         )  # fmt: skip
         # Per selection scope, its score chunks, then one output program per KV head of the scope
-        # and 32-column slice. The output is contiguous (`decode_attention_triton` allocates it
-        # like q's shape).
-        output_programs = plan.heads * (head_dim // plan.d_slice)
+        # and 32-column slice, unless the attention pass wrote the output (one split per head).
+        output_programs = 0 if plan.attend_writes_output else plan.heads * (head_dim // plan.d_slice)
         score_merge = KernelLaunch(
             _score_merge_kernel, (plan.n_chunks + output_programs, plan.n_sel, batch),
-            (*pos_strides, q.shape[1] * head_dim, head_dim, plan.n_splits, plan.split_size, slots, kv_heads,
-             plan.n_chunks, plan.chunk_size, sink_tokens, recent_window),
+            (*pos_strides, *out_strides, plan.n_splits, plan.split_size, slots, plan.logit_stride,
+             kv_heads, plan.n_chunks, plan.chunk_size, sink_tokens, recent_window),
             dict(G=group, HEADS=plan.heads, BLOCK_H=plan.block_h, BLOCK_G=plan.score_g,
                  BLOCK_SPLITS=plan.block_splits, BLOCK=plan.score_block, HEAD_DIM=head_dim, D_SLICE=plan.d_slice,
                  SPLIT_CHUNK=plan.split_chunk, SCORE_KIND=int(score_kind), ACCUMULATE=accumulate, TOP2=plan.top2),
@@ -718,7 +755,7 @@ def decode_attention_triton(
     direct = direct and aligned(*inputs, out, *([] if accumulated is None else [accumulated]))
     stream = driver.active.get_current_stream(current_device) if direct else None  # looked up once a step
 
-    step.attend(*inputs, work.out_part, work.m_part, work.l_part, work.logits, direct=direct, stream=stream)
+    step.attend(*inputs, work.out_part, work.m_part, work.l_part, work.logits, out, direct=direct, stream=stream)
     step.score_merge(work.m_part, work.l_part, work.logits, value_norm, slot_pos, write_slot, position, slot_limit,
                      work.m_part if accumulated is None else accumulated,
                      work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2, out, work.out_part, work.choice,
