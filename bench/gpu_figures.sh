@@ -14,7 +14,8 @@
 #   bash bench/gpu_figures.sh speed-1.7b OUT   # the speed suite on the Qwen3-1.7B shape
 #   bash bench/gpu_figures.sh roofline-batches OUT  # compiled LongFlow (8B shape) at batch 64 and 128, each
 #                                              # step against its own roofline (the "batch >= 64"),
-#                                              # and the profile of the 8k step at batch 64
+#                                              # the profile of the 8k step at batch 64, and that step
+#                                              # through generate beside the bare compiled loop
 #   bash bench/gpu_figures.sh score-sweep OUT  # bench/decode_op.py at batch 64 and 171 (8B throughput rows),
 #                                              # budgets on and off multiples of 16: per-kernel times and
 #                                              # the scoring pass's launch shapes
@@ -89,6 +90,10 @@ roofline-batches)
     done
     python3 -P bench/profile_step.py --shape qwen3-8b --batch 64 --budget 1740 \
         --out "$out/profile_step_qwen3-8b_b64.json" 2>&1 | tee "$out/profile_b64.log"
+    # The same 8k step at batch 64 through generate and in the bare compiled loop, side by side:
+    # whether the GPU idle the profile shows there is generate's host work.
+    python3 -P recipes/bench_throughput.py --configs longflow-compiled longflow-loop --max-batch 64 --outputs 8192 \
+        --steps 32 --out "$out/throughput_qwen3-8b_b64_loop.json" 2>&1 | tee "$out/roofline_b64_loop.log"
     ;;
 score-sweep)
     python3 -P bench/decode_op.py --batches 64 171 --slots 921 1024 1740 2048 3379 --score-sweep --profile \
