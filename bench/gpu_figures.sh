@@ -16,6 +16,9 @@
 #                                              # step against its own roofline (the "batch >= 64"),
 #                                              # the profile of the 8k step at batch 64, and that step
 #                                              # through generate beside the bare compiled loop
+#   bash bench/gpu_figures.sh fused-qkv OUT    # the fused q/k/v projection's GPU tests, then compiled LongFlow
+#                                              # (8B shape, batch 64, 8k and 4k) with it and with the three
+#                                              # projections apart, side by side, and bench/decoder_gemms.py
 #   bash bench/gpu_figures.sh score-sweep OUT  # bench/decode_op.py at batch 64 and 171 (8B throughput rows),
 #                                              # budgets on and off multiples of 16: per-kernel times and
 #                                              # the scoring pass's launch shapes
@@ -56,7 +59,7 @@ tests)
     wait
     ;;
 kernel-tests)
-    GPU_TEST_FILES="tests/test_decode_kernel.py tests/test_eager_path.py tests/test_op.py tests/test_compile.py" \
+    GPU_TEST_FILES="tests/test_decode_kernel.py tests/test_eager_path.py tests/test_op.py tests/test_compile.py tests/test_fused_projections.py" \
         bash .ci/gpu_tests.sh "$out/gpu_tests_kernel.log" "${parallel[@]}"
     ;;
 speed)
@@ -95,6 +98,13 @@ roofline-batches)
     python3 -P recipes/bench_throughput.py --configs longflow-compiled longflow-loop --max-batch 64 --outputs 8192 \
         --steps 32 --out "$out/throughput_qwen3-8b_b64_loop.json" 2>&1 | tee "$out/roofline_b64_loop.log"
     ;;
+fused-qkv)
+    GPU_TEST_FILES="tests/test_fused_projections.py" bash .ci/gpu_tests.sh "$out/gpu_tests_fused_projections.log"
+    python3 -P recipes/bench_throughput.py --configs longflow-compiled longflow-compiled-unfused --max-batch 64 \
+        --outputs 8192 4096 --steps 32 --out "$out/throughput_qwen3-8b_b64_fused_qkv.json" 2>&1 |
+        tee "$out/fused_qkv_b64.log"
+    python3 -P bench/decoder_gemms.py --batches 64 128 256 --out "$out/decoder_gemms.json" 2>&1 | tee "$out/decoder_gemms.log"
+    ;;
 score-sweep)
     python3 -P bench/decode_op.py --batches 64 171 --slots 921 1024 1740 2048 3379 --score-sweep --profile \
         --out "$out/decode_op_score_sweep.json" 2>&1 | tee "$out/decode_op_score_sweep.log"
@@ -114,8 +124,8 @@ speculative | speculative-2k | speculative-4k)
         2>&1 | tee "$out/speculative_toy_$context.log"
     ;;
 *)
-    echo "unknown part: $part (tests, kernel-tests, speed, speed-dynamic, speed-loop, speed-1.7b, roofline-batches, score-sweep," \
-        "kernel-ab, speculative, speculative-2k, speculative-4k)" >&2
+    echo "unknown part: $part (tests, kernel-tests, speed, speed-dynamic, speed-loop, speed-1.7b, roofline-batches," \
+        "fused-qkv, score-sweep, kernel-ab, speculative, speculative-2k, speculative-4k)" >&2
     exit 2
     ;;
 esac

@@ -7,18 +7,21 @@ attention implementation and is then compressed into the cache; each decode step
 `speculative_generate`), the prompt also goes through the model's own attention (and, for a
 self-draft, fills the draft's compressed cache from the same pass); each verification forward of
 ``T`` draft tokens is one call of ``torch.ops.longflow.verify_attention``. Any other cache (or
-none) runs the original forward.
+none) runs the original forward. Where `longflow_patch.fused_projections` fused them, the q, k and v
+projections run as one matmul.
 """
 
 import sys
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from longflow_patch.cache import LongFlowCache
 from longflow_patch.compat import cache_from_kwargs
+from longflow_patch.fused_projections import fused_qkv
 from longflow_patch.prefill import key_padding_from_mask
 from longflow_patch.speculative_cache import SpeculativeCache
 
@@ -72,12 +75,15 @@ def longflow_attention_forward(
     del kwargs[keyword]
     batch, length = hidden_states.shape[:2]
     hidden_shape = (batch, length, -1, self.head_dim)
-    query = self.q_proj(hidden_states).view(hidden_shape)
-    key = self.k_proj(hidden_states).view(hidden_shape)
+    fused = fused_qkv(self)
+    if fused is None:
+        query, key, value = (projection(hidden_states) for projection in (self.q_proj, self.k_proj, self.v_proj))
+    else:  # one matmul over the three weights' shared rows (`longflow_patch.fused_projections`)
+        query, key, value = F.linear(hidden_states, fused.weight, fused.bias).split(fused.splits, dim=-1)
+    query, key, value = query.view(hidden_shape), key.view(hidden_shape), value.view(hidden_shape)
     if hasattr(self, "q_norm"):  # Qwen3
         query, key = self.q_norm(query), self.k_norm(key)
-    query, key = query.transpose(1, 2), key.transpose(1, 2)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     cos, sin = position_embeddings
     query, key = _modeling_function(self, "apply_rotary_pos_emb")(query, key, cos, sin)
 

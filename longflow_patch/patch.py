@@ -17,6 +17,7 @@ from transformers import CompileConfig
 from longflow_patch.attention import longflow_attention_forward
 from longflow_patch.cache import LongFlowCache
 from longflow_patch.compat import cache_from_kwargs, cache_keyword, defer_stop_check_on_cuda
+from longflow_patch.fused_projections import refresh_fused_qkv, unfuse_qkv
 from longflow_patch.ops import KERNEL_DTYPES, KERNEL_HEAD_DIMS
 from longflow_patch.policies import Policy, ProfiledPolicy, check_budget, make_policy
 
@@ -149,6 +150,13 @@ def apply(
     an H100; and torch refuses a ninth compile of one function). A new shape compiles (or, past
     those, captures) again, and ``generate`` warns when it meets one. A ``compile_config`` given
     to ``generate`` replaces these settings.
+
+    On a CUDA device, ``generate`` (and `new_cache`) also runs each attention's q, k and v
+    projections as one matmul (`longflow_patch.fused_projections`): the three weights move into one
+    tensor and the parameters point at their rows, with the same values and no added memory, and
+    ``state_dict`` / ``save_pretrained`` see no change. Plain ``nn.Linear`` projections only (a
+    quantized, adapter-wrapped or hooked one runs as before); a model moved or cast since runs
+    them apart until the next call fuses again.
     """
     _check_model(model)
     check_budget(budget)
@@ -172,6 +180,7 @@ def apply(
 def unapply(model: nn.Module) -> nn.Module:
     """Undo `apply`: the model behaves exactly as before it was patched; returns it."""
     for module in _attention_modules(model):
+        unfuse_qkv(module)
         if hasattr(module, "_longflow_original_forward"):
             del module.forward
             del module._longflow_original_forward
@@ -194,6 +203,7 @@ def new_cache(model: nn.Module, budget: int | None = None) -> LongFlowCache:
     policy = model._longflow_policy
     if budget is not None:
         policy = dataclasses.replace(policy, budget=budget)
+    refresh_fused_qkv(_attention_modules(model))
     return LongFlowCache(policy, model.config.num_hidden_layers)
 
 
@@ -224,6 +234,7 @@ def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.T
     returned (`longflow_patch.compat.defer_stop_check_on_cuda`), so the host never waits on a step.
     """
     compiling = _resolve_compile(self, self._longflow_policy, self._longflow_compile)
+    refresh_fused_qkv(_attention_modules(self))  # the model may have moved since the last call
     _, given = cache_from_kwargs(kwargs, "generate")
     if given is not None and not isinstance(given, LongFlowCache):
         raise TypeError(

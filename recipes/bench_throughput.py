@@ -16,6 +16,8 @@ fit under ``--memory-cap-gb`` (rows are labelled in the JSON, `LABELS`):
 4. ``longflow-loop``: LongFlow in the same compiled loop as ``fullcache-loop`` (no ``generate``);
    ``longflow-compiled-sync``: ``longflow-compiled`` with ``generate`` reading its stop check on
    the host every step (transformers' rule on CUDA, which `apply` lifts for its own caches);
+   ``longflow-compiled-unfused``: ``longflow-compiled`` with the q, k and v projections as three
+   matmuls, as transformers runs them (`apply` fuses them into one on a GPU);
 5. ``default``: transformers' default, DynamicCache + SDPA, eager ``generate``;
 6. ``static``: transformers' static cache + ``torch.compile`` (CUDA graphs); with an attention
    mask it repeats K/V over each GQA group and reads all ``max_cache_len`` slots every step.
@@ -61,7 +63,7 @@ from transformers import CompileConfig, DynamicCache, StaticCache, StoppingCrite
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
-from longflow_patch import compat
+from longflow_patch import compat, fused_projections
 from longflow_patch.compat import cache_keyword
 from longflow_patch.progress import TokenProgress
 from longflow_patch.speculative_cache import SpeculativeCache
@@ -74,10 +76,11 @@ CONFIGS = (
     "longflow",
     "longflow-loop",
     "longflow-compiled-sync",
+    "longflow-compiled-unfused",
     "default",
     "static",
 )
-OPT_IN = ("longflow-loop", "longflow-compiled-sync")
+OPT_IN = ("longflow-loop", "longflow-compiled-sync", "longflow-compiled-unfused")
 """Configurations run only when named in ``--configs``."""
 LABELS = {
     "fullcache-loop": "strongest full cache: compiled static-shape loop, CUDA graphs, split-K GQA kernel "
@@ -87,10 +90,12 @@ LABELS = {
     "longflow-loop": "LongFlow 80% compression in the same compiled loop as fullcache-loop",
     "longflow-compiled-sync": "longflow-compiled with generate's stop check read on the host every step "
     "(transformers' rule on CUDA)",
+    "longflow-compiled-unfused": "longflow-compiled with q, k, v projected by three matmuls (transformers' way), "
+    "not apply's one",
     "default": "transformers default: DynamicCache + SDPA, eager generate",
     "static": "transformers static cache + torch.compile (CUDA graphs; repeats K/V per GQA group, reads all slots)",
 }
-THROUGH_GENERATE = ("longflow-compiled", "longflow-compiled-sync")
+THROUGH_GENERATE = ("longflow-compiled", "longflow-compiled-sync", "longflow-compiled-unfused")
 """Compiled LongFlow through ``generate`` (apply's ``compile="auto"``)."""
 # Timed calls of each length per row, after the first (which compiles): the median is kept. (One
 # call each let a single slow call decide a row: the H100's fifth run has a row whose short call
@@ -255,6 +260,29 @@ def per_step_stop_check() -> Iterator[None]:
         compat.DEFERRED_STOP_DEVICES = deferring
 
 
+@contextlib.contextmanager
+def projections_apart(model) -> Iterator[None]:
+    """The q, k and v projections of ``model`` run as three matmuls, as in transformers (`apply`
+    fuses them into one on a GPU: `longflow_patch.fused_projections`)."""
+    fusing = fused_projections.FUSE_ON_DEVICES
+    fused_projections.FUSE_ON_DEVICES = ()
+    for module in model.modules():
+        fused_projections.unfuse_qkv(module)
+    try:
+        yield
+    finally:
+        fused_projections.FUSE_ON_DEVICES = fusing
+
+
+def generate_variant(model, kind: str) -> contextlib.AbstractContextManager:
+    """What a row through ``generate`` changes around its calls (nothing for ``longflow-compiled``)."""
+    if kind == "longflow-compiled-sync":
+        return per_step_stop_check()
+    if kind == "longflow-compiled-unfused":
+        return projections_apart(model)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
 def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, bandwidth: float,
             timing_prompt: int, loop_steps: dict, backend: str, compile_shapes: str = "static") -> dict:  # fmt: skip
@@ -298,7 +326,7 @@ def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, 
         first, last = times[0], times[-1]
         del cache
     elif compressed:
-        with per_step_stop_check() if kind == "longflow-compiled-sync" else contextlib.nullcontext():
+        with generate_variant(model, kind):
             first, first_call = generate_step_seconds(model, kind, batch, timing_prompt, total, steps)
         last = first
     elif kind == "static":
@@ -424,7 +452,7 @@ def memory_trace(model, batch: int, budget: int, prompt: int, output: int, every
 # the least: the strongest baseline and compiled LongFlow, then eager LongFlow, then transformers'
 # paths (static last: its compile settings differ from the others').
 PASSES = (
-    ("fullcache-loop", "longflow-compiled", "longflow-compiled-sync", "longflow-loop"),
+    ("fullcache-loop", "longflow-compiled", "longflow-compiled-unfused", "longflow-compiled-sync", "longflow-loop"),
     ("longflow",),
     ("default",),
     ("static",),
@@ -443,7 +471,7 @@ def estimated_seconds(kind: str, shapes_before: int, compile_shapes: str = "stat
         return 40
     if kind in LOOPS:
         return 150 if shapes_before == 0 else 30
-    if kind == "longflow-compiled" and compile_shapes == "static":
+    if kind in ("longflow-compiled", "longflow-compiled-unfused") and compile_shapes == "static":
         return 150 if shapes_before == 0 else 90
     return (150, 120, 30)[min(shapes_before, 2)]
 

@@ -1,10 +1,12 @@
 """``recipes/bench_throughput.py``'s full-cache baseline: its decode loop generates what transformers
-generates, and one compile of the loop serves every batch size and cache length."""
+generates, and one compile of the loop serves every batch size and cache length; its unfused rows run
+the q/k/v projections apart."""
 
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import longflow_patch
+from longflow_patch import fused_projections
 from longflow_patch.compat import cache_keyword
 from longflow_patch.speculative_cache import SpeculativeCache
 
@@ -45,3 +47,17 @@ def test_one_compile_of_the_loop_serves_every_batch_and_cache_length():
         assert seconds > 0 and cost["first_call_s"] > 0
         assert all(int(layer.length) == context + 4 for layer in cache.layers), "each step appends one token"
     assert counter.frame_count == 1, f"{counter.frame_count} compiles for three shapes"
+
+
+def test_unfused_rows_run_the_projections_apart_and_later_rows_fuse_again(monkeypatch):
+    monkeypatch.setattr(fused_projections, "FUSE_ON_DEVICES", ("cpu",))  # fuse here as on a GPU
+    model = longflow_patch.apply(tiny_model("qwen3", "gqa", layers=2), budget=64, compile=False)
+    attention = [layer.self_attn for layer in model.model.layers]
+    prompt = torch.randint(3, 128, (2, 9))
+    model.generate(input_ids=prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert all(fused_projections.fused_qkv(module) is not None for module in attention)
+    with throughput.generate_variant(model, "longflow-compiled-unfused"):
+        model.generate(input_ids=prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert all(fused_projections.fused_qkv(module) is None for module in attention)
+    model.generate(input_ids=prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert all(fused_projections.fused_qkv(module) is not None for module in attention)

@@ -1,0 +1,162 @@
+"""The fused q/k/v projection (`longflow_patch.fused_projections`): same parameters, same memory,
+the same generation as unpatched transformers, and no use of a fusion the model has left behind."""
+
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import longflow_patch
+from longflow_patch import fused_projections
+from longflow_patch.compat import cache_keyword
+from longflow_patch.fused_projections import fusable, fuse_qkv, fused_qkv, refresh_fused_qkv
+
+from models import left_padded_prompts, tiny_model
+
+ARCHES = ["llama", "qwen2", "qwen3"]  # qwen2: a bias on q, k and v
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def greedy(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0
+    )
+
+
+@pytest.fixture
+def fuse_on_cpu(monkeypatch):
+    """`refresh_fused_qkv` fuses on the CPU too (by default it fuses on CUDA devices only)."""
+    monkeypatch.setattr(fused_projections, "FUSE_ON_DEVICES", ("cpu", "cuda"))
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_fused_projection_generates_like_transformers_in_the_same_memory(arch, fuse_on_cpu):
+    model = tiny_model(arch)
+    ids, mask = left_padded_prompts()
+    expected = greedy(model, ids, mask)
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    longflow_patch.apply(model, policy="longflow", budget=64)  # holds every token: nothing is evicted
+    got = greedy(model, ids, mask)
+    assert torch.equal(got, expected)
+    for module in attention_modules(model):
+        fused = fused_qkv(module)
+        assert fused is not None, "generate did not fuse the projections"
+        start = fused.weight.data_ptr()
+        assert module.q_proj.weight.data_ptr() == start, "q_proj does not read the fused rows"
+        row_bytes = fused.weight.stride(0) * fused.weight.element_size()
+        assert module.v_proj.weight.data_ptr() == start + sum(fused.splits[:2]) * row_bytes
+        assert (fused.bias is None) == (arch != "qwen2")
+    assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_fused_model_saves_and_loads_its_own_weights(arch, fuse_on_cpu):
+    model = longflow_patch.apply(tiny_model(arch), budget=64)
+    refresh_fused_qkv(attention_modules(model))
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert state.keys() == loaded.state_dict().keys()
+    assert all(torch.equal(state[name], tensor) for name, tensor in loaded.state_dict().items())
+
+
+def test_a_cast_model_stops_using_the_old_fusion_and_refuses(fuse_on_cpu):
+    model = longflow_patch.apply(tiny_model("qwen2"), budget=64)
+    ids, mask = left_padded_prompts()
+    greedy(model, ids, mask)
+    modules = attention_modules(model)
+    old = fused_qkv(modules[0]).weight
+    model.to(torch.float64)  # new storage for every parameter: the fused tensor is stale
+    assert all(fused_qkv(module) is None for module in modules)
+    with torch.no_grad():
+        # The forward falls back to the three projections: float64 logits, the model's own weights.
+        logits = model(ids, attention_mask=mask, **{cache_keyword(model): longflow_patch.new_cache(model)}).logits
+    assert logits.dtype == torch.float64
+    assert fused_qkv(modules[0]).weight is not old and fused_qkv(modules[0]).weight.dtype == torch.float64
+    unpatched = longflow_patch.unapply(model)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, unpatched(ids, attention_mask=mask).logits, rtol=1e-10, atol=1e-10)
+
+
+def test_stale_fusion_is_never_read_before_a_refresh():
+    model = longflow_patch.apply(tiny_model("llama"), budget=64)
+    ids, mask = left_padded_prompts()
+    for module in attention_modules(model):
+        fuse_qkv(module)
+    with torch.no_grad():
+        for module in attention_modules(model):
+            fused = fused_qkv(module)
+            module.k_proj.weight.data = module.k_proj.weight.data.clone()  # k no longer the fused rows
+            fused.weight.zero_()  # so a forward reading the fusion would be visibly wrong
+        got = model(ids, attention_mask=mask, **{cache_keyword(model): longflow_patch.new_cache(model)}).logits
+    assert all(fused_qkv(module) is None for module in attention_modules(model))
+    assert torch.isfinite(got).all() and got.abs().amax() > 0
+    # new_cache on a CPU model dropped the stale fusions (and, on a CPU, made no new one).
+    assert all(not hasattr(module, "_longflow_fused_qkv") for module in attention_modules(model))
+
+
+def test_loading_weights_into_a_fused_model_updates_the_fusion(fuse_on_cpu):
+    model = longflow_patch.apply(tiny_model("qwen3"), budget=64)
+    refresh_fused_qkv(attention_modules(model))
+    other = tiny_model("qwen3", seed=1)
+    model.load_state_dict(other.state_dict())  # copies into the parameters in place
+    ids, mask = left_padded_prompts()
+    assert all(fused_qkv(module) is not None for module in attention_modules(model))
+    assert torch.equal(greedy(model, ids, mask), greedy(other, ids, mask))
+
+
+def test_unapply_forgets_the_fusion_and_keeps_the_weights(fuse_on_cpu):
+    model = tiny_model("qwen3")
+    ids, mask = left_padded_prompts()
+    expected = greedy(model, ids, mask)
+    longflow_patch.apply(model, budget=64)
+    greedy(model, ids, mask)
+    longflow_patch.unapply(model)
+    assert all(not hasattr(module, "_longflow_fused_qkv") for module in attention_modules(model))
+    assert torch.equal(greedy(model, ids, mask), expected)
+
+
+def test_projections_that_are_not_plain_linears_stay_apart(fuse_on_cpu):
+    class Adapter(nn.Linear):  # e.g. a LoRA layer: its forward is more than the matmul
+        pass
+
+    hooked, wrapped, biased, plain = (tiny_model("qwen3").model.layers[0].self_attn for _ in range(4))
+    hooked.k_proj.register_forward_hook(lambda *args: None)
+    wrapped.v_proj.__class__ = Adapter
+    biased.q_proj.bias = nn.Parameter(torch.zeros(biased.q_proj.out_features))  # a bias on q only
+    assert [fusable(m) for m in (hooked, wrapped, biased, plain)] == [False, False, False, True]
+    refresh_fused_qkv([hooked, wrapped, biased, plain])
+    assert [fused_qkv(m) is not None for m in (hooked, wrapped, biased, plain)] == [False, False, False, True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("arch", ARCHES)
+def test_cuda_generate_fuses_in_the_same_memory_and_compiled_logits_match_transformers(arch):
+    """On a GPU `apply`'s generate fuses (no memory added), and compiled decoding's logits through
+    the fused projection stay within bf16 noise of unpatched transformers on the same tokens
+    (tokens are not compared: a random tiny model's near-ties flip under bf16 rounding)."""
+    model = tiny_model(arch, dtype=torch.bfloat16, head_dim=64).cuda()
+    ids, mask = (t.cuda() for t in left_padded_prompts())
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    refresh_fused_qkv(attention_modules(longflow_patch.apply(model, budget=64, compile=True)))
+    torch.cuda.synchronize()
+    modules = attention_modules(model)
+    assert all(fused_qkv(module) is not None for module in modules)
+    # The three weights' blocks are freed as the fused one is made; the allocator rounds each to 512 bytes.
+    assert torch.cuda.memory_allocated() - before <= 2 * 512 * len(modules)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                         pad_token_id=0, output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    got = torch.stack(out.logits, dim=1).float()
+    longflow_patch.unapply(model)
+    full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1] :])], dim=1)
+    with torch.no_grad():
+        expected = model(out.sequences, attention_mask=full_mask).logits[:, ids.shape[1] - 1 : -1].float()
+    error = (got - expected).norm() / expected.norm()
+    assert error < 2e-2, f"relative logit error {error:.2e}"
