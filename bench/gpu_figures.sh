@@ -89,19 +89,19 @@ roofline-batches)
         batch=$1
         shift
         python3 -P recipes/bench_throughput.py --configs longflow-compiled --max-batch "$batch" --outputs "$@" \
-            --steps 32 --out "$out/throughput_qwen3-8b_b$batch.json" 2>&1 | tee "$out/roofline_b$batch.log"
+            --steps 96 --out "$out/throughput_qwen3-8b_b$batch.json" 2>&1 | tee "$out/roofline_b$batch.log"
     done
     python3 -P bench/profile_step.py --shape qwen3-8b --batch 64 --budget 1740 \
         --out "$out/profile_step_qwen3-8b_b64.json" 2>&1 | tee "$out/profile_b64.log"
     # The same 8k step at batch 64 through generate and in the bare compiled loop, side by side:
     # whether the GPU idle the profile shows there is generate's host work.
     python3 -P recipes/bench_throughput.py --configs longflow-compiled longflow-loop --max-batch 64 --outputs 8192 \
-        --steps 32 --out "$out/throughput_qwen3-8b_b64_loop.json" 2>&1 | tee "$out/roofline_b64_loop.log"
+        --steps 96 --out "$out/throughput_qwen3-8b_b64_loop.json" 2>&1 | tee "$out/roofline_b64_loop.log"
     ;;
 fused-qkv)
     GPU_TEST_FILES="tests/test_fused_projections.py" bash .ci/gpu_tests.sh "$out/gpu_tests_fused_projections.log"
     python3 -P recipes/bench_throughput.py --configs longflow-compiled longflow-compiled-unfused --max-batch 64 \
-        --outputs 8192 4096 --steps 32 --out "$out/throughput_qwen3-8b_b64_fused_qkv.json" 2>&1 |
+        --outputs 8192 4096 --steps 96 --out "$out/throughput_qwen3-8b_b64_fused_qkv.json" 2>&1 |
         tee "$out/fused_qkv_b64.log"
     python3 -P bench/decoder_gemms.py --batches 64 128 256 --out "$out/decoder_gemms.json" 2>&1 | tee "$out/decoder_gemms.log"
     ;;
