@@ -10,8 +10,8 @@ projection's parameter at its own rows: the same ``nn.Parameter`` objects with t
 in the same memory, so the model, its ``state_dict`` and ``save_pretrained`` see no change.
 `fused_qkv` gives that tensor while the parameters still are its rows; once the model is moved
 or cast (new storage for each parameter) it gives None and the projections run apart until
-`refresh_fused_qkv` fuses again (`longflow_patch.apply`'s ``generate`` and
-`longflow_patch.new_cache` call it, where the model is on a CUDA device).
+`refresh_fused_qkv` fuses again (`longflow_patch.patch.fuse_projections`, which ``generate``,
+`longflow_patch.new_cache` and `longflow_patch.speculative_generate` call first).
 """
 
 from typing import NamedTuple
@@ -67,7 +67,10 @@ def fuse_qkv(module: nn.Module) -> FusedQKV:
     splits = tuple(linear.out_features for linear in linears)
 
     def fused_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
-        fused = torch.cat([t.detach() for t in tensors])
+        # A normal tensor even under `torch.inference_mode` (generate may run in it): parameters
+        # made of inference tensors could no longer be loaded into in place or trained.
+        with torch.inference_mode(False), torch.no_grad():
+            fused = torch.cat([t.detach() for t in tensors])
         for tensor, rows in zip(tensors, fused.split(splits), strict=True):
             tensor.data = rows
         return fused
@@ -101,7 +104,7 @@ def fused_qkv(module: nn.Module) -> FusedQKV | None:
     """The fused projection of ``module`` while its parameters still are the fused rows, else None.
 
     Under ``torch.compile`` the check (host pointers) is not traced: the fused projection is used
-    as made, and `refresh_fused_qkv` runs before each compiled ``generate``."""
+    as made: `refresh_fused_qkv` runs before decoding starts (`longflow_patch.patch.fuse_projections`)."""
     fused = getattr(module, "_longflow_fused_qkv", None)
     if fused is None or torch.compiler.is_compiling():
         return fused

@@ -151,12 +151,12 @@ def apply(
     those, captures) again, and ``generate`` warns when it meets one. A ``compile_config`` given
     to ``generate`` replaces these settings.
 
-    On a CUDA device, ``generate`` (and `new_cache`) also runs each attention's q, k and v
-    projections as one matmul (`longflow_patch.fused_projections`): the three weights move into one
-    tensor and the parameters point at their rows, with the same values and no added memory, and
-    ``state_dict`` / ``save_pretrained`` see no change. Plain ``nn.Linear`` projections only (a
-    quantized, adapter-wrapped or hooked one runs as before); a model moved or cast since runs
-    them apart until the next call fuses again.
+    On a CUDA device, ``generate`` (and `new_cache`, `speculative_generate`) also runs each
+    attention's q, k and v projections as one matmul (`longflow_patch.fused_projections`): the three
+    weights move into one tensor and the parameters point at their rows, with the same values and no
+    added memory, and ``state_dict`` / ``save_pretrained`` see no change. Plain ``nn.Linear``
+    projections only (a quantized, adapter-wrapped or hooked one runs as before); a model moved or
+    cast since runs them apart until the next call fuses again.
     """
     _check_model(model)
     check_budget(budget)
@@ -192,6 +192,13 @@ def unapply(model: nn.Module) -> nn.Module:
     return model
 
 
+def fuse_projections(model: nn.Module) -> None:
+    """Run each attention's q/k/v projections of ``model`` as one matmul where that pays and is
+    safe (`longflow_patch.fused_projections.refresh_fused_qkv`): what `generate`, `new_cache` and
+    `speculative_generate` do before decoding, so a compiled step never reads a stale fusion."""
+    refresh_fused_qkv(_attention_modules(model))
+
+
 def new_cache(model: nn.Module, budget: int | None = None) -> LongFlowCache:
     """A fresh, empty compressed cache for a patched model (what `generate` builds per call), to
     pass to ``generate`` or ``forward`` yourself, e.g. to read ``cache.kv_bytes()`` afterwards.
@@ -203,7 +210,7 @@ def new_cache(model: nn.Module, budget: int | None = None) -> LongFlowCache:
     policy = model._longflow_policy
     if budget is not None:
         policy = dataclasses.replace(policy, budget=budget)
-    refresh_fused_qkv(_attention_modules(model))
+    fuse_projections(model)
     return LongFlowCache(policy, model.config.num_hidden_layers)
 
 
@@ -234,7 +241,7 @@ def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.T
     returned (`longflow_patch.compat.defer_stop_check_on_cuda`), so the host never waits on a step.
     """
     compiling = _resolve_compile(self, self._longflow_policy, self._longflow_compile)
-    refresh_fused_qkv(_attention_modules(self))  # the model may have moved since the last call
+    fuse_projections(self)  # the model may have moved since the last call
     _, given = cache_from_kwargs(kwargs, "generate")
     if given is not None and not isinstance(given, LongFlowCache):
         raise TypeError(

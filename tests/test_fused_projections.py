@@ -111,6 +111,25 @@ def test_loading_weights_into_a_fused_model_updates_the_fusion(fuse_on_cpu):
     assert torch.equal(greedy(model, ids, mask), greedy(other, ids, mask))
 
 
+def test_fusing_under_inference_mode_leaves_normal_parameters(fuse_on_cpu):
+    model = longflow_patch.apply(tiny_model("qwen3"), budget=64)
+    with torch.inference_mode():
+        longflow_patch.new_cache(model)  # fuses here, as a generate under inference_mode would
+    assert all(not p.is_inference() for p in model.parameters())
+    model.load_state_dict(tiny_model("qwen3", seed=1).state_dict())  # in place: refused on inference tensors
+    assert all(fused_qkv(module) is not None for module in attention_modules(model))
+
+
+def test_speculative_generate_fuses_a_cast_model_afresh(fuse_on_cpu):
+    model = longflow_patch.apply(tiny_model("qwen3"), budget=64)
+    ids = left_padded_prompts(batch=1)[0]
+    expected = greedy(model, ids, torch.ones_like(ids))
+    model.to(torch.float64)  # the fusion made by generate is stale now
+    got = longflow_patch.speculative_generate(model.to(torch.float32), ids, max_new_tokens=12, budget=32)
+    assert all(fused_qkv(module) is not None for module in attention_modules(model))
+    assert torch.equal(got, expected)
+
+
 def test_unapply_forgets_the_fusion_and_keeps_the_weights(fuse_on_cpu):
     model = tiny_model("qwen3")
     ids, mask = left_padded_prompts()
