@@ -14,18 +14,13 @@ from longflow_patch.compat import cache_keyword
 from longflow_patch.fused_projections import fusable, fuse_qkv, fused_qkv, refresh_fused_qkv
 
 from models import left_padded_prompts, tiny_model
+from test_equivalence import greedy
 
 ARCHES = ["llama", "qwen2", "qwen3"]  # qwen2: a bias on q, k and v
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [layer.self_attn for layer in model.model.layers]
-
-
-def greedy(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0
-    )
 
 
 @pytest.fixture
@@ -66,7 +61,7 @@ def test_fused_model_saves_and_loads_its_own_weights(arch, fuse_on_cpu):
     assert all(torch.equal(state[name], tensor) for name, tensor in loaded.state_dict().items())
 
 
-def test_a_cast_model_stops_using_the_old_fusion_and_refuses(fuse_on_cpu):
+def test_a_cast_model_stops_using_the_old_fusion_and_fuses_again(fuse_on_cpu):
     model = longflow_patch.apply(tiny_model("qwen2"), budget=64)
     ids, mask = left_padded_prompts()
     greedy(model, ids, mask)
@@ -123,7 +118,7 @@ def test_fusing_under_inference_mode_leaves_normal_parameters(fuse_on_cpu):
 def test_speculative_generate_fuses_a_cast_model_afresh(fuse_on_cpu):
     model = longflow_patch.apply(tiny_model("qwen3"), budget=64)
     ids = left_padded_prompts(batch=1)[0]
-    expected = greedy(model, ids, torch.ones_like(ids))
+    expected = greedy(model, ids, torch.ones_like(ids), new_tokens=12)
     model.to(torch.float64)  # the fusion made by generate is stale now
     got = longflow_patch.speculative_generate(model.to(torch.float32), ids, max_new_tokens=12, budget=32)
     assert all(fused_qkv(module) is not None for module in attention_modules(model))
