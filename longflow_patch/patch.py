@@ -207,10 +207,15 @@ def new_cache(model: nn.Module, budget: int | None = None) -> LongFlowCache:
     """
     if not hasattr(model, "_longflow_policy"):
         raise ValueError("the model is not patched: call longflow_patch.apply(model, ...) first")
+    fuse_projections(model)
+    return _empty_cache(model, budget)
+
+
+def _empty_cache(model: nn.Module, budget: int | None) -> LongFlowCache:
+    """`new_cache` less its checks and fusion, for `generate`, which has done both."""
     policy = model._longflow_policy
     if budget is not None:
         policy = dataclasses.replace(policy, budget=budget)
-    fuse_projections(model)
     return LongFlowCache(policy, model.config.num_hidden_layers)
 
 
@@ -256,7 +261,7 @@ def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.T
         budget = max(policy.minimum_budget, _tokens_to_hold(self, args, kwargs)) if policy.sized_by_generate else None
         cache = getattr(self, "_longflow_reused_cache", None)
         if cache is None or cache.policy is not policy or budget is not None:
-            cache = new_cache(self, budget)
+            cache = _empty_cache(self, budget)
         if compiling:
             self._longflow_reused_cache = cache
         cache.reset()
