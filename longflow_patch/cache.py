@@ -16,6 +16,14 @@ from longflow_patch.ops import decode_step
 from longflow_patch.policies import Policy, window_attention
 
 
+def _rows(token: torch.Tensor) -> torch.Tensor:
+    """``token`` ``[B, H, D]`` with a contiguous last dim, copied only if it lacks one. The op reads
+    rows through their batch and head strides, so a slice of the fused q/k/v projection's output
+    (`longflow_patch.fused_projections`) goes in as it is: copying it cost the compiled step a
+    kernel's worth of work per layer."""
+    return token if token.stride(-1) == 1 else token.contiguous()
+
+
 class LongFlowLayer(CacheLayerMixin):
     """One layer's slots.
 
@@ -258,9 +266,9 @@ class LongFlowLayer(CacheLayerMixin):
                 self._before_compacting_step(query[:, :, step], positions[:, step], scale)
             outputs.append(
                 decode_step(
-                    query[:, :, step].contiguous(),
-                    keys[:, :, step].contiguous(),
-                    values[:, :, step].contiguous(),
+                    _rows(query[:, :, step]),
+                    _rows(keys[:, :, step]),
+                    _rows(values[:, :, step]),
                     self.keys,
                     self.values,
                     self.value_norm,

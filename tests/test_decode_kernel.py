@@ -62,8 +62,13 @@ def random_step(batch, kv_heads, group, slots, head_dim, dtype, filled, ragged=F
     )
 
 
+def same_layout_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` with its strides (``clone`` makes a strided view contiguous)."""
+    return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device).copy_(tensor)
+
+
 def run_both(step, score_kind, shared, n_splits=None, sink=4, recent=8, planned_slots=0, reallocate_every=0):
-    theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
+    theirs = {k: same_layout_copy(v) if isinstance(v, torch.Tensor) else v for k, v in step.items()}
     settings = dict(
         scale=step["q"].shape[-1] ** -0.5,
         sink_tokens=sink,
@@ -127,6 +132,26 @@ def test_kernel_matches_reference(case):
     batch, kv_heads, group, slots, head_dim, dtype, filled, shared, score, n_splits, ragged, accumulate = case
     step = random_step(batch, kv_heads, group, slots, head_dim, dtype, filled, ragged, shared, accumulate)
     assert_same_step(*run_both(step, score, shared, n_splits))
+
+
+@pytest.mark.parametrize(
+    "batch,kv_heads,group,slots,n_splits",
+    [(2, 2, 4, 200, 2), (3, 1, 8, 64, 1)] + ([] if INTERPRETED else [(64, 8, 4, 1740, None)]),
+)
+def test_new_token_read_through_row_strides(batch, kv_heads, group, slots, n_splits):
+    """The new token's query, key and value as slices of one row of a fused q/k/v projection's
+    output (``[B, (Hq + 2 Hkv) * D]``), the way the cache passes them, not copied: same step."""
+    head_dim = 64
+    step = random_step(batch, kv_heads, group, slots, head_dim, torch.bfloat16, slots)
+    names = ("q", "k_new", "v_new")
+    fused = torch.cat([step[name].flatten(1) for name in names], dim=1)
+    widths = [step[name].shape[1] * head_dim for name in names]
+    for name, part in zip(names, fused.split(widths, dim=1), strict=True):
+        step[name] = part.view(batch, -1, head_dim)
+    assert not step["v_new"].is_contiguous() and step["v_new"].stride(0) == fused.shape[1]
+    step, expected, theirs, got = run_both(step, ScoreKind.CONTRIBUTION, True, n_splits)
+    assert theirs["v_new"].stride() == step["v_new"].stride()
+    assert_same_step(step, expected, theirs, got)
 
 
 @pytest.mark.parametrize("score", [ScoreKind.CONTRIBUTION, ScoreKind.ATTENTION])

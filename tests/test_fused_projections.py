@@ -49,6 +49,27 @@ def test_fused_projection_generates_like_transformers_in_the_same_memory(arch, f
     assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
 
 
+def test_the_op_reads_each_new_value_from_the_fused_output_uncopied(fuse_on_cpu, monkeypatch):
+    """A decode step hands the op the new value as a slice of the fused projection's output rows
+    (the op reads through strides), not a contiguous copy of it."""
+    from longflow_patch import cache
+
+    row_strides = []
+
+    def recording_decode_step(q, k_new, v_new, *args, **kwargs):
+        row_strides.append(v_new.stride())
+        return decode_step(q, k_new, v_new, *args, **kwargs)
+
+    decode_step = cache.decode_step
+    monkeypatch.setattr(cache, "decode_step", recording_decode_step)
+    model = longflow_patch.apply(tiny_model("llama"), budget=64)
+    ids, mask = left_padded_prompts()
+    greedy(model, ids, mask)
+    fused = fused_qkv(attention_modules(model)[0])
+    head_dim = model.config.head_dim
+    assert row_strides and set(row_strides) == {(sum(fused.splits), head_dim, 1)}
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_fused_model_saves_and_loads_its_own_weights(arch, fuse_on_cpu):
     model = longflow_patch.apply(tiny_model(arch), budget=64)
