@@ -14,7 +14,7 @@
 #   bash bench/gpu_figures.sh speed-1.7b OUT   # the speed suite on the Qwen3-1.7B shape
 #   bash bench/gpu_figures.sh roofline-batches OUT  # compiled LongFlow (8B shape) at batch 64 and 128, each
 #                                              # step against its own roofline (the "batch >= 64"),
-#                                              # the profile of the 8k step at batch 64, and that step
+#                                              # the profiles of the 8k and 4k steps at batch 64, the 8k step
 #                                              # through generate beside the bare compiled loop
 #   bash bench/gpu_figures.sh fused-qkv OUT    # the fused q/k/v projection's GPU tests, then compiled LongFlow
 #                                              # (8B shape, batch 64, 8k and 4k) with it and with the three
@@ -93,6 +93,8 @@ roofline-batches)
     done
     python3 -P bench/profile_step.py --shape qwen3-8b --batch 64 --budget 1740 \
         --out "$out/profile_step_qwen3-8b_b64.json" 2>&1 | tee "$out/profile_b64.log"
+    python3 -P bench/profile_step.py --shape qwen3-8b --batch 64 --budget 921 \
+        --out "$out/profile_step_qwen3-8b_b64_4k.json" 2>&1 | tee "$out/profile_b64_4k.log"
     # The same 8k step at batch 64 through generate and in the bare compiled loop, side by side:
     # whether the GPU idle the profile shows there is generate's host work.
     python3 -P recipes/bench_throughput.py --configs longflow-compiled longflow-loop --max-batch 64 --outputs 8192 \
