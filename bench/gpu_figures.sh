@@ -22,6 +22,9 @@
 #   bash bench/gpu_figures.sh score-sweep OUT  # bench/decode_op.py at batch 64 and 171 (8B throughput rows),
 #                                              # budgets on and off multiples of 16: per-kernel times and
 #                                              # the scoring pass's launch shapes
+#   bash bench/gpu_figures.sh attend-sweep OUT # bench/decode_op.py --sweep at the 8B throughput rows' shapes
+#                                              # (batch 64-256, 921 and 1,740 slots): the attention pass's
+#                                              # launch shapes against the default (swept so far at other shapes)
 #   bash bench/gpu_figures.sh kernel-ab OUT    # bench/kernel_ab.py: the decode op against an earlier kernel
 #                                              # file, put first at bench/baseline/decode_attention.py (ignored by
 #                                              # git; carry it), e.g. from 5715db2, the last with three launches:
@@ -111,6 +114,10 @@ score-sweep)
     python3 -P bench/decode_op.py --batches 64 171 --slots 921 1024 1740 2048 3379 --score-sweep --profile \
         --out "$out/decode_op_score_sweep.json" 2>&1 | tee "$out/decode_op_score_sweep.log"
     ;;
+attend-sweep)
+    python3 -P bench/decode_op.py --batches 64 128 256 --slots 921 1740 --sweep \
+        --out "$out/decode_op_attend_sweep.json" 2>&1 | tee "$out/decode_op_attend_sweep.log"
+    ;;
 kernel-ab)
     baseline=bench/baseline/decode_attention.py
     [ -f $baseline ] || { echo "kernel-ab: no $baseline (see the top of this file)" >&2; exit 2; }
@@ -127,7 +134,7 @@ speculative | speculative-2k | speculative-4k)
     ;;
 *)
     echo "unknown part: $part (tests, kernel-tests, speed, speed-dynamic, speed-loop, speed-1.7b, roofline-batches," \
-        "fused-qkv, score-sweep, kernel-ab, speculative, speculative-2k, speculative-4k)" >&2
+        "fused-qkv, score-sweep, attend-sweep, kernel-ab, speculative, speculative-2k, speculative-4k)" >&2
     exit 2
     ;;
 esac

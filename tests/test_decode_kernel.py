@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from longflow_patch.kernels.decode_attention import (
+    AttendLaunch,
     ScoreLaunch,
     decode_attention_triton,
     multiprocessor_count,
@@ -67,7 +68,9 @@ def same_layout_copy(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device).copy_(tensor)
 
 
-def run_both(step, score_kind, shared, n_splits=None, sink=4, recent=8, planned_slots=0, reallocate_every=0):
+def run_both(
+    step, score_kind, shared, n_splits=None, sink=4, recent=8, planned_slots=0, reallocate_every=0, launch=None
+):
     theirs = {k: same_layout_copy(v) if isinstance(v, torch.Tensor) else v for k, v in step.items()}
     settings = dict(
         scale=step["q"].shape[-1] ** -0.5,
@@ -79,7 +82,7 @@ def run_both(step, score_kind, shared, n_splits=None, sink=4, recent=8, planned_
         min_limit=sink + recent + 1,
     )
     expected = decode_attention_reference(**step, **settings)
-    got = decode_attention_triton(**theirs, **settings, planned_slots=planned_slots, n_splits=n_splits)
+    got = decode_attention_triton(**theirs, **settings, planned_slots=planned_slots, n_splits=n_splits, launch=launch)
     return step, expected, theirs, got
 
 
@@ -152,6 +155,19 @@ def test_new_token_read_through_row_strides(batch, kv_heads, group, slots, n_spl
     step, expected, theirs, got = run_both(step, ScoreKind.CONTRIBUTION, True, n_splits)
     assert theirs["v_new"].stride() == step["v_new"].stride()
     assert_same_step(step, expected, theirs, got)
+
+
+@pytest.mark.parametrize(
+    "launch",
+    [AttendLaunch(32, 4, 2), AttendLaunch(64, 8, 3), AttendLaunch(128, 8, 4)],
+    ids=lambda launch: f"block{launch.block_s}-warps{launch.num_warps}-stages{launch.num_stages}",
+)
+@pytest.mark.parametrize("n_splits", [1, 3])
+def test_attention_launch_shapes_match_reference(launch, n_splits):
+    """The attention pass's launch shapes that `bench/decode_op.py --sweep` times compute the same
+    step: tiles of 32-128 slots (a budget off their multiples), 4 or 8 warps, 2-4 stages."""
+    step = random_step(2, 2, 4, 300 if INTERPRETED else 1740, 128, torch.bfloat16, 280, shared=True)
+    assert_same_step(*run_both(step, ScoreKind.CONTRIBUTION, True, n_splits, launch=launch))
 
 
 @pytest.mark.parametrize("score", [ScoreKind.CONTRIBUTION, ScoreKind.ATTENTION])
