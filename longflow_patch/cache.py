@@ -19,8 +19,8 @@ from longflow_patch.policies import Policy, window_attention
 def _rows(token: torch.Tensor) -> torch.Tensor:
     """``token`` ``[B, H, D]`` with a contiguous last dim, copied only if it lacks one. The op reads
     rows through their batch and head strides, so a slice of the fused q/k/v projection's output
-    (`longflow_patch.fused_projections`) goes in as it is: copying it cost the compiled step a
-    kernel's worth of work per layer."""
+    (`longflow_patch.fused_projections`) goes in as it is: copying it had inductor add a copy of
+    v to every layer's norm + RoPE kernel."""
     return token if token.stride(-1) == 1 else token.contiguous()
 
 
