@@ -97,14 +97,16 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_inputs(batch: int, slots: int, limits: torch.Tensor | None = None) -> dict:
+def make_inputs(batch: int, slots: int, limits: torch.Tensor | None = None, preparation: str = "none") -> dict:
     """Decode-op inputs with a token in every usable slot: all ``slots`` of each KV head, or the
-    first ``limits[b, h]`` (``[B, Hkv]`` int32, ragged budgets) with the rest empty."""
+    first ``limits[b, h]`` (``[B, Hkv]`` int32, ragged budgets) with the rest empty.
+    ``preparation``: "none" (q and k come rotated), "rope" (the op rotates them: RoPE tables) or
+    "qwen3" (the op applies Qwen3's q/k norms too: also norm weights)."""
     where, dtype = device(), torch.bfloat16
     limits = torch.full((batch, KV_HEADS), slots, dtype=torch.int32) if limits is None else limits
     limits = limits.to(device=where, dtype=torch.int32).contiguous()
     slot = torch.arange(slots, dtype=torch.int32, device=where)
-    return dict(
+    inputs = dict(
         q=torch.randn(batch, QUERY_HEADS, HEAD_DIM, dtype=dtype, device=where),
         k_new=torch.randn(batch, KV_HEADS, HEAD_DIM, dtype=dtype, device=where),
         v_new=torch.randn(batch, KV_HEADS, HEAD_DIM, dtype=dtype, device=where),
@@ -117,6 +119,13 @@ def make_inputs(batch: int, slots: int, limits: torch.Tensor | None = None) -> d
         slot_limit=limits,
         accumulated=None,
     )
+    if preparation != "none":  # keyword arguments only: they come after the op's settings
+        angles = torch.rand(1, HEAD_DIM, device=where) * 100
+        inputs.update(cos=angles.cos().to(dtype).expand(batch, -1), sin=angles.sin().to(dtype).expand(batch, -1))
+    if preparation == "qwen3":
+        weight = torch.ones(HEAD_DIM, dtype=dtype, device=where)
+        inputs.update(q_norm_weight=weight, k_norm_weight=weight.clone(), norm_eps=1e-6)
+    return inputs
 
 
 def fused_call(inputs: dict, launch: AttendLaunch | None = None, score_launch: ScoreLaunch | None = None,

@@ -16,6 +16,9 @@
 #                                              # step against its own roofline (the issue's "batch >= 64"),
 #                                              # the profiles of the 8k and 4k steps at batch 64, the 8k step
 #                                              # through generate beside the bare compiled loop
+#   bash bench/gpu_figures.sh prepared-ab OUT  # compiled LongFlow (8B shape, b64 4k/8k, b128 4k) with the new
+#                                              # token's q/k norms and RoPE in the fused op and apart, side by
+#                                              # side, and the 4k step's profile
 #   bash bench/gpu_figures.sh fused-qkv OUT    # the fused q/k/v projection's GPU tests, then compiled LongFlow
 #                                              # (8B shape, batch 64, 8k and 4k) with it and with the three
 #                                              # projections apart, side by side, and bench/decoder_gemms.py
@@ -62,7 +65,7 @@ tests)
     wait
     ;;
 kernel-tests)
-    GPU_TEST_FILES="tests/test_decode_kernel.py tests/test_eager_path.py tests/test_op.py tests/test_compile.py tests/test_fused_projections.py" \
+    GPU_TEST_FILES="tests/test_decode_kernel.py tests/test_eager_path.py tests/test_op.py tests/test_compile.py tests/test_fused_projections.py tests/test_new_token_preparation.py" \
         bash .ci/gpu_tests.sh "$out/gpu_tests_kernel.log" "${parallel[@]}"
     ;;
 speed)
@@ -103,6 +106,18 @@ roofline-batches)
     python3 -P recipes/bench_throughput.py --configs longflow-compiled longflow-loop --max-batch 64 --outputs 8192 \
         --steps 96 --out "$out/throughput_qwen3-8b_b64_loop.json" 2>&1 | tee "$out/roofline_b64_loop.log"
     ;;
+prepared-ab)
+    # Compiled LongFlow (8B shape, batch 64 at 4k and 8k, batch 128 at 4k) with the new token's q/k norms
+    # and RoPE inside the fused op (the default) and run by transformers' modules, side by side; the 4k
+    # step's profile at batch 64.
+    python3 -P recipes/bench_throughput.py --configs longflow-compiled longflow-compiled-prepared-apart --max-batch 64 \
+        --outputs 4096 8192 --steps 96 --out "$out/throughput_qwen3-8b_b64_prepared.json" 2>&1 |
+        tee "$out/prepared_b64.log"
+    python3 -P recipes/bench_throughput.py --configs longflow-compiled longflow-compiled-prepared-apart --max-batch 128 \
+        --outputs 4096 --steps 96 --out "$out/throughput_qwen3-8b_b128_prepared.json" 2>&1 | tee "$out/prepared_b128.log"
+    python3 -P bench/profile_step.py --shape qwen3-8b --batch 64 --budget 921 \
+        --out "$out/profile_step_qwen3-8b_b64_4k.json" 2>&1 | tee "$out/profile_b64_4k.log"
+    ;;
 fused-qkv)
     GPU_TEST_FILES="tests/test_fused_projections.py" bash .ci/gpu_tests.sh "$out/gpu_tests_fused_projections.log"
     python3 -P recipes/bench_throughput.py --configs longflow-compiled longflow-compiled-unfused --max-batch 64 \
@@ -134,7 +149,7 @@ speculative | speculative-2k | speculative-4k)
     ;;
 *)
     echo "unknown part: $part (tests, kernel-tests, speed, speed-dynamic, speed-loop, speed-1.7b, roofline-batches," \
-        "fused-qkv, score-sweep, attend-sweep, kernel-ab, speculative, speculative-2k, speculative-4k)" >&2
+        "prepared-ab, fused-qkv, score-sweep, attend-sweep, kernel-ab, speculative, speculative-2k, speculative-4k)" >&2
     exit 2
     ;;
 esac

@@ -39,14 +39,18 @@ POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16:
 NVIDIA_BIN = Path(triton.backends.nvidia.__file__).parent / "bin"
 
 
-def record_launches(batch: int, slots: int, shared: bool, num_sms: int) -> list[tuple[KernelLaunch, tuple]]:
-    """The decode step's launches for one shape, as ``(launch, tensors)``, without running any."""
+def record_launches(
+    batch: int, slots: int, shared: bool, num_sms: int, preparation: str = "none"
+) -> list[tuple[KernelLaunch, tuple]]:
+    """The decode step's launches for one shape, as ``(launch, tensors)``, without running any
+    (``preparation``: what the op does to the new token first, `decode_op.make_inputs`)."""
     recorded = []
     call, count = KernelLaunch.__call__, decode_attention.multiprocessor_count
     KernelLaunch.__call__ = lambda self, *tensors, **_: recorded.append((self, tensors))
     decode_attention.multiprocessor_count = lambda device: num_sms
     try:
-        decode_attention.decode_attention_triton(**make_inputs(batch, slots), **{**SETTINGS, "shared": shared})
+        inputs = make_inputs(batch, slots, preparation=preparation)
+        decode_attention.decode_attention_triton(**inputs, **{**SETTINGS, "shared": shared})
     finally:
         KernelLaunch.__call__, decode_attention.multiprocessor_count = call, count
     return recorded
@@ -102,11 +106,12 @@ def ptx_counts(ptx: str) -> dict:
     return counts
 
 
-def kernel_rows(batch: int, slots: int, shared: bool, num_sms: int, target: GPUTarget) -> list[dict]:
+def kernel_rows(batch: int, slots: int, shared: bool, num_sms: int, target: GPUTarget, preparation: str) -> list[dict]:
     rows = []
-    for launch, tensors in record_launches(batch, slots, shared, num_sms):
+    for launch, tensors in record_launches(batch, slots, shared, num_sms, preparation):
         compiled = compile_launch(launch, tensors, target)
-        rows.append({"kernel": launch.kernel.fn.__name__, "batch": batch, "slots": slots, "shared": shared,
+        rows.append({"kernel": launch.kernel.fn.__name__, "preparation": preparation, "batch": batch, "slots": slots,
+                     "shared": shared,
                      "grid": "x".join(map(str, launch.grid)), "num_warps": launch.options.get("num_warps"),
                      **resource_usage(compiled.asm["cubin"]), **ptx_counts(compiled.asm["ptx"])})  # fmt: skip
     return rows
@@ -117,6 +122,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[64])
     parser.add_argument("--slots", type=int, nargs="+", default=[1740])
     parser.add_argument("--per-head", action="store_true", help="eviction per KV head (default: shared)")
+    parser.add_argument("--preparation", nargs="+", choices=["none", "rope", "qwen3"], default=["none", "qwen3"],
+                        help="what the op does to the new token first: nothing (q, k come rotated), RoPE, or "
+                        "Qwen3's q/k norms and RoPE (what a Qwen3 decode step runs on a GPU)")  # fmt: skip
     parser.add_argument("--sms", type=int, default=132, help="SMs the launches are planned for (H100 SXM: 132)")
     parser.add_argument("--target", default="cuda:90", help="backend:arch, e.g. cuda:90 (Hopper), cuda:80")
     parser.add_argument("--out", default="bench/results/kernel_ptx.json")
@@ -125,8 +133,8 @@ def main() -> None:
         raise SystemExit("kernel_ptx: unset TRITON_INTERPRET; this compiles the kernels, it never runs them")
     backend, arch = args.target.split(":")
     target = GPUTarget(backend, int(arch), 32)
-    rows = [row for batch in args.batch for slots in args.slots
-            for row in kernel_rows(batch, slots, not args.per_head, args.sms, target)]  # fmt: skip
+    rows = [row for preparation in args.preparation for batch in args.batch for slots in args.slots
+            for row in kernel_rows(batch, slots, not args.per_head, args.sms, target, preparation)]  # fmt: skip
     print_table(rows, list(rows[0]))
     write_results(args.out, {"benchmark": "kernel_ptx", "environment": environment(), "target": args.target,
                              "sms": args.sms, "rows": rows})  # fmt: skip

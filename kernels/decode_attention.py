@@ -6,7 +6,8 @@ online re-allocation):
 
 1. ``_attend_split_kernel`` (grid ``splits x Hkv x B``, flash-decoding split-K). Each program
    owns one KV head of one row and a contiguous range of slots. It loads the ``G`` query heads of
-   its group once (one ``[BLOCK_G, D]`` tile, padded to 16 rows for ``tl.dot``), then streams its
+   its group once (one ``[BLOCK_G, D]`` tile, padded to 16 rows for ``tl.dot``; given RoPE tables,
+   it normalises and rotates them and the new key itself, `_prepare_rows`), then streams its
    slots in ``[BLOCK_S, D]`` tiles of K and V: every K/V byte of the cache is read exactly once,
    for all query heads of the group. It keeps a running max / running sum (online softmax, float32)
    and writes the unnormalised partial output, the partial max and sum, and one float per query
@@ -19,6 +20,7 @@ online re-allocation):
    ``2 * SMs / Hkv`` rows up, where `plan_splits` wants no more) a program has seen the whole
    softmax and writes the final output itself. The logits go to rows padded to whole tiles of
    the scoring pass (`DecodePlan.logit_stride`), which therefore loads them without a slot mask.
+   Split 0 of each selection scope also empties the scope's cell for the scoring pass.
 2. ``_score_merge_kernel`` (grid ``(chunks + output programs) x Hsel x B``). Once all splits are
    done the softmax normalisers are known. A score-chunk program rebuilds them from the split
    partials (a few floats per query head) for every query head of its selection scope at once
@@ -27,7 +29,7 @@ online re-allocation):
    combined by a log-sum-exp over the heads, the reference's log-space ranking; attention scores:
    summed weights), masks empty / protected / unusable slots and folds the chunk's lowest rank and
    its slot into the scope's cell with one atomic max of a packed int64 (`_pack_choice`); the
-   last chunk to arrive (an atomic count) writes the scope's next write slot and empties the cell.
+   last chunk to arrive (an atomic count) writes the scope's next write slot.
    The output programs, one per KV head of the scope and 32-column slice of the head dim, merge
    the split partials into the final output meanwhile (there are none with one split per head).
    (Until 2026-12-05 both were a third launch, which an eager step pays for on the host;
@@ -64,7 +66,7 @@ import triton.language as tl
 from triton.runtime import driver
 
 from . import launch as kernel_launch
-from .decode_attention_reference import check_reallocation
+from .decode_attention_reference import check_new_token_preparation, check_reallocation
 from .launch import KernelLaunch, aligned
 from .online_softmax import merge_split_partials, online_softmax_step
 
@@ -118,21 +120,47 @@ class ScoreLaunch:
 
 
 @triton.jit
+def _prepare_rows(x, partner, Norm_weight, offs_d, partner_d, cos, signed_sin, eps,
+                  NORM: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+    """A new token's query or key rows ``x`` ``[..., D]`` (model dtype) after RMSNorm (``NORM``) and
+    RoPE, rounded as the reference's `prepare_new_token`. ``partner``: the same rows with their
+    halves swapped (what ``rotate_half`` pairs each column with), ``signed_sin``: ``sin`` negated
+    over the first half (``rotate_half``'s sign)."""
+    dtype = x.dtype
+    x = x.to(tl.float32)
+    partner = partner.to(tl.float32)
+    if NORM:
+        # The row's norm, shared by each column and its partner (the same row's other half).
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=-1, keep_dims=True) / HEAD_DIM + eps)
+        weight = tl.load(Norm_weight + offs_d).to(tl.float32)
+        partner_weight = tl.load(Norm_weight + partner_d).to(tl.float32)
+        x = (weight * (x * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        partner = (partner_weight * (partner * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    return (x * cos + partner * signed_sin).to(dtype)
+
+
+@triton.jit
 def _attend_split_kernel(
     Q, K_new, V_new, K_cache, V_cache, Value_norm, Slot_pos, Write_slot, Position, Slot_limit,
-    Out_part, M_part, L_part, Logits, Out,
+    Out_part, M_part, L_part, Logits, Out, Choice, Cos, Sin, Q_norm_weight, K_norm_weight,
     stride_qb, stride_qh,
     stride_nkb, stride_nkh, stride_nvb, stride_nvh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    stride_pb, stride_ph, stride_ob, stride_oh,
-    n_splits, split_size, num_slots, logit_stride, qk_scale,
+    stride_pb, stride_ph, stride_ob, stride_oh, stride_cos, stride_sin,
+    n_splits, split_size, num_slots, logit_stride, n_sel, qk_scale, norm_eps,
     G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, FINAL: tl.constexpr,
+    ROTATE: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     head = tl.program_id(1)
     row = tl.program_id(2).to(tl.int64)
     kv_heads = tl.num_programs(1)
+
+    # Empty this step's selection cells (arrivals, best choice) for the scoring pass, which starts
+    # after every program here ends: split 0 of each of the row's first ``n_sel`` heads empties one.
+    if (split == 0) & (head < n_sel):
+        tl.store(Choice + (row * n_sel + head) * 2 + tl.arange(0, 2), tl.zeros([2], tl.int64))
 
     limit = tl.load(Slot_limit + row * kv_heads + head)
     start = split * split_size
@@ -145,10 +173,23 @@ def _attend_split_kernel(
     g_mask = offs_g < G
 
     # The group's query heads, loaded once for every slot of this split.
-    q = tl.load(Q + row * stride_qb + (head * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None], other=0.0)  # fmt: skip
-    k_new = tl.load(K_new + row * stride_nkb + head * stride_nkh + offs_d)
+    q_rows = Q + row * stride_qb + (head * G + offs_g)[:, None] * stride_qh
+    q = tl.load(q_rows + offs_d[None, :], mask=g_mask[:, None], other=0.0)
+    k_row = K_new + row * stride_nkb + head * stride_nkh
+    k_new = tl.load(k_row + offs_d)
     v_new = tl.load(V_new + row * stride_nvb + head * stride_nvh + offs_d)
+    if ROTATE:
+        # The new token's norms and RoPE, here rather than in kernels of their own: a few hundred
+        # bytes per program (the rows again with their halves swapped, cos, sin, norm weights).
+        # The query's before the slots (they need it), the key's after them (only the token needs
+        # it), so the slot stream waits for the query's alone.
+        partner_d = (offs_d + HEAD_DIM // 2) % HEAD_DIM
+        cos = tl.load(Cos + row * stride_cos + offs_d).to(tl.float32)
+        sin = tl.load(Sin + row * stride_sin + offs_d).to(tl.float32)
+        signed_sin = tl.where(offs_d < HEAD_DIM // 2, -sin, sin)
+        q_partner = tl.load(q_rows + partner_d[None, :], mask=g_mask[:, None], other=0.0)
+        q = _prepare_rows(q, q_partner, Q_norm_weight, offs_d, partner_d, cos, signed_sin, norm_eps, NORM, HEAD_DIM)
+        k_partner = tl.load(k_row + partner_d)
     write_slot = tl.load(Write_slot + row * kv_heads + head)
     position = tl.load(Position + row)
 
@@ -179,6 +220,9 @@ def _attend_split_kernel(
                  mask=g_mask[:, None] & in_range[None, :])  # fmt: skip
         m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, qk, v)
 
+    if ROTATE:
+        k_new = _prepare_rows(k_new, k_partner, K_norm_weight, offs_d, partner_d, cos, signed_sin, norm_eps, NORM,
+                              HEAD_DIM)  # fmt: skip
     # This step's token: the program whose range holds the write slot attends to it, records its
     # logit, and commits its key, value, value norm and position to the cache.
     owns = (write_slot >= start) & (write_slot < end)
@@ -361,14 +405,13 @@ def _score_merge_kernel(
         tl.store(Chunk_arg2 + out, tl.min(tl.where(rank_2 == chunk_min2, slot_2, num_slots), axis=0))
 
     # The scope's next write slot, without another launch: every live chunk folds its choice into
-    # the scope's cell (``Choice[row, sel]``: arrivals, best packed choice), then counts itself in
-    # (release: its choice is visible first); the last to arrive (acquire: it sees every choice)
-    # writes the slot and empties the cell for the next step.
+    # the scope's cell (``Choice[row, sel]``: arrivals, best packed choice; the attention pass
+    # emptied it), then counts itself in (release: its choice is visible first); the last to
+    # arrive reads the best choice (acquire: it sees every choice) and writes the slot.
     cell = Choice + (row * n_sel + sel) * 2
     tl.atomic_max(cell + 1, _pack_choice(chunk_min, slot), sem="relaxed", scope="gpu")
     if tl.atomic_add(cell, 1, sem="acq_rel", scope="gpu") == tl.cdiv(limit, chunk_size) - 1:
-        best = tl.atomic_xchg(cell + 1, 0, sem="acquire", scope="gpu")
-        tl.atomic_xchg(cell, 0, sem="relaxed", scope="gpu")
+        best = tl.atomic_add(cell + 1, 0, sem="acquire", scope="gpu")
         chosen = (0x7FFFFFFFFFFFFFFF - best) & 0x7FFFFFFF
         tl.store(Write_slot + row * kv_heads + head, chosen.to(Write_slot.dtype.element_ty), mask=offs_h < HEADS)
 
@@ -591,15 +634,15 @@ class DecodeWorkspace:
     """Scratch of one decode step (float32 unless noted; P = ``n_splits``, C = ``n_chunks``):
     ``out_part`` ``[B, Hkv, P, G, D]`` (only for P > 1), ``m_part`` / ``l_part`` ``[B, Hkv, P, G]``
     split partials; ``logits`` ``[B, Hkv, G, S']`` base-2 logits (``S'``: `DecodePlan.logit_stride`);
-    ``choice`` ``[B, Hsel, 2]`` int64, zeros: per selection scope, the score chunks arrived so far
-    and their best packed choice (`_pack_choice`), emptied again by the last chunk of every step;
+    ``choice`` ``[B, Hsel, 2]`` int64: per selection scope, the score chunks arrived so far and
+    their best packed choice (`_pack_choice`), emptied by the attention pass of every step;
     with ``top2`` (online re-allocation) also ``chunk_min`` ``[B, Hsel, C]`` and ``chunk_arg``
     (int32), each score chunk's lowest rank and its slot, and ``chunk_min2`` / ``chunk_arg2`` the
     runner-ups (without it ``choice`` stands in for all four, unused).
 
     Every pass reads only what an earlier pass of the same step wrote (live splits, usable slots,
-    live chunks), and ``choice`` is empty again after every step, so a workspace can serve step
-    after step, and layer after layer on one stream.
+    live chunks, emptied cells), so the buffers start uninitialised (no fill kernel under a CUDA
+    graph) and a workspace can serve step after step, and layer after layer on one stream.
     """
 
     out_part: torch.Tensor
@@ -616,7 +659,7 @@ class DecodeWorkspace:
     def allocate(cls, plan: DecodePlan, device: torch.device) -> "DecodeWorkspace":
         f32 = dict(dtype=torch.float32, device=device)
         batch, kv_heads, group = plan.batch, plan.kv_heads, plan.group
-        choice = torch.zeros((batch, plan.n_sel, 2), dtype=torch.int64, device=device)
+        choice = torch.empty((batch, plan.n_sel, 2), dtype=torch.int64, device=device)
         chunks = (batch, plan.n_sel, plan.n_chunks)
         top2 = plan.top2
         m_part = torch.empty((batch, kv_heads, plan.n_splits, group), **f32)
@@ -650,18 +693,22 @@ class DecodeLaunches:
     def prepare(
         cls, plan: DecodePlan, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
         v_cache: torch.Tensor, slot_pos: torch.Tensor, scale: float, sink_tokens: int, recent_window: int,
-        score_kind: int, accumulate: bool, reallocate_every: int, min_limit: int,
+        score_kind: int, accumulate: bool, reallocate_every: int, min_limit: int, cos: torch.Tensor | None,
+        sin: torch.Tensor | None, q_norm_weight: torch.Tensor | None, norm_eps: float,
     ) -> "DecodeLaunches":  # fmt: skip
         batch, kv_heads, group, slots, head_dim = plan.batch, plan.kv_heads, plan.group, plan.slots, plan.head_dim
         k_strides, v_strides, pos_strides = k_cache.stride()[:3], v_cache.stride()[:3], slot_pos.stride()[:2]
         # The output is contiguous (`decode_attention_triton` allocates it like q's shape).
         out_strides = (q.shape[1] * head_dim, head_dim)
+        rotate = cos is not None
+        table_strides = (cos.stride(0), sin.stride(0)) if rotate else (0, 0)
         attend = KernelLaunch(
             _attend_split_kernel, (plan.n_splits, kv_heads, batch),
             (*q.stride()[:2], *k_new.stride()[:2], *v_new.stride()[:2], *k_strides, *v_strides, *pos_strides,
-             *out_strides, plan.n_splits, plan.split_size, slots, plan.logit_stride, scale * LOG2E),
+             *out_strides, *table_strides, plan.n_splits, plan.split_size, slots, plan.logit_stride, plan.n_sel,
+             scale * LOG2E, norm_eps),
             dict(G=group, BLOCK_G=plan.block_g, HEAD_DIM=head_dim, BLOCK_S=plan.block_s,
-                 FINAL=plan.attend_writes_output),
+                 FINAL=plan.attend_writes_output, ROTATE=rotate, NORM=q_norm_weight is not None),
             num_warps=plan.attend_warps, num_stages=plan.attend_stages,
         )  # fmt: skip
         # Per selection scope, its score chunks, then one output program per KV head of the scope
@@ -709,6 +756,11 @@ def decode_attention_triton(
     planned_slots: int = 0,
     reallocate_every: int = 0,
     min_limit: int = 0,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 0.0,
     *,
     n_splits: int | None = None,
     launch: AttendLaunch | None = None,
@@ -720,6 +772,8 @@ def decode_attention_triton(
     ``planned_slots`` (the mean live budget per head when budgets are ragged, 0 otherwise) sizes
     the splits and score chunks (`plan_splits`); it never changes the result.
     ``reallocate_every`` and ``min_limit``: online re-allocation, as in the reference.
+    ``cos``, ``sin``, ``q_norm_weight``, ``k_norm_weight``, ``norm_eps``: the new token's RoPE and
+    norms, as in the reference, done by the attention pass's programs as they load the token.
     ``n_splits`` overrides the split-K heuristic (tests use it to exercise many splits);
     ``launch`` and ``score_launch`` override the attention and scoring passes' launch shapes
     (the benchmark sweeps them). ``workspaces``: a dict in which the step keeps its scratch
@@ -732,30 +786,35 @@ def decode_attention_triton(
     contiguous, and contiguous ``slot_pos`` / ``write_slot`` / ``slot_limit`` / ``position``.
     """
     check_reallocation(reallocate_every, shared, accumulated)
+    check_new_token_preparation(q, cos, sin, q_norm_weight, k_norm_weight)
     batch, kv_heads, slots, head_dim = k_cache.shape
     device = q.device
     plan = plan_decode(batch, kv_heads, q.shape[1] // kv_heads, slots, head_dim, multiprocessor_count(device),
                        shared, planned_slots, reallocate_every > 0, n_splits, launch, score_launch)  # fmt: skip
     inputs = (q, k_new, v_new, k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit)
+    # The new token's RoPE tables and norm weights (q stands in for absent ones: never read).
+    preparation = [q if t is None else t for t in (cos, sin, q_norm_weight, k_norm_weight)]
     layout = (q, k_new, v_new, k_cache, v_cache, slot_pos, scale, sink_tokens, recent_window, score_kind,
-              accumulated is not None, reallocate_every, min_limit)  # fmt: skip
+              accumulated is not None, reallocate_every, min_limit, cos, sin, q_norm_weight, norm_eps)  # fmt: skip
     if workspaces is None:
         step = DecodeLaunches.prepare(plan, *layout)
     else:
         current_device = torch.cuda.current_device() if q.is_cuda else None
         key = (plan, device, current_device,
-               *(t.dtype for t in inputs), accumulated is None or accumulated.dtype,
-               *(t.stride() for t in inputs[:7]), *layout[6:])  # fmt: skip
+               *(t.dtype for t in (*inputs, *preparation)), accumulated is None or accumulated.dtype,
+               *(t.stride() for t in (*inputs[:7], *preparation[:2])), cos is None, q_norm_weight is None,
+               *layout[6:13], norm_eps)  # fmt: skip
         if (step := workspaces.get(key)) is None:
             step = workspaces[key] = DecodeLaunches.prepare(plan, *layout)
     work = step.work
     out = q.new_empty(q.shape)  # contiguous, as the reference's output (the op's fake says so)
     # Direct launches only with kept launches (the scratch buffers are the allocator's: aligned).
     direct = workspaces is not None and kernel_launch.DIRECT_LAUNCH and q.is_cuda
-    direct = direct and aligned(*inputs, out, *([] if accumulated is None else [accumulated]))
+    direct = direct and aligned(*inputs, *preparation, out, *([] if accumulated is None else [accumulated]))
     stream = driver.active.get_current_stream(current_device) if direct else None  # looked up once a step
 
-    step.attend(*inputs, work.out_part, work.m_part, work.l_part, work.logits, out, direct=direct, stream=stream)
+    step.attend(*inputs, work.out_part, work.m_part, work.l_part, work.logits, out, work.choice, *preparation,
+                direct=direct, stream=stream)  # fmt: skip
     step.score_merge(work.m_part, work.l_part, work.logits, value_norm, slot_pos, write_slot, position, slot_limit,
                      work.m_part if accumulated is None else accumulated,
                      work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2, out, work.out_part, work.choice,

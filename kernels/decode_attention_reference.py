@@ -8,7 +8,8 @@ One decode step of one attention layer over a fixed-size KV cache:
 
 Shapes (B batch, Hq query heads, Hkv key/value heads, G = Hq // Hkv, S slots, D head dim):
 
-- ``q``: ``[B, Hq, D]``; ``k_new``, ``v_new``: ``[B, Hkv, D]`` (already rotated by RoPE)
+- ``q``: ``[B, Hq, D]``; ``k_new``, ``v_new``: ``[B, Hkv, D]``; ``q`` and ``k_new`` already rotated
+  by RoPE, unless ``cos`` / ``sin`` are given (below)
 - ``k_cache``, ``v_cache``: ``[B, Hkv, S, D]``, mutated in place
 - ``value_norm``: ``[B, Hkv, S]`` float32, ``||v_s||_1`` of each slot's value, kept beside the values
   (computed once when a token is written, not re-read from V every step); mutated in place
@@ -23,6 +24,11 @@ Shapes (B batch, Hq query heads, Hkv key/value heads, G = Hq // Hkv, S slots, D 
   shared by the layer's heads, else ``Hkv``); mutated in place
 
 The returned attention output is ``[B, Hq, D]`` in ``q``'s dtype.
+
+The new token's RMSNorm and RoPE (optional, `prepare_new_token`): given ``cos`` and ``sin``
+``[B, D]`` (transformers' rotary embedding at this step's positions), the step first rotates
+``q`` and ``k_new``, and before that, given ``q_norm_weight`` and ``k_norm_weight`` ``[D]`` (Qwen3's
+q/k norms), normalises each head's row. The key is cached rotated.
 
 Scores (``score_kind``):
 
@@ -76,6 +82,27 @@ def rank_slots(
     rank = torch.where(protected, torch.inf, held)
     rank = torch.where(slot_pos < 0, -torch.inf, rank)
     return torch.where(usable, rank, torch.inf)
+
+
+def prepare_new_token(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm_weight: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """A new token's query or key rows ``x`` ``[B, H, D]`` (model dtype) after transformers' RMSNorm
+    (with ``norm_weight`` ``[D]``; none when None) and RoPE (``cos``, ``sin`` ``[B, D]``).
+
+    Rounded as compiled transformers rounds it (inductor keeps what eager rounds between elementwise
+    operations in float32): the norm in float32, rounded to the model dtype, times the weight and
+    rounded again (transformers' explicit casts), then the rotation in float32, rounded once. For a
+    float32 model that is eager transformers' result bit for bit."""
+    dtype = x.dtype
+    if norm_weight is not None:
+        x32 = x.float()
+        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+        x = (norm_weight.float() * normed.float()).to(dtype)
+    half = x.shape[-1] // 2
+    x32 = x.float()
+    rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
+    return (x32 * cos.float()[:, None] + rotated * sin.float()[:, None]).to(dtype)
 
 
 def reallocate_one_slot(
@@ -148,11 +175,22 @@ def decode_attention_reference(
     planned_slots: int = 0,
     reallocate_every: int = 0,
     min_limit: int = 0,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 0.0,
 ) -> torch.Tensor:
     """Reference decode step; see the module docstring for shapes and semantics.
     ``planned_slots`` is the kernel's launch-planning hint and has no effect here.
-    ``reallocate_every`` (0: never) and ``min_limit``: online re-allocation between heads."""
+    ``reallocate_every`` (0: never) and ``min_limit``: online re-allocation between heads.
+    ``cos``, ``sin``, ``q_norm_weight``, ``k_norm_weight``, ``norm_eps``: the new token's RoPE and
+    norms (`prepare_new_token`), or None when ``q`` and ``k_new`` come rotated."""
     check_reallocation(reallocate_every, shared, accumulated)
+    check_new_token_preparation(q, cos, sin, q_norm_weight, k_norm_weight)
+    if cos is not None:
+        q = prepare_new_token(q, cos, sin, q_norm_weight, norm_eps)
+        k_new = prepare_new_token(k_new, cos, sin, k_norm_weight, norm_eps)
     batch, kv_heads, slots, head_dim = k_cache.shape
     group = q.shape[1] // kv_heads
     rows = torch.arange(batch, device=q.device)[:, None]
@@ -198,3 +236,26 @@ def check_reallocation(reallocate_every: int, shared: bool, accumulated: torch.T
         raise ValueError(f"reallocate_every must be >= 0 (0: never), got {reallocate_every}")
     if reallocate_every and (shared or accumulated is not None):
         raise ValueError("online re-allocation needs per-head eviction without accumulated scores")
+
+
+def check_new_token_preparation(
+    q: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+) -> None:
+    """The new token's RoPE needs ``cos`` and ``sin`` ``[B, D]`` together, and its norms both weights ``[D]``
+    and the rotation (Qwen3 normalises, then rotates)."""
+    batch, _, head_dim = q.shape
+    if (cos is None) != (sin is None):
+        raise ValueError("the new token's RoPE needs both cos and sin")
+    if (q_norm_weight is None) != (k_norm_weight is None) or (q_norm_weight is not None and cos is None):
+        raise ValueError("the new token's q/k norms need both weights and cos / sin")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table is not None and (table.shape != (batch, head_dim) or table.stride(-1) != 1):
+            raise ValueError(f"{name} must be [B, D] = {[batch, head_dim]} with a contiguous last dim, "
+                             f"got {list(table.shape)} strides {table.stride()}")  # fmt: skip
+    for name, weight in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if weight is not None and (weight.shape != (head_dim,) or not weight.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous [D] = [{head_dim}], got {list(weight.shape)}")

@@ -22,6 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from longflow_patch.cache import LongFlowCache
 from longflow_patch.compat import cache_from_kwargs
 from longflow_patch.fused_projections import fused_qkv
+from longflow_patch.ops import NewTokenPreparation
 from longflow_patch.prefill import key_padding_from_mask
 from longflow_patch.speculative_cache import SpeculativeCache
 
@@ -57,6 +58,60 @@ def _prompt_attention(
     return attn_output
 
 
+PREPARE_IN_OP_ON_DEVICES = ("cuda",)
+"""Device types where a decode step's new query and key go to the fused op as projected, and the op
+applies Qwen3's q/k norms and RoPE (`new_token_preparation`): on a GPU its attention pass does, which
+saves a step two kernels a layer. On a CPU transformers' own modules run, bit for bit as transformers."""
+
+
+def _plain_rms_norm(norm: nn.Module, modeling_module: str, head_dim: int) -> bool:
+    """Whether ``norm`` is transformers' RMSNorm as its modeling file defines it (``weight * x /
+    rms(x)`` with a ``[D]`` weight), with nothing hooked or swapped in."""
+    weight = getattr(norm, "weight", None)
+    return (
+        type(norm).__name__.endswith("RMSNorm")
+        and type(norm).forward.__module__ == modeling_module
+        and isinstance(getattr(norm, "variance_epsilon", None), float)
+        and isinstance(weight, torch.Tensor)
+        and weight.shape == (head_dim,)
+        and not (norm._forward_hooks or norm._forward_pre_hooks or "forward" in vars(norm))
+    )
+
+
+def refresh_norms_in_op(modules: list[nn.Module]) -> None:
+    """Mark each Qwen3 attention whose q/k norms the op may apply (`_plain_rms_norm`, one epsilon):
+    decided before decoding (`longflow_patch.patch.prepare_for_decoding`), outside any compiled step."""
+    for module in modules:
+        if hasattr(module, "q_norm"):
+            norms = (module.q_norm, module.k_norm)
+            module._longflow_norms_in_op = (
+                all(_plain_rms_norm(norm, type(module).__module__, module.head_dim) for norm in norms)
+                and norms[0].variance_epsilon == norms[1].variance_epsilon
+            )
+
+
+def new_token_preparation(
+    module: nn.Module, query: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+) -> NewTokenPreparation | None:
+    """What the fused op needs to normalise and rotate a decode step's new query and key itself
+    (transformers' RoPE of Llama / Qwen2 / Qwen3, and Qwen3's RMSNorms), on a device of
+    `PREPARE_IN_OP_ON_DEVICES`; None elsewhere, or where the norms are not marked plain
+    (`refresh_norms_in_op`) or not in the query's dtype: then the model's modules run.
+
+    ``query`` ``[B, n, Hq, D]`` as projected; ``position_embeddings`` ``(cos, sin)`` ``[B or 1, n, D]``.
+    """
+    cos, sin = position_embeddings
+    if query.device.type not in PREPARE_IN_OP_ON_DEVICES or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        return None
+    if not hasattr(module, "q_norm"):
+        return NewTokenPreparation(cos, sin, None, None, 0.0)
+    q_norm, k_norm = module.q_norm, module.k_norm
+    in_dtype = q_norm.weight.dtype == k_norm.weight.dtype == query.dtype
+    if not (getattr(module, "_longflow_norms_in_op", False) and in_dtype):
+        return None
+    return NewTokenPreparation(cos, sin, q_norm.weight, k_norm.weight, q_norm.variance_epsilon)
+
+
 def longflow_attention_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
@@ -81,13 +136,21 @@ def longflow_attention_forward(
     else:  # one matmul over the three weights' shared rows (`longflow_patch.fused_projections`)
         query, key, value = F.linear(hidden_states, fused.weight, fused.bias).split(fused.splits, dim=-1)
     query, key, value = query.view(hidden_shape), key.view(hidden_shape), value.view(hidden_shape)
-    if hasattr(self, "q_norm"):  # Qwen3
-        query, key = self.q_norm(query), self.k_norm(key)
-    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    cos, sin = position_embeddings
-    query, key = _modeling_function(self, "apply_rotary_pos_emb")(query, key, cos, sin)
-
     layer = past_key_values.layers[self.layer_idx]
+    preparation = None
+    # Not for compacting policies: they keep the decode queries, rotated, to re-select the cache.
+    if isinstance(past_key_values, LongFlowCache) and layer.prefilled and not layer.policy.compacting:
+        preparation = new_token_preparation(self, query, position_embeddings)
+    if preparation is None:
+        if hasattr(self, "q_norm"):  # Qwen3
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = _modeling_function(self, "apply_rotary_pos_emb")(
+            query.transpose(1, 2), key.transpose(1, 2), *position_embeddings
+        )
+    else:
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
+    value = value.transpose(1, 2)
+
     positions = kwargs.get("position_ids")
     if positions is None:
         positions = torch.arange(length, device=hidden_states.device) + past_key_values.get_seq_length()
@@ -101,7 +164,7 @@ def longflow_attention_forward(
             is_token = key_padding_from_mask(attention_mask, batch, length).to(key.device)
             past_key_values.draft.layers[self.layer_idx].prefill(query, key, value, is_token, positions, self.scaling)
     elif layer.prefilled:
-        attn_output = layer.decode(query, key, value, positions, self.scaling)
+        attn_output = layer.decode(query, key, value, positions, self.scaling, preparation)
     else:
         attn_output = _prompt_attention(self, query, key, value, attention_mask, **kwargs)
         is_token = key_padding_from_mask(attention_mask, batch, length).to(key.device)

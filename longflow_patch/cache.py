@@ -12,7 +12,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from longflow_patch.kernels.decode_attention_reference import rank_slots
-from longflow_patch.ops import decode_step
+from longflow_patch.ops import NewTokenPreparation, decode_step
 from longflow_patch.policies import Policy, window_attention
 
 
@@ -249,12 +249,20 @@ class LongFlowLayer(CacheLayerMixin):
         self.write_slot.copy_(rank.argmin(dim=-1).to(torch.int32).expand(batch, kv_heads))
 
     def decode(
-        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        scale: float,
+        preparation: NewTokenPreparation | None = None,
     ) -> torch.Tensor:
         """Run the fused op for each new token in order; returns ``[B, n, Hq, D]``.
 
         ``query`` ``[B, Hq, n, D]``; ``keys``/``values`` ``[B, Hkv, n, D]``; ``positions`` ``[B, n]``.
+        ``preparation``: the op normalises and rotates ``query`` and ``keys`` (else they come rotated).
         """
+        batch = query.shape[0]
         policy = self.policy
         positions = positions.to(torch.int32)
         # ReasonAlloc over a per-step scorer: the op itself moves a slot between heads every
@@ -285,6 +293,7 @@ class LongFlowLayer(CacheLayerMixin):
                     self.planned_slots,
                     reallocate_every,
                     policy.minimum_budget,
+                    *(() if preparation is None else preparation.op_arguments(step, batch)),
                     workspaces=self.workspaces,
                 )
             )

@@ -10,7 +10,7 @@ projection's parameter at its own rows: the same ``nn.Parameter`` objects with t
 in the same memory, so the model, its ``state_dict`` and ``save_pretrained`` see no change.
 `fused_qkv` gives that tensor while the parameters still are its rows; once the model is moved
 or cast (new storage for each parameter) it gives None and the projections run apart until
-`refresh_fused_qkv` fuses again (`longflow_patch.patch.fuse_projections`, which ``generate``,
+`refresh_fused_qkv` fuses again (`longflow_patch.patch.prepare_for_decoding`, which ``generate``,
 `longflow_patch.new_cache` and `longflow_patch.speculative_generate` call first).
 """
 
@@ -104,7 +104,7 @@ def fused_qkv(module: nn.Module) -> FusedQKV | None:
     """The fused projection of ``module`` while its parameters still are the fused rows, else None.
 
     Under ``torch.compile`` the check (host pointers) is not traced: the fused projection is used
-    as made: `refresh_fused_qkv` runs before decoding starts (`longflow_patch.patch.fuse_projections`)."""
+    as made: `refresh_fused_qkv` runs before decoding starts (`longflow_patch.patch.prepare_for_decoding`)."""
     fused = getattr(module, "_longflow_fused_qkv", None)
     if fused is None or torch.compiler.is_compiling():
         return fused

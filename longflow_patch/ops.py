@@ -12,6 +12,8 @@ otherwise, on CUDA, the Triton launcher itself with scratch buffers kept between
 eager step pays neither the ``torch.library`` dispatch nor allocations (same result bit for bit).
 """
 
+from typing import NamedTuple
+
 import torch
 
 from longflow_patch.kernels.decode_attention_reference import decode_attention_reference
@@ -44,16 +46,48 @@ def decode_attention(
     planned_slots: int = 0,
     reallocate_every: int = 0,
     min_limit: int = 0,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 0.0,
 ) -> torch.Tensor:
     """One fused decode step: write the new token, attend, score slots, choose the next slot.
     ``planned_slots``: the mean live slots per head when budgets are ragged (a launch hint for
     the kernel's work split; 0 plans for every slot). ``reallocate_every`` (0: never) and
     ``min_limit``: every that many positions, move one slot between two KV heads (ReasonAlloc's
-    online step), keeping each head at ``min_limit`` slots or more."""
+    online step), keeping each head at ``min_limit`` slots or more. ``cos`` / ``sin`` ``[B, D]``
+    (and ``q_norm_weight`` / ``k_norm_weight`` ``[D]``, ``norm_eps``): ``q`` and ``k_new`` come
+    before RoPE (and Qwen3's q/k norms), which the step applies (`NewTokenPreparation`)."""
     return decode_attention_reference(
         q, k_new, v_new, k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit, accumulated,
         scale, sink_tokens, recent_window, shared, score_kind, planned_slots, reallocate_every, min_limit,
+        cos, sin, q_norm_weight, k_norm_weight, norm_eps,
     )  # fmt: skip
+
+
+class NewTokenPreparation(NamedTuple):
+    """What turns decode tokens' projected queries and keys into the attention's: transformers'
+    RoPE tables ``cos`` / ``sin`` ``[B or 1, n, D]`` at the tokens' positions and, for Qwen3, the
+    q/k RMSNorm weights ``[D]`` (None for Llama and Qwen2) and epsilon. Given these, the op applies
+    them to each new token (its attention pass does, on the GPU) instead of kernels of their own."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_norm_weight: torch.Tensor | None
+    k_norm_weight: torch.Tensor | None
+    eps: float
+
+    def tokens(self, index: slice) -> "NewTokenPreparation":
+        """The preparation of tokens ``index`` of the ``n``."""
+        return NewTokenPreparation(
+            self.cos[:, index], self.sin[:, index], self.q_norm_weight, self.k_norm_weight, self.eps
+        )
+
+    def op_arguments(self, token: int, batch: int) -> tuple:
+        """The op's ``cos, sin, q_norm_weight, k_norm_weight, norm_eps`` for token ``token``, tables ``[B, D]``."""
+        cos, sin = (table[:, token].expand(batch, -1) for table in (self.cos, self.sin))
+        return cos, sin, self.q_norm_weight, self.k_norm_weight, self.eps
 
 
 def runs_fused_kernel(q: torch.Tensor) -> bool:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import CompileConfig
 
-from longflow_patch.attention import longflow_attention_forward
+from longflow_patch.attention import longflow_attention_forward, refresh_norms_in_op
 from longflow_patch.cache import LongFlowCache
 from longflow_patch.compat import cache_from_kwargs, cache_keyword, defer_stop_check_on_cuda
 from longflow_patch.fused_projections import refresh_fused_qkv, unfuse_qkv
@@ -181,6 +181,7 @@ def unapply(model: nn.Module) -> nn.Module:
     """Undo `apply`: the model behaves exactly as before it was patched; returns it."""
     for module in _attention_modules(model):
         unfuse_qkv(module)
+        module.__dict__.pop("_longflow_norms_in_op", None)
         if hasattr(module, "_longflow_original_forward"):
             del module.forward
             del module._longflow_original_forward
@@ -192,11 +193,14 @@ def unapply(model: nn.Module) -> nn.Module:
     return model
 
 
-def fuse_projections(model: nn.Module) -> None:
-    """Run each attention's q/k/v projections of ``model`` as one matmul where that pays and is
-    safe (`longflow_patch.fused_projections.refresh_fused_qkv`): what `generate`, `new_cache` and
-    `speculative_generate` do before decoding, so a compiled step never reads a stale fusion."""
-    refresh_fused_qkv(_attention_modules(model))
+def prepare_for_decoding(model: nn.Module) -> None:
+    """What `generate`, `new_cache` and `speculative_generate` do before decoding, so that a compiled
+    step never reads a stale decision: run each attention's q/k/v projections of ``model`` as one
+    matmul where that pays and is safe (`longflow_patch.fused_projections.refresh_fused_qkv`), and
+    mark the Qwen3 q/k norms the fused op may apply itself (`longflow_patch.attention.refresh_norms_in_op`)."""
+    modules = _attention_modules(model)
+    refresh_fused_qkv(modules)
+    refresh_norms_in_op(modules)
 
 
 def new_cache(model: nn.Module, budget: int | None = None) -> LongFlowCache:
@@ -207,7 +211,7 @@ def new_cache(model: nn.Module, budget: int | None = None) -> LongFlowCache:
     """
     if not hasattr(model, "_longflow_policy"):
         raise ValueError("the model is not patched: call longflow_patch.apply(model, ...) first")
-    fuse_projections(model)
+    prepare_for_decoding(model)
     return _empty_cache(model, budget)
 
 
@@ -246,7 +250,7 @@ def _generate_with_compressed_cache(self: nn.Module, *args, **kwargs) -> torch.T
     returned (`longflow_patch.compat.defer_stop_check_on_cuda`), so the host never waits on a step.
     """
     compiling = _resolve_compile(self, self._longflow_policy, self._longflow_compile)
-    fuse_projections(self)  # the model may have moved since the last call
+    prepare_for_decoding(self)  # the model may have moved since the last call
     _, given = cache_from_kwargs(kwargs, "generate")
     if given is not None and not isinstance(given, LongFlowCache):
         raise TypeError(

@@ -42,7 +42,7 @@ from torch import nn
 from longflow_patch.draft_tree import DraftTree
 from longflow_patch.glide import GlideDraft
 from longflow_patch.glide_round import GlideRound
-from longflow_patch.patch import SUPPORTED_MODELS, _check_model, apply, fuse_projections, unapply
+from longflow_patch.patch import SUPPORTED_MODELS, _check_model, apply, prepare_for_decoding, unapply
 from longflow_patch.policies import make_policy
 from longflow_patch.sampling import Sampler
 from longflow_patch.speculative_cache import DraftCache, SpeculativeCache
@@ -52,13 +52,13 @@ from longflow_patch.speculative_round import RoundBase, SpeculativeStats, compil
 @contextlib.contextmanager
 def _patched(model: nn.Module, budget: int) -> Iterator[None]:
     """Patch ``model``'s attention for the duration, unless it already is; restore it afterwards.
-    Either way its q/k/v projections are fused afresh first (`fuse_projections`)."""
+    Either way it is prepared for decoding afresh first (`prepare_for_decoding`: fused q/k/v)."""
     if hasattr(model, "_longflow_policy"):
-        fuse_projections(model)
+        prepare_for_decoding(model)
         yield
         return
     apply(model, budget=budget)
-    fuse_projections(model)
+    prepare_for_decoding(model)
     try:
         yield
     finally:

@@ -18,6 +18,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from longflow_patch.cache import LongFlowCache, LongFlowLayer
+from longflow_patch.ops import NewTokenPreparation
 from longflow_patch.policies import Policy
 from longflow_patch.verify_ops import verify_attention
 
@@ -159,15 +160,22 @@ class DraftLayer(LongFlowLayer):
         self.log_len.zero_()
 
     def decode(
-        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scale: float
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        positions: torch.Tensor,
+        scale: float,
+        preparation: NewTokenPreparation | None = None,
     ) -> torch.Tensor:
         """`LongFlowLayer.decode`, one token at a time, logging each step; returns ``[B, n, Hq, D]``."""
         outputs = []
         for step in range(query.shape[2]):
             one = slice(step, step + 1)
             self._record()
+            token = None if preparation is None else preparation.tokens(one)
             outputs.append(
-                super().decode(query[:, :, one], keys[:, :, one], values[:, :, one], positions[:, one], scale)
+                super().decode(query[:, :, one], keys[:, :, one], values[:, :, one], positions[:, one], scale, token)
             )
         return torch.cat(outputs, dim=1)
 

@@ -18,6 +18,8 @@ fit under ``--memory-cap-gb`` (rows are labelled in the JSON, `LABELS`):
    the host every step (transformers' rule on CUDA, which `apply` lifts for its own caches);
    ``longflow-compiled-unfused``: ``longflow-compiled`` with the q, k and v projections as three
    matmuls, as transformers runs them (`apply` fuses them into one on a GPU);
+   ``longflow-compiled-prepared-apart``: ``longflow-compiled`` with the new token's q/k norms
+   (Qwen3) and RoPE run by transformers' modules, not inside the fused op;
 5. ``default``: transformers' default, DynamicCache + SDPA, eager ``generate``;
 6. ``static``: transformers' static cache + ``torch.compile`` (CUDA graphs); with an attention
    mask it repeats K/V over each GQA group and reads all ``max_cache_len`` slots every step.
@@ -63,7 +65,7 @@ from transformers import CompileConfig, DynamicCache, StaticCache, StoppingCrite
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
-from longflow_patch import compat, fused_projections
+from longflow_patch import attention, compat, fused_projections
 from longflow_patch.compat import cache_keyword
 from longflow_patch.progress import TokenProgress
 from longflow_patch.speculative_cache import SpeculativeCache
@@ -77,10 +79,11 @@ CONFIGS = (
     "longflow-loop",
     "longflow-compiled-sync",
     "longflow-compiled-unfused",
+    "longflow-compiled-prepared-apart",
     "default",
     "static",
 )
-OPT_IN = ("longflow-loop", "longflow-compiled-sync", "longflow-compiled-unfused")
+OPT_IN = ("longflow-loop", "longflow-compiled-sync", "longflow-compiled-unfused", "longflow-compiled-prepared-apart")
 """Configurations run only when named in ``--configs``."""
 LABELS = {
     "fullcache-loop": "strongest full cache: compiled static-shape loop, CUDA graphs, split-K GQA kernel "
@@ -92,10 +95,17 @@ LABELS = {
     "(transformers' rule on CUDA)",
     "longflow-compiled-unfused": "longflow-compiled with q, k, v projected by three matmuls (transformers' way), "
     "not apply's one",
+    "longflow-compiled-prepared-apart": "longflow-compiled with the new token's q/k norms and RoPE run by "
+    "transformers' modules, not inside the fused op",
     "default": "transformers default: DynamicCache + SDPA, eager generate",
     "static": "transformers static cache + torch.compile (CUDA graphs; repeats K/V per GQA group, reads all slots)",
 }
-THROUGH_GENERATE = ("longflow-compiled", "longflow-compiled-sync", "longflow-compiled-unfused")
+THROUGH_GENERATE = (
+    "longflow-compiled",
+    "longflow-compiled-sync",
+    "longflow-compiled-unfused",
+    "longflow-compiled-prepared-apart",
+)
 """Compiled LongFlow through ``generate`` (apply's ``compile="auto"``)."""
 # Timed calls of each length per row, after the first (which compiles): the median is kept. (One
 # call each let a single slow call decide a row: the H100's fifth run has a row whose short call
@@ -274,12 +284,26 @@ def projections_apart(model) -> Iterator[None]:
         fused_projections.FUSE_ON_DEVICES = fusing
 
 
+@contextlib.contextmanager
+def preparation_apart() -> Iterator[None]:
+    """Decode steps hand the op their new query and key normalised and rotated by transformers'
+    modules (the op does both itself on a GPU: `longflow_patch.attention.new_token_preparation`)."""
+    devices = attention.PREPARE_IN_OP_ON_DEVICES
+    attention.PREPARE_IN_OP_ON_DEVICES = ()
+    try:
+        yield
+    finally:
+        attention.PREPARE_IN_OP_ON_DEVICES = devices
+
+
 def generate_variant(model, kind: str) -> contextlib.AbstractContextManager:
     """What a row through ``generate`` changes around its calls (nothing for ``longflow-compiled``)."""
     if kind == "longflow-compiled-sync":
         return per_step_stop_check()
     if kind == "longflow-compiled-unfused":
         return projections_apart(model)
+    if kind == "longflow-compiled-prepared-apart":
+        return preparation_apart()
     return contextlib.nullcontext()
 
 
@@ -452,7 +476,14 @@ def memory_trace(model, batch: int, budget: int, prompt: int, output: int, every
 # the least: the strongest baseline and compiled LongFlow, then eager LongFlow, then transformers'
 # paths (static last: its compile settings differ from the others').
 PASSES = (
-    ("fullcache-loop", "longflow-compiled", "longflow-compiled-unfused", "longflow-compiled-sync", "longflow-loop"),
+    (
+        "fullcache-loop",
+        "longflow-compiled",
+        "longflow-compiled-unfused",
+        "longflow-compiled-prepared-apart",
+        "longflow-compiled-sync",
+        "longflow-loop",
+    ),
     ("longflow",),
     ("default",),
     ("static",),
@@ -471,7 +502,9 @@ def estimated_seconds(kind: str, shapes_before: int, compile_shapes: str = "stat
         return 40
     if kind in LOOPS:
         return 150 if shapes_before == 0 else 30
-    if kind in ("longflow-compiled", "longflow-compiled-unfused") and compile_shapes == "static":
+    if kind in ("longflow-compiled", "longflow-compiled-unfused", "longflow-compiled-prepared-apart") and (
+        compile_shapes == "static"
+    ):
         return 150 if shapes_before == 0 else 90
     return (150, 120, 30)[min(shapes_before, 2)]
 

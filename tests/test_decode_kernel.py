@@ -157,6 +157,57 @@ def test_new_token_read_through_row_strides(batch, kv_heads, group, slots, n_spl
     assert_same_step(step, expected, theirs, got)
 
 
+def rope_step(step: dict, normed: bool, per_row: bool) -> dict:
+    """The new token's RoPE tables (``[B, D]``: one row broadcast over the batch, or a slice of
+    ``[B, n, D]`` tables as the cache passes them) and, ``normed``, Qwen3's q/k norm weights."""
+    batch, head_dim, dtype = step["q"].shape[0], step["q"].shape[-1], step["q"].dtype
+    positions = torch.randint(0, 40_000, (batch if per_row else 1, 3, 1), device=DEVICE).float()
+    inv_freq = 1.0 / (1_000_000 ** (torch.arange(0, head_dim, 2, device=DEVICE).float() / head_dim))
+    angles = torch.cat([positions * inv_freq] * 2, dim=-1)
+    cos, sin = (table[:, 1].to(dtype).expand(batch, -1) for table in (angles.cos(), angles.sin()))
+    weights = [torch.rand(head_dim, device=DEVICE).to(dtype) + 0.5 if normed else None for _ in range(2)]
+    return dict(cos=cos, sin=sin, q_norm_weight=weights[0], k_norm_weight=weights[1], norm_eps=1e-6 if normed else 0.0)
+
+
+@pytest.mark.parametrize("normed", [True, False], ids=["qwen3", "rope-only"])
+@pytest.mark.parametrize(
+    "batch,kv_heads,group,slots,head_dim,dtype,n_splits,per_row",
+    [(2, 2, 4, 200, 64, torch.bfloat16, 2, True), (3, 1, 8, 64, 128, torch.float16, 1, False)]
+    + ([] if INTERPRETED else [(64, 8, 4, 1740, 128, torch.bfloat16, None, True)]),
+)
+def test_new_token_normalised_and_rotated_like_reference(batch, kv_heads, group, slots, head_dim, dtype, n_splits,
+                                                         per_row, normed):  # fmt: skip
+    """Given RoPE tables (and norm weights), the attention pass normalises and rotates the new query
+    and key as it loads them: same output and choice as the reference, and the same key cached to
+    one rounding (the two sum the squares in different orders; Triton's interpreter truncates
+    float32 to bfloat16 where the GPU and torch round to nearest)."""
+    step = random_step(batch, kv_heads, group, slots, head_dim, dtype, slots - 3, shared=True)
+    preparation = rope_step(step, normed, per_row)
+    theirs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in step.items()}
+    settings = dict(scale=head_dim**-0.5, sink_tokens=4, recent_window=8, shared=True, score_kind=0)
+    expected = decode_attention_reference(**step, **settings, **preparation)
+    got = decode_attention_triton(**theirs, **settings, **preparation, n_splits=n_splits)
+    error = (got.float() - expected.float()).norm() / expected.float().norm()
+    assert error < (2.5e-2 if INTERPRETED and dtype == torch.bfloat16 else 1.5e-2), f"relative output error {error:.2e}"
+    assert torch.equal(step["write_slot"], theirs["write_slot"]) and torch.equal(step["slot_pos"], theirs["slot_pos"])
+    written = torch.zeros_like(step["slot_pos"], dtype=torch.bool)
+    written.scatter_(-1, random_step_write_slots(batch, kv_heads, slots), True)
+    assert torch.equal(step["k_cache"][~written], theirs["k_cache"][~written])
+    # Up to one rounding in each of the norm, its weight and the rotation, of values up to the row's
+    # largest (a rotated column sums two terms); each a truncation in the interpreter's bfloat16.
+    rounding = torch.finfo(dtype).eps * (4 if INTERPRETED and dtype == torch.bfloat16 else 2)
+    expected_keys = step["k_cache"][written]
+    torch.testing.assert_close(theirs["k_cache"][written], expected_keys, rtol=0,
+                               atol=rounding * expected_keys.abs().amax().item())  # fmt: skip
+    unrotated = step["k_new"].reshape(-1, head_dim)
+    assert not torch.allclose(theirs["k_cache"][written].float(), unrotated.float(), atol=1e-2), "key cached unrotated"
+
+
+def random_step_write_slots(batch: int, kv_heads: int, slots: int) -> torch.Tensor:
+    """``[B, Hkv, 1]``: the slot a `random_step` with ``slots - 3`` filled slots writes."""
+    return torch.full((batch, kv_heads, 1), slots - 3, dtype=torch.int64, device=DEVICE)
+
+
 @pytest.mark.parametrize(
     "launch",
     [AttendLaunch(32, 4, 2), AttendLaunch(64, 8, 3), AttendLaunch(128, 8, 4)],
@@ -228,9 +279,9 @@ MANY_CHUNK_SLOTS = 300 if INTERPRETED else 64 * multiprocessor_count(torch.devic
 )
 def test_many_score_chunks_choose_like_reference_step_after_step(score, shared, score_launch):
     """Several chunks per selection scope fold their choices into one cell, in any order, and the
-    last to arrive writes the slot. Over chained steps with kept scratch (the cell must be empty
-    again after each step) the slots match the reference's, including ties across chunks: empty
-    slots at both ends (the earliest goes first)."""
+    last to arrive writes the slot. Over chained steps with kept scratch, whose cells are scribbled
+    over between steps (the attention pass must empty them), the slots match the reference's,
+    including ties across chunks: empty slots at both ends (the earliest goes first)."""
     slots = MANY_CHUNK_SLOTS
     step = random_step(
         2, 2, 4, slots, 64, torch.bfloat16, slots - 40, shared=shared, accumulate=score == ScoreKind.ATTENTION
@@ -240,14 +291,16 @@ def test_many_score_chunks_choose_like_reference_step_after_step(score, shared, 
     for index, ours, theirs in chained_steps(step, settings, 12, score_launch=score_launch, workspaces=workspaces):
         assert torch.equal(ours["write_slot"], theirs["write_slot"]), f"step {index}"
         assert torch.equal(ours["slot_pos"], theirs["slot_pos"]), f"step {index}"
+        (launches,) = workspaces.values()
+        # Arrivals that never reach the last chunk's count, and a choice better than any real one.
+        launches.work.choice[..., 0] = 1000 + index
+        launches.work.choice[..., 1] = 2**62 + index
     ((plan, *_),) = workspaces
     assert plan.score_block == 16
     if score_launch is ONE_TILE_CHUNKS:
         assert plan.n_chunks >= 8
     else:
         assert plan.n_chunks >= 2 and plan.chunk_size >= 5 * plan.score_block
-    (launches,) = workspaces.values()
-    assert not launches.work.choice.any(), "every scope's cell is empty after the step"
 
 
 def test_empty_slots_fill_before_any_eviction_and_protection_holds():
