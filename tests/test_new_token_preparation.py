@@ -16,6 +16,7 @@ from longflow_patch.kernels.decode_attention_reference import decode_attention_r
 from models import left_padded_prompts, tiny_model
 from test_compile import compiled_generate, counting_backend
 from test_equivalence import greedy
+from test_fused_projections import logit_error_against_transformers
 
 
 def rope_tables(batch: int, head_dim: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +212,8 @@ def test_cuda_decode_steps_prepare_tokens_in_the_kernel_with_transformers_logits
     for Qwen3, unnormalised; the logits stay within bf16 noise of unpatched transformers' on the
     same tokens (tokens are not compared: a random tiny model's near-ties flip under bf16 rounding).
     Eager steps are recorded; a compiled step is not (recording in a traced function recompiles it),
-    and the preparation is asked for outside it, with the tensors a step has."""
+    and the preparation is asked for outside it, with the tensors a step has, once `new_cache` has
+    prepared the model for decoding as ``generate`` does."""
     calls = []
 
     def recording_decode_step(*args, **kwargs):
@@ -223,21 +225,15 @@ def test_cuda_decode_steps_prepare_tokens_in_the_kernel_with_transformers_logits
         monkeypatch.setattr(cache, "decode_step", recording_decode_step)
     model = longflow_patch.apply(tiny_model(arch, dtype=torch.bfloat16, head_dim=64).cuda(), budget=64, compile=compile)
     ids, mask = (t.cuda() for t in left_padded_prompts())
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                         pad_token_id=0, output_logits=True, return_dict_in_generate=True)  # fmt: skip
-    got = torch.stack(out.logits, dim=1).float()
     if compile:
+        longflow_patch.new_cache(model)
         attn = model.model.layers[0].self_attn
         query = torch.zeros(3, 1, 4, attn.head_dim, dtype=torch.bfloat16, device="cuda")
         tables = tuple(table.cuda() for table in rope_tables(3, attn.head_dim, torch.bfloat16))
         preparation = new_token_preparation(attn, query, tables)
         assert preparation is not None and (preparation.q_norm_weight is not None) == (arch == "qwen3")
-    else:
+    error = logit_error_against_transformers(model, ids, mask)
+    if not compile:
         assert calls and all(len(args) == 5 for args in calls), "a decode step ran without the op preparing its token"
         assert all((args[2] is not None) == (arch == "qwen3") for args in calls)
-    longflow_patch.unapply(model)
-    full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, ids.shape[1] :])], dim=1)
-    with torch.no_grad():
-        expected = model(out.sequences, attention_mask=full_mask).logits[:, ids.shape[1] - 1 : -1].float()
-    error = (got - expected).norm() / expected.norm()
     assert error < 2e-2, f"relative logit error {error:.2e}"
