@@ -29,6 +29,9 @@ graph could use it) and SDPA over the whole capacity (what a static cache reads)
     python bench/decode_op.py --eager         # batch-1 eager overhead only
     python bench/decode_op.py --sweep         # also sweep the attention pass's launch shape at each shape
     python bench/decode_op.py --score-sweep   # also time the scoring pass's launch shapes side by side
+
+``--preparation qwen3`` hands the batch rows and sweeps the new query and key before Qwen3's q/k
+norms and RoPE, which the op then applies (what a Qwen3 decode step sends on a GPU); ``rope``, RoPE only.
 """
 
 import argparse
@@ -82,11 +85,19 @@ SCORE_LAUNCHES = [
 # Attention-pass launch shapes timed by --sweep at every batch x slots given, the default first:
 # slots per tile, warps, pipeline stages. Smaller tiles take less shared memory, so more programs
 # fit an SM (at the throughput rows' batches each head is one split, one program).
-ATTEND_LAUNCHES = [AttendLaunch()] + [
-    AttendLaunch(*shape)
-    for shape in itertools.product((32, 64, 128), (4, 8), (2, 3, 4))
-    if AttendLaunch(*shape) != AttendLaunch()
-]
+ATTEND_LAUNCHES = (
+    [AttendLaunch()]
+    + [
+        AttendLaunch(*shape)
+        for shape in itertools.product((32, 64, 128), (4, 8), (2, 3, 4))
+        if AttendLaunch(*shape) != AttendLaunch()
+    ]
+    + [  # more splits than two waves want, with 4 warps
+        AttendLaunch(block_s, 4, stages, waves=waves)
+        for block_s, stages in ((32, 3), (64, 2), (128, 2))
+        for waves in (4, 8)
+    ]
+)
 SETTINGS = dict(scale=HEAD_DIM**-0.5, sink_tokens=4, recent_window=8, shared=True, score_kind=0)
 # Full-cache candidates at the 8B shape's baseline operating points (batch, capacity, filled):
 # half-way through 4k, 8k and 32k outputs after a 512-token prompt, at the largest batch in 70 GB.
@@ -128,12 +139,24 @@ def make_inputs(batch: int, slots: int, limits: torch.Tensor | None = None, prep
     return inputs
 
 
+PREPARATION_KEYS = ("cos", "sin", "q_norm_weight", "k_norm_weight", "norm_eps")
+
+
+def op_arguments(inputs: dict, shared: bool = True) -> tuple:
+    """`make_inputs`'s inputs and `SETTINGS` as the op's positional arguments (the new token's
+    tables and weights, where given, come after the settings and the re-allocation ones)."""
+    tensors = [value for key, value in inputs.items() if key not in PREPARATION_KEYS]
+    preparation = [inputs[key] for key in PREPARATION_KEYS if key in inputs]
+    reallocation = [0, 0, 0] if preparation else []  # planned_slots, reallocate_every, min_limit
+    return (*tensors, *{**SETTINGS, "shared": shared}.values(), *reallocation, *preparation)
+
+
 def fused_call(inputs: dict, launch: AttendLaunch | None = None, score_launch: ScoreLaunch | None = None,
                shared: bool = True):  # fmt: skip
     """The registered op (what compiled decoding runs), or the launcher with launch-shape overrides."""
-    settings = {**SETTINGS, "shared": shared}
     if launch is None and score_launch is None:
-        return lambda: torch.ops.longflow.decode_attention(*inputs.values(), *settings.values())
+        return lambda: torch.ops.longflow.decode_attention(*op_arguments(inputs, shared))
+    settings = {**SETTINGS, "shared": shared}
     return lambda: decode_attention_triton(**inputs, **settings, launch=launch, score_launch=score_launch)
 
 
@@ -146,7 +169,7 @@ def step_call(inputs: dict, direct: bool = False):
     def call():
         default, launch.DIRECT_LAUNCH = launch.DIRECT_LAUNCH, direct
         try:
-            return decode_step(*inputs.values(), *SETTINGS.values(), workspaces=workspaces)
+            return decode_step(*op_arguments(inputs), workspaces=workspaces)
         finally:  # the setting the rest of the run (the throughput rows) uses
             launch.DIRECT_LAUNCH = default
 
@@ -255,6 +278,9 @@ def main() -> None:
         help="time the scoring pass's launch shapes, shared and per-head eviction, side by side",
     )
     parser.add_argument("--profile", action="store_true", help="print GPU time per kernel (torch.profiler)")
+    parser.add_argument("--preparation", choices=["none", "rope", "qwen3"], default="none",
+                        help="the batch rows' and sweeps' new token: as it comes (none), or before RoPE (rope) "
+                        "and Qwen3's q/k norms (qwen3), which the op applies")  # fmt: skip
     parser.add_argument("--out", default="bench/results/decode_op.json")
     args = common.parse_args_on_gpu(parser)
     import longflow_patch  # noqa: F401  (registers the op)
@@ -270,7 +296,7 @@ def main() -> None:
         print_table(candidates, CANDIDATE_COLUMNS)
     rows, sweep_rows, score_rows = [], [], []
     for batch, slots in itertools.product([] if args.eager else args.batches, args.slots):
-        inputs = make_inputs(batch, slots)
+        inputs = make_inputs(batch, slots, preparation=args.preparation)
         kv_bytes = 2 * inputs["k_cache"].numel() * inputs["k_cache"].element_size()
         row = {"batch": batch, "slots": slots, "floor_ms": kv_bytes / (bandwidth * 1e9) * 1e3}
         row["fused_graph_ms"] = graph_median_ms(fused_call(inputs))
@@ -319,8 +345,8 @@ def main() -> None:
         for shape in sorted({(r["batch"], r["slots"]) for r in sweep_rows}):
             shape_rows = [r for r in sweep_rows if (r["batch"], r["slots"]) == shape]
             best += shape_rows[:1] + sorted(shape_rows[1:], key=lambda r: r["ms"])[:3]
-        print_table(best, ["batch", "slots", "block_s", "num_warps", "num_stages", "min_tiles_per_split", "ms",
-                           "vs_floor", "vs_default"])  # fmt: skip
+        print_table(best, ["batch", "slots", "block_s", "num_warps", "num_stages", "min_tiles_per_split", "waves",
+                           "ms", "vs_floor", "vs_default"])  # fmt: skip
     if score_rows:
         print("\nscoring-pass launch shapes (whole step, ms; tile_slots and chunks per scope as planned; "
               "vs_default: against the default launch)")  # fmt: skip
@@ -337,6 +363,7 @@ def main() -> None:
             "benchmark": "decode_op",
             "environment": environment(),
             "copy_bandwidth_gbs": bandwidth,
+            "preparation": args.preparation,
             "shape": {"query_heads": QUERY_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16"},
             "eager": eager_rows,
             "candidates": candidates,

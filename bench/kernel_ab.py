@@ -16,6 +16,10 @@ contribution scores), interleaved round by round, medians over the rounds:
 Before timing, each shape checks that both versions choose the same next write slots and give the
 same output up to bf16 rounding (a difference is an error, not a row), and records whether the
 outputs are equal bit for bit.
+
+``--preparation qwen3`` hands the CUDA-graph rows the new token before Qwen3's q/k norms and RoPE,
+which the op applies (what a Qwen3 step sends on a GPU); ``--shapes 64x921 ...`` picks those rows and
+``--no-eager`` skips the batch-1 rows.
 """
 
 import argparse
@@ -55,10 +59,10 @@ def step_call(module: object, inputs: dict, workspaces: dict | None):
     return lambda: module.decode_attention_triton(**inputs, **SETTINGS, workspaces=workspaces)
 
 
-def same_step(baseline: object, batch: int, slots: int) -> bool:
+def same_step(baseline: object, batch: int, slots: int, preparation: str) -> bool:
     """Both versions on copies of one step: whether the outputs are equal bit for bit. Next write
     slots that differ, or outputs beyond rounding (bf16), are an error."""
-    inputs = make_inputs(batch, slots)
+    inputs = make_inputs(batch, slots, preparation=preparation)
     copies = [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()} for _ in range(2)]
     outputs = [baseline.decode_attention_triton(**copies[0], **SETTINGS),
                current.decode_attention_triton(**copies[1], **SETTINGS)]  # fmt: skip
@@ -86,8 +90,8 @@ def eager_row(baseline: object, slots: int, rounds: int) -> dict:
     return row
 
 
-def graph_row(baseline: object, batch: int, slots: int, rounds: int) -> dict:
-    inputs = make_inputs(batch, slots)
+def graph_row(baseline: object, batch: int, slots: int, rounds: int, preparation: str) -> dict:
+    inputs = make_inputs(batch, slots, preparation=preparation)
     calls = {"baseline": step_call(baseline, inputs, None), "current": step_call(current, inputs, None),
              "sdpa": sdpa_call(inputs)}  # fmt: skip
     times = {name: [] for name in calls}
@@ -105,6 +109,16 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="an earlier kernels/decode_attention.py (required)")
     parser.add_argument("--label", help="what the baseline is, e.g. the revision it came from (required)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--preparation", choices=["none", "rope", "qwen3"], default="none",
+                        help="the new token as it comes (none), or before RoPE (rope) and Qwen3's q/k norms (qwen3), "
+                        "which the op applies; batch-1 eager rows always take it as it comes")  # fmt: skip
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        metavar="BATCHxSLOTS",
+        help="the CUDA-graph rows (default: powers of two and the 8B throughput rows)",
+    )
+    parser.add_argument("--no-eager", action="store_true", help="skip the batch-1 eager rows")
     parser.add_argument("--out", type=Path, default=Path("bench/results/kernel_ab.json"))
     args = common.parse_args_on_gpu(parser)
     if args.baseline is None or args.label is None:
@@ -112,21 +126,24 @@ def main() -> None:
     import longflow_patch  # noqa: F401  (registers the op)
 
     baseline = load_baseline(args.baseline)
-    shapes = [(1, slots) for slots in EAGER_SLOTS] + GRAPH_SHAPES
-    bit_equal = {f"{batch}x{slots}": same_step(baseline, batch, slots) for batch, slots in shapes}
+    graph_shapes = [tuple(map(int, shape.split("x"))) for shape in args.shapes] if args.shapes else GRAPH_SHAPES
+    eager_slots = [] if args.no_eager else EAGER_SLOTS
+    bit_equal = {f"{batch}x{slots}": same_step(baseline, batch, slots, args.preparation)
+                 for batch, slots in [(1, slots) for slots in eager_slots] + graph_shapes}  # fmt: skip
     print(f"outputs equal bit for bit (batch x slots): {bit_equal}")
-    eager = [eager_row(baseline, slots, args.rounds) for slots in EAGER_SLOTS]
-    print(f"eager step at batch 1, us (baseline: {args.label}; medians of {args.rounds} interleaved rounds)")
-    columns = [f"{name}_{clock}_us" for clock in ("wall", "event") for name in ("baseline", "current", "sdpa")]
-    columns += [f"{ratio} {clock}" for clock in ("wall", "event")
-                for ratio in ("current/baseline", "baseline/sdpa", "current/sdpa")]  # fmt: skip
-    print_table(eager, ["slots", *columns])
-    graph = [graph_row(baseline, batch, slots, args.rounds) for batch, slots in GRAPH_SHAPES]
+    eager = [eager_row(baseline, slots, args.rounds) for slots in eager_slots]
+    if eager:
+        print(f"eager step at batch 1, us (baseline: {args.label}; medians of {args.rounds} interleaved rounds)")
+        columns = [f"{name}_{clock}_us" for clock in ("wall", "event") for name in ("baseline", "current", "sdpa")]
+        columns += [f"{ratio} {clock}" for clock in ("wall", "event")
+                    for ratio in ("current/baseline", "baseline/sdpa", "current/sdpa")]  # fmt: skip
+        print_table(eager, ["slots", *columns])
+    graph = [graph_row(baseline, batch, slots, args.rounds, args.preparation) for batch, slots in graph_shapes]
     print("\nGPU time per step in a CUDA graph, us")
     print_table(graph, ["batch", "slots", "baseline_us", "current_us", "sdpa_us", "current/baseline", "current/sdpa"])
     write_results(args.out, {"benchmark": "kernel_ab", "environment": environment(), "baseline": args.label,
-                             "settings": SETTINGS, "rounds": args.rounds, "outputs_bit_equal": bit_equal,
-                             "eager": eager, "graph": graph})  # fmt: skip
+                             "settings": SETTINGS, "preparation": args.preparation, "rounds": args.rounds,
+                             "outputs_bit_equal": bit_equal, "eager": eager, "graph": graph})  # fmt: skip
 
 
 if __name__ == "__main__":

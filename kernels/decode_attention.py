@@ -83,14 +83,16 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 @dataclass(frozen=True)
 class AttendLaunch:
-    """Launch shape of the attention pass: slots per tile, warps, pipeline depth, and the
-    fewest tiles a split may hold. Defaults from the H100 sweep in ``bench/decode_op.py``
-    (``block_s`` is halved for head_dim 256 to fit shared memory)."""
+    """Launch shape of the attention pass: slots per tile, warps, pipeline depth, the fewest
+    tiles a split may hold, and about how many waves of programs the splits aim for (`plan_splits`).
+    Defaults from the H100 sweep in ``bench/decode_op.py`` (``block_s`` is halved for head_dim 256
+    to fit shared memory)."""
 
     block_s: int = 128
     num_warps: int = 4
     num_stages: int = 2
     min_tiles_per_split: int = 1
+    waves: int = 2
 
 
 @dataclass(frozen=True)
@@ -493,9 +495,10 @@ def plan_splits(
     num_sms: int,
     min_tiles_per_split: int = 4,
     planned_slots: int = 0,
+    waves: int = 2,
 ) -> tuple[int, int]:
-    """Choose (n_splits, split_size) so that about two waves of programs cover the GPU,
-    with at least ``min_tiles_per_split * block_s`` slots per split.
+    """Choose (n_splits, split_size) so that about ``waves`` waves of programs (one an SM each)
+    cover the GPU, with at least ``min_tiles_per_split * block_s`` slots per split.
 
     The split size is planned for ``planned_slots`` live slots per head (0: all ``slots``), and
     as many splits as cover all ``slots`` are launched. With ragged budgets the planned count is
@@ -504,7 +507,7 @@ def plan_splits(
     limit exit at once (sizing splits by the physical slots instead made every program longer).
     """
     planned = min(planned_slots or slots, slots)
-    wanted = max(1, math.ceil(2 * num_sms / (batch * kv_heads)))
+    wanted = max(1, math.ceil(waves * num_sms / (batch * kv_heads)))
     most = max(1, math.ceil(planned / (min_tiles_per_split * block_s)))
     n_splits = min(wanted, most)
     split_size = math.ceil(math.ceil(planned / n_splits) / block_s) * block_s
@@ -601,7 +604,7 @@ def plan_decode(
     block_s = launch.block_s if head_dim <= 128 else launch.block_s // 2
     if n_splits is None:
         n_splits, split_size = plan_splits(
-            batch, kv_heads, slots, block_s, num_sms, launch.min_tiles_per_split, planned_slots
+            batch, kv_heads, slots, block_s, num_sms, launch.min_tiles_per_split, planned_slots, launch.waves
         )
     else:
         split_size = math.ceil(math.ceil(slots / n_splits) / block_s) * block_s
