@@ -323,6 +323,17 @@ def test_empty_slots_fill_before_any_eviction_and_protection_holds():
     assert theirs["write_slot"].item() == 4  # oldest non-sink token: position 4
 
 
+def test_attend_launch_waves_set_the_splits():
+    """At the 8B 4k row (batch 64, 921 slots, 132 SMs) two waves want one program per KV head;
+    ``waves`` asks for more programs (splits of whole tiles, covering every slot), up to one a tile."""
+    shape = dict(batch=64, kv_heads=8, group=4, slots=921, head_dim=128, num_sms=132, shared=True)
+    assert plan_decode(**shape).n_splits == 1
+    for waves, splits in ((4, 2), (8, 3), (64, 8)):
+        plan = plan_decode(**shape, launch=AttendLaunch(waves=waves))
+        assert plan.n_splits == splits, waves
+        assert plan.split_size % plan.block_s == 0 and plan.n_splits * plan.split_size >= shape["slots"]
+
+
 def test_score_launch_sets_tile_and_chunks_and_refuses_what_no_tile_can_be():
     """``tile_logits`` caps the logits of a scoring tile (32 query heads share one with shared
     eviction) and ``programs_per_sm`` sets how many chunks cut a scope; the chunks always cover it."""
