@@ -97,6 +97,12 @@ ATTEND_LAUNCHES = (
         for block_s, stages in ((32, 3), (64, 2), (128, 2))
         for waves in (4, 8)
     ]
+    + [  # registers capped so that an SM holds 3 (168) or 4 (128) programs where shared memory allows
+        AttendLaunch(block_s, 4, stages, waves=waves, max_registers=registers)
+        for block_s, stages in ((32, 2), (32, 3), (64, 2), (64, 3))
+        for registers in (128, 168)
+        for waves in (2, 4)
+    ]
 )
 SETTINGS = dict(scale=HEAD_DIM**-0.5, sink_tokens=4, recent_window=8, shared=True, score_kind=0)
 # Full-cache candidates at the 8B shape's baseline operating points (batch, capacity, filled):
@@ -272,6 +278,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="only the batch-1 eager overhead table")
     parser.add_argument("--candidates", action="store_true", help="also time full-cache attention candidates")
     parser.add_argument("--sweep", action="store_true", help="time launch-shape variants of the attention pass")
+    parser.add_argument("--sweep-capped", action="store_true",
+                        help="with --sweep, only the default and the shapes with capped registers")  # fmt: skip
     parser.add_argument(
         "--score-sweep",
         action="store_true",
@@ -317,6 +325,8 @@ def main() -> None:
         if args.sweep:  # the default launch first: vs_default is against it
             default_ms = None
             for launch in ATTEND_LAUNCHES:
+                if args.sweep_capped and launch != AttendLaunch() and not launch.max_registers:
+                    continue
                 try:
                     ms = graph_median_ms(fused_call(inputs, launch))
                 except Exception as error:  # a shape Triton cannot fit (shared memory) is reported, not fatal
@@ -346,7 +356,7 @@ def main() -> None:
             shape_rows = [r for r in sweep_rows if (r["batch"], r["slots"]) == shape]
             best += shape_rows[:1] + sorted(shape_rows[1:], key=lambda r: r["ms"])[:3]
         print_table(best, ["batch", "slots", "block_s", "num_warps", "num_stages", "min_tiles_per_split", "waves",
-                           "ms", "vs_floor", "vs_default"])  # fmt: skip
+                           "max_registers", "ms", "vs_floor", "vs_default"])  # fmt: skip
     if score_rows:
         print("\nscoring-pass launch shapes (whole step, ms; tile_slots and chunks per scope as planned; "
               "vs_default: against the default launch)")  # fmt: skip

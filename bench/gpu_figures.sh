@@ -33,6 +33,10 @@
 #                                              # git; carry it), e.g. from 5715db2, the last with three launches:
 #                                              #   mkdir -p bench/baseline && git show \
 #                                              #     5715db2:kernels/decode_attention.py > bench/baseline/decode_attention.py
+#   bash bench/gpu_figures.sh attend-ablation OUT  # bench/kernel_ablation.py (the op with parts of its kernel cut out,
+#                                              # and exact candidates) at the 8B 4k rows, the launch sweep's
+#                                              # capped-register shapes, and compiled LongFlow (8B, 4k, batch 64
+#                                              # and 128) with CAPPED_ATTEND_LAUNCH beside the default
 #   bash bench/gpu_figures.sh speculative OUT  # recipes/bench_speculative.py: the toy's tokens/s per draft at 8k
 #   bash bench/gpu_figures.sh speculative-2k OUT  # the same at 2k (speculative-4k: at 4k)
 # OUT gets the results and logs (bench/results/ to commit them). The package is used from this checkout
@@ -105,6 +109,17 @@ roofline-batches)
     # whether the GPU idle the profile shows there is generate's host work.
     python3 -P recipes/bench_throughput.py --configs longflow-compiled longflow-loop --max-batch 64 --outputs 8192 \
         --steps 96 --out "$out/throughput_qwen3-8b_b64_loop.json" 2>&1 | tee "$out/roofline_b64_loop.log"
+    ;;
+attend-ablation)
+    python3 -P bench/kernel_ablation.py --preparation qwen3 --shapes 64x921 128x921 --rounds 3 \
+        --out "$out/kernel_ablation_qwen3.json" 2>&1 | tee "$out/kernel_ablation_qwen3.log"
+    python3 -P bench/decode_op.py --batches 64 128 --slots 921 --sweep --sweep-capped --preparation qwen3 \
+        --out "$out/decode_op_attend_sweep_capped.json" 2>&1 | tee "$out/decode_op_attend_sweep_capped.log"
+    for batch in 64 128; do
+        python3 -P recipes/bench_throughput.py --configs longflow-compiled longflow-compiled-capped-registers \
+            --max-batch "$batch" --outputs 4096 --steps 96 --out "$out/throughput_qwen3-8b_b${batch}_capped_registers.json" \
+            2>&1 | tee "$out/capped_registers_b$batch.log"
+    done
     ;;
 prepared-ab)
     # Compiled LongFlow (8B shape, batch 64 at 4k and 8k, batch 128 at 4k) with the new token's q/k norms

@@ -43,9 +43,8 @@ GRAPH_SHAPES = [(1, 1024), (1, 16384), (8, 4096), (32, 4096), (128, 4096), (128,
                 (64, 921), (64, 1740), (171, 1740), (95, 3379)]  # fmt: skip
 
 
-def load_baseline(path: Path) -> object:
-    """``path`` (a copy of ``kernels/decode_attention.py``) as ``longflow_patch.kernels.baseline``."""
-    name = "longflow_patch.kernels.baseline"
+def load_baseline(path: Path, name: str = "longflow_patch.kernels.baseline") -> object:
+    """``path`` (a copy of ``kernels/decode_attention.py``) as module ``name`` of the package."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

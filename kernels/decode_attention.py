@@ -84,7 +84,9 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 @dataclass(frozen=True)
 class AttendLaunch:
     """Launch shape of the attention pass: slots per tile, warps, pipeline depth, the fewest
-    tiles a split may hold, and about how many waves of programs the splits aim for (`plan_splits`).
+    tiles a split may hold, about how many waves of programs the splits aim for (`plan_splits`),
+    and the most registers a thread may use (``max_registers``, Triton's ``maxnreg``; 0: the
+    compiler's choice), which sets how many programs an SM holds at once.
     Defaults from the H100 sweep in ``bench/decode_op.py`` (``block_s`` is halved for head_dim 256
     to fit shared memory)."""
 
@@ -93,6 +95,11 @@ class AttendLaunch:
     num_stages: int = 2
     min_tiles_per_split: int = 1
     waves: int = 2
+    max_registers: int = 0
+
+
+DEFAULT_ATTEND_LAUNCH = AttendLaunch()
+"""The attention pass's launch shape where a call names none (benchmarks swap it to time another)."""
 
 
 @dataclass(frozen=True)
@@ -552,6 +559,7 @@ class DecodePlan:
     block_s: int
     attend_warps: int
     attend_stages: int
+    attend_max_registers: int
     # scoring pass
     n_sel: int
     heads: int
@@ -620,7 +628,7 @@ def plan_decode(
     return DecodePlan(
         batch=batch, kv_heads=kv_heads, group=group, slots=slots, head_dim=head_dim, top2=top2,
         n_splits=n_splits, split_size=split_size, block_g=max(16, triton.next_power_of_2(group)), block_s=block_s,
-        attend_warps=launch.num_warps, attend_stages=launch.num_stages,
+        attend_warps=launch.num_warps, attend_stages=launch.num_stages, attend_max_registers=launch.max_registers,
         n_sel=n_sel, heads=heads, block_h=block_h, score_g=score_g, score_block=score_block,
         score_warps=score_launch.num_warps, chunk_size=chunk_size, n_chunks=n_chunks,
         block_splits=max(2, triton.next_power_of_2(n_splits)),
@@ -713,6 +721,7 @@ class DecodeLaunches:
             dict(G=group, BLOCK_G=plan.block_g, HEAD_DIM=head_dim, BLOCK_S=plan.block_s,
                  FINAL=plan.attend_writes_output, ROTATE=rotate, NORM=q_norm_weight is not None),
             num_warps=plan.attend_warps, num_stages=plan.attend_stages,
+            **({"maxnreg": plan.attend_max_registers} if plan.attend_max_registers else {}),
         )  # fmt: skip
         # Per selection scope, its score chunks, then one output program per KV head of the scope
         # and 32-column slice, unless the attention pass wrote the output (one split per head).
@@ -793,7 +802,8 @@ def decode_attention_triton(
     batch, kv_heads, slots, head_dim = k_cache.shape
     device = q.device
     plan = plan_decode(batch, kv_heads, q.shape[1] // kv_heads, slots, head_dim, multiprocessor_count(device),
-                       shared, planned_slots, reallocate_every > 0, n_splits, launch, score_launch)  # fmt: skip
+                       shared, planned_slots, reallocate_every > 0, n_splits, launch or DEFAULT_ATTEND_LAUNCH,
+                       score_launch)  # fmt: skip
     inputs = (q, k_new, v_new, k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit)
     # The new token's RoPE tables and norm weights (q stands in for absent ones: never read).
     preparation = [q if t is None else t for t in (cos, sin, q_norm_weight, k_norm_weight)]

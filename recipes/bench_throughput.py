@@ -20,6 +20,8 @@ fit under ``--memory-cap-gb`` (rows are labelled in the JSON, `LABELS`):
    matmuls, as transformers runs them (`apply` fuses them into one on a GPU);
    ``longflow-compiled-prepared-apart``: ``longflow-compiled`` with the new token's q/k norms
    (Qwen3) and RoPE run by transformers' modules, not inside the fused op;
+   ``longflow-compiled-capped-registers``: ``longflow-compiled`` with the attention pass in 32-slot
+   tiles, 3 stages, at 128 registers a thread: four programs an SM (`CAPPED_ATTEND_LAUNCH`);
 5. ``default``: transformers' default, DynamicCache + SDPA, eager ``generate``;
 6. ``static``: transformers' static cache + ``torch.compile`` (CUDA graphs); with an attention
    mask it repeats K/V over each GQA group and reads all ``max_cache_len`` slots every step.
@@ -67,6 +69,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
 from longflow_patch import attention, compat, fused_projections
 from longflow_patch.compat import cache_keyword
+from longflow_patch.kernels import decode_attention
+from longflow_patch.kernels.decode_attention import AttendLaunch
 from longflow_patch.progress import TokenProgress
 from longflow_patch.speculative_cache import SpeculativeCache
 
@@ -80,10 +84,17 @@ CONFIGS = (
     "longflow-compiled-sync",
     "longflow-compiled-unfused",
     "longflow-compiled-prepared-apart",
+    "longflow-compiled-capped-registers",
     "default",
     "static",
 )
-OPT_IN = ("longflow-loop", "longflow-compiled-sync", "longflow-compiled-unfused", "longflow-compiled-prepared-apart")
+OPT_IN = (
+    "longflow-loop",
+    "longflow-compiled-sync",
+    "longflow-compiled-unfused",
+    "longflow-compiled-prepared-apart",
+    "longflow-compiled-capped-registers",
+)
 """Configurations run only when named in ``--configs``."""
 LABELS = {
     "fullcache-loop": "strongest full cache: compiled static-shape loop, CUDA graphs, split-K GQA kernel "
@@ -97,6 +108,8 @@ LABELS = {
     "not apply's one",
     "longflow-compiled-prepared-apart": "longflow-compiled with the new token's q/k norms and RoPE run by "
     "transformers' modules, not inside the fused op",
+    "longflow-compiled-capped-registers": "longflow-compiled with the attention pass in 32-slot tiles, 3 stages, "
+    "at 128 registers a thread (four programs an SM)",
     "default": "transformers default: DynamicCache + SDPA, eager generate",
     "static": "transformers static cache + torch.compile (CUDA graphs; repeats K/V per GQA group, reads all slots)",
 }
@@ -105,8 +118,13 @@ THROUGH_GENERATE = (
     "longflow-compiled-sync",
     "longflow-compiled-unfused",
     "longflow-compiled-prepared-apart",
+    "longflow-compiled-capped-registers",
 )
 """Compiled LongFlow through ``generate`` (apply's ``compile="auto"``)."""
+CAPPED_ATTEND_LAUNCH = AttendLaunch(block_s=32, num_warps=4, num_stages=3, max_registers=128)
+"""An attention-pass launch that fits four programs an SM (128 registers, 39 KB of shared memory for
+head_dim 128, no spills for sm_90: `bench/kernel_ptx.py`); the default fits two. The best of
+`bench/decode_op.py --sweep --sweep-capped` at the 8B 4k rows on an H100."""
 # Timed calls of each length per row, after the first (which compiles): the median is kept. (One
 # call each let a single slow call decide a row: the H100's fifth run has a row whose short call
 # took 13 s longer than its long one.)
@@ -296,6 +314,21 @@ def preparation_apart() -> Iterator[None]:
         attention.PREPARE_IN_OP_ON_DEVICES = devices
 
 
+@contextlib.contextmanager
+def attend_launch(model, launch: AttendLaunch) -> Iterator[None]:
+    """Decode steps run the attention pass with ``launch`` (`decode_attention.DEFAULT_ATTEND_LAUNCH`).
+    The op reads it when it runs, inside graphs that dynamo does not guard on it, so compiled
+    graphs are dropped on the way in and out (the patch stays)."""
+    default = decode_attention.DEFAULT_ATTEND_LAUNCH
+    drop_compiled_graphs(model)
+    decode_attention.DEFAULT_ATTEND_LAUNCH = launch
+    try:
+        yield
+    finally:
+        decode_attention.DEFAULT_ATTEND_LAUNCH = default
+        drop_compiled_graphs(model)
+
+
 def generate_variant(model, kind: str) -> contextlib.AbstractContextManager:
     """What a row through ``generate`` changes around its calls (nothing for ``longflow-compiled``)."""
     if kind == "longflow-compiled-sync":
@@ -304,6 +337,8 @@ def generate_variant(model, kind: str) -> contextlib.AbstractContextManager:
         return projections_apart(model)
     if kind == "longflow-compiled-prepared-apart":
         return preparation_apart()
+    if kind == "longflow-compiled-capped-registers":
+        return attend_launch(model, CAPPED_ATTEND_LAUNCH)
     return contextlib.nullcontext()
 
 
@@ -388,14 +423,19 @@ def release(model) -> None:
         torch.cuda.empty_cache()
 
 
-def reset_compiled(model) -> None:
-    """Drop compiled graphs and CUDA-graph pools (between a run's parts, not between rows)."""
-    release(model)
+def drop_compiled_graphs(model) -> None:
+    """Drop ``model``'s compiled graphs and CUDA-graph pools; the patch stays."""
     model.__dict__.pop("_compiled_call", None)
     torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def reset_compiled(model) -> None:
+    """Free the configuration and drop compiled graphs (between a run's parts, not between rows)."""
+    release(model)
+    drop_compiled_graphs(model)
 
 
 def measure_largest(model, kind: str, prompt: int, output: int, cap: float, steps: int, bandwidth: float,
@@ -481,6 +521,7 @@ PASSES = (
         "longflow-compiled",
         "longflow-compiled-unfused",
         "longflow-compiled-prepared-apart",
+        "longflow-compiled-capped-registers",
         "longflow-compiled-sync",
         "longflow-loop",
     ),
@@ -502,9 +543,7 @@ def estimated_seconds(kind: str, shapes_before: int, compile_shapes: str = "stat
         return 40
     if kind in LOOPS:
         return 150 if shapes_before == 0 else 30
-    if kind in ("longflow-compiled", "longflow-compiled-unfused", "longflow-compiled-prepared-apart") and (
-        compile_shapes == "static"
-    ):
+    if kind in THROUGH_GENERATE and kind != "longflow-compiled-sync" and (compile_shapes == "static"):
         return 150 if shapes_before == 0 else 90
     return (150, 120, 30)[min(shapes_before, 2)]
 

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
-GPU_ONLY = ["decode_op.py", "kernel_ab.py", "ncu_step.py", "ragged_decode.py", "ragged_overhead.py", "stop_check.py"]
+GPU_ONLY = [
+    "decode_op.py",
+    "kernel_ab.py",
+    "kernel_ablation.py",
+    "ncu_step.py",
+    "ragged_decode.py",
+    "ragged_overhead.py",
+    "stop_check.py",
+]
 
 
 @pytest.mark.parametrize("script", GPU_ONLY)

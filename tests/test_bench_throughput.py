@@ -1,6 +1,6 @@
 """``recipes/bench_throughput.py``'s full-cache baseline: its decode loop generates what transformers
 generates, and one compile of the loop serves every batch size and cache length; its unfused rows run
-the q/k/v projections apart."""
+the q/k/v projections apart, and its capped-register rows another launch of the attention pass."""
 
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -8,6 +8,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import longflow_patch
 from longflow_patch import fused_projections
 from longflow_patch.compat import cache_keyword
+from longflow_patch.kernels import decode_attention
 from longflow_patch.speculative_cache import SpeculativeCache
 
 from models import tiny_model
@@ -61,3 +62,42 @@ def test_unfused_rows_run_the_projections_apart_and_later_rows_fuse_again(monkey
         assert all(fused_projections.fused_qkv(module) is None for module in attention)
     model.generate(input_ids=prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert all(fused_projections.fused_qkv(module) is not None for module in attention)
+
+
+def test_capped_register_rows_plan_the_attention_pass_with_their_launch(monkeypatch):
+    """``longflow-compiled-capped-registers`` rows run the op with `CAPPED_ATTEND_LAUNCH` and drop the
+    compiled graphs on the way in and out (they would replay the other launch), not the patch; later
+    rows get the default launch again."""
+    model = longflow_patch.apply(tiny_model("qwen3", "gqa", layers=2), budget=64, compile=False)
+    capped = throughput.CAPPED_ATTEND_LAUNCH
+    assert capped != decode_attention.DEFAULT_ATTEND_LAUNCH
+    planned = []
+    plan_decode = decode_attention.plan_decode
+    monkeypatch.setattr(decode_attention, "plan_decode", lambda *args: planned.append(args[10]) or plan_decode(*args))
+
+    def decode_step():
+        inputs = dict(
+            q=torch.randn(1, 4, 32, dtype=torch.bfloat16),
+            k_new=torch.randn(1, 2, 32, dtype=torch.bfloat16),
+            v_new=torch.randn(1, 2, 32, dtype=torch.bfloat16),
+            k_cache=torch.randn(1, 2, 40, 32, dtype=torch.bfloat16),
+            v_cache=torch.randn(1, 2, 40, 32, dtype=torch.bfloat16),
+            value_norm=torch.rand(1, 2, 40),
+            slot_pos=torch.arange(40, dtype=torch.int32).expand(1, 2, 40).contiguous(),
+            write_slot=torch.full((1, 2), 7, dtype=torch.int32),
+            position=torch.tensor([40], dtype=torch.int32),
+            slot_limit=torch.full((1, 2), 40, dtype=torch.int32),
+            accumulated=None,
+        )
+        decode_attention.decode_attention_triton(**inputs, scale=0.2, sink_tokens=1, recent_window=2, shared=True,
+                                                 score_kind=0)  # fmt: skip
+
+    model.__dict__["_compiled_call"] = "graphs compiled by an earlier row"
+    with throughput.generate_variant(model, "longflow-compiled-capped-registers"):
+        assert "_compiled_call" not in model.__dict__
+        assert model.__dict__.get("_longflow_policy") is not None, "the row must still decode with LongFlow"
+        decode_step()
+        model.__dict__["_compiled_call"] = "graphs compiled with the capped launch"
+    assert "_compiled_call" not in model.__dict__
+    decode_step()
+    assert planned == [capped, decode_attention.DEFAULT_ATTEND_LAUNCH]

@@ -210,13 +210,22 @@ def random_step_write_slots(batch: int, kv_heads: int, slots: int) -> torch.Tens
 
 @pytest.mark.parametrize(
     "launch",
-    [AttendLaunch(32, 4, 2), AttendLaunch(64, 8, 3), AttendLaunch(128, 8, 4)],
-    ids=lambda launch: f"block{launch.block_s}-warps{launch.num_warps}-stages{launch.num_stages}",
+    [
+        AttendLaunch(32, 4, 2),
+        AttendLaunch(64, 8, 3),
+        AttendLaunch(128, 8, 4),
+        AttendLaunch(64, 4, 2, max_registers=128),
+        AttendLaunch(32, 4, 3, max_registers=128),
+    ],
+    ids=lambda launch: (
+        f"block{launch.block_s}-warps{launch.num_warps}-stages{launch.num_stages}"
+        + (f"-registers{launch.max_registers}" if launch.max_registers else "")
+    ),
 )
 @pytest.mark.parametrize("n_splits", [1, 3])
 def test_attention_launch_shapes_match_reference(launch, n_splits):
     """The attention pass's launch shapes that `bench/decode_op.py --sweep` times compute the same
-    step: tiles of 32-128 slots (a budget off their multiples), 4 or 8 warps, 2-4 stages."""
+    step: tiles of 32-128 slots (a budget off their multiples), 4 or 8 warps, 2-4 stages, registers capped."""
     step = random_step(2, 2, 4, 300 if INTERPRETED else 1740, 128, torch.bfloat16, 280, shared=True)
     assert_same_step(*run_both(step, ScoreKind.CONTRIBUTION, True, n_splits, launch=launch))
 
@@ -325,11 +334,12 @@ def test_empty_slots_fill_before_any_eviction_and_protection_holds():
 
 def test_attend_launch_waves_set_the_splits():
     """At the 8B 4k row (batch 64, 921 slots, 132 SMs) two waves want one program per KV head;
-    ``waves`` asks for more programs (splits of whole tiles, covering every slot), up to one a tile."""
+    ``waves`` asks for more programs (splits of whole tiles, covering every slot), up to one a tile
+    (tiles of 128 slots here)."""
     shape = dict(batch=64, kv_heads=8, group=4, slots=921, head_dim=128, num_sms=132, shared=True)
     assert plan_decode(**shape).n_splits == 1
     for waves, splits in ((4, 2), (8, 3), (64, 8)):
-        plan = plan_decode(**shape, launch=AttendLaunch(waves=waves))
+        plan = plan_decode(**shape, launch=AttendLaunch(block_s=128, waves=waves))
         assert plan.n_splits == splits, waves
         assert plan.split_size % plan.block_s == 0 and plan.n_splits * plan.split_size >= shape["slots"]
 
