@@ -89,15 +89,21 @@ def eager_row(baseline: object, slots: int, rounds: int) -> dict:
     return row
 
 
-def graph_row(baseline: object, batch: int, slots: int, rounds: int, preparation: str) -> dict:
-    inputs = make_inputs(batch, slots, preparation=preparation)
-    calls = {"baseline": step_call(baseline, inputs, None), "current": step_call(current, inputs, None),
-             "sdpa": sdpa_call(inputs)}  # fmt: skip
+def interleaved_graph_us(calls: dict, rounds: int) -> dict[str, float]:
+    """``{name}_us``: each call's median GPU time in a CUDA graph over ``rounds`` rounds, the calls
+    timed in turn within each round."""
     times = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
             times[name].append(graph_median_ms(call) * 1e3)
-    row = {"batch": batch, "slots": slots, **{f"{name}_us": statistics.median(t) for name, t in times.items()}}
+    return {f"{name}_us": statistics.median(t) for name, t in times.items()}
+
+
+def graph_row(baseline: object, batch: int, slots: int, rounds: int, preparation: str) -> dict:
+    inputs = make_inputs(batch, slots, preparation=preparation)
+    calls = {"baseline": step_call(baseline, inputs, None), "current": step_call(current, inputs, None),
+             "sdpa": sdpa_call(inputs)}  # fmt: skip
+    row = {"batch": batch, "slots": slots, **interleaved_graph_us(calls, rounds)}
     row["current/baseline"] = row["current_us"] / row["baseline_us"]
     row["current/sdpa"] = row["current_us"] / row["sdpa_us"]
     return row

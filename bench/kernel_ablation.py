@@ -11,7 +11,6 @@ the op's output bit for bit and its next write slots.
 """
 
 import argparse
-import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -21,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script with
 from longflow_patch.kernels import decode_attention as current
 
 import common
-from common import environment, graph_median_ms, print_table, write_results
+from common import environment, print_table, write_results
 from decode_op import SETTINGS, make_inputs, sdpa_call
-from kernel_ab import load_baseline, same_step, step_call
+from kernel_ab import interleaved_graph_us, load_baseline, same_step, step_call
 
 KERNEL_FILE = Path(current.__file__)
 
@@ -108,11 +107,7 @@ def graph_row(modules: dict, batch: int, slots: int, rounds: int, preparation: s
     inputs = make_inputs(batch, slots, preparation=preparation)
     calls = {name: step_call(module, inputs, None) for name, module in modules.items()}
     calls["sdpa"] = sdpa_call(inputs)
-    times = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            times[name].append(graph_median_ms(call) * 1e3)
-    row = {"batch": batch, "slots": slots, **{f"{name}_us": statistics.median(t) for name, t in times.items()}}
+    row = {"batch": batch, "slots": slots, **interleaved_graph_us(calls, rounds)}
     for name in calls:
         row[f"{name}/op"] = row[f"{name}_us"] / row["op_us"]
     return row

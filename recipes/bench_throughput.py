@@ -543,7 +543,7 @@ def estimated_seconds(kind: str, shapes_before: int, compile_shapes: str = "stat
         return 40
     if kind in LOOPS:
         return 150 if shapes_before == 0 else 30
-    if kind in THROUGH_GENERATE and kind != "longflow-compiled-sync" and (compile_shapes == "static"):
+    if kind in THROUGH_GENERATE and compile_shapes == "static":
         return 150 if shapes_before == 0 else 90
     return (150, 120, 30)[min(shapes_before, 2)]
 

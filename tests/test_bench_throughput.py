@@ -2,6 +2,9 @@
 generates, and one compile of the loop serves every batch size and cache length; its unfused rows run
 the q/k/v projections apart, and its capped-register rows another launch of the attention pass."""
 
+import sys
+from pathlib import Path
+
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -11,6 +14,8 @@ from longflow_patch.compat import cache_keyword
 from longflow_patch.kernels import decode_attention
 from longflow_patch.speculative_cache import SpeculativeCache
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import decode_op
 from models import tiny_model
 from recipe_loader import load_recipe
 
@@ -76,21 +81,8 @@ def test_capped_register_rows_plan_the_attention_pass_with_their_launch(monkeypa
     monkeypatch.setattr(decode_attention, "plan_decode", lambda *args: planned.append(args[10]) or plan_decode(*args))
 
     def decode_step():
-        inputs = dict(
-            q=torch.randn(1, 4, 32, dtype=torch.bfloat16),
-            k_new=torch.randn(1, 2, 32, dtype=torch.bfloat16),
-            v_new=torch.randn(1, 2, 32, dtype=torch.bfloat16),
-            k_cache=torch.randn(1, 2, 40, 32, dtype=torch.bfloat16),
-            v_cache=torch.randn(1, 2, 40, 32, dtype=torch.bfloat16),
-            value_norm=torch.rand(1, 2, 40),
-            slot_pos=torch.arange(40, dtype=torch.int32).expand(1, 2, 40).contiguous(),
-            write_slot=torch.full((1, 2), 7, dtype=torch.int32),
-            position=torch.tensor([40], dtype=torch.int32),
-            slot_limit=torch.full((1, 2), 40, dtype=torch.int32),
-            accumulated=None,
-        )
-        decode_attention.decode_attention_triton(**inputs, scale=0.2, sink_tokens=1, recent_window=2, shared=True,
-                                                 score_kind=0)  # fmt: skip
+        inputs = decode_op.make_inputs(1, 40)
+        decode_attention.decode_attention_triton(**inputs, **decode_op.SETTINGS)
 
     model.__dict__["_compiled_call"] = "graphs compiled by an earlier row"
     with throughput.generate_variant(model, "longflow-compiled-capped-registers"):
