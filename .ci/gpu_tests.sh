@@ -19,5 +19,5 @@ print("python", sys.version.split()[0], "| torch", torch.__version__, "| transfo
     python3 -m pytest -v --durations=25 -p no:cacheprovider "$@" ${GPU_TEST_FILES:-tests/test_gpu.py \
         tests/test_speculative_gpu.py tests/test_compile.py tests/test_eager_path.py tests/test_decode_kernel.py \
         tests/test_verify_attention.py tests/test_op.py tests/test_allocated_policies.py tests/test_compiled_cache_writes.py \
-        tests/test_fused_projections.py tests/test_new_token_preparation.py}
+        tests/test_fused_projections.py tests/test_new_token_preparation.py tests/test_side_stream.py}
 } 2>&1 | tee "$log"

@@ -37,6 +37,9 @@
 #                                              # and exact candidates) at the 8B 4k rows, the launch sweep's
 #                                              # capped-register shapes, and compiled LongFlow (8B, 4k, batch 64
 #                                              # and 128) with CAPPED_ATTEND_LAUNCH beside the default
+#   bash bench/gpu_figures.sh scoring-beside OUT  # compiled LongFlow (8B shape, 4k and 8k) with the scoring pass
+#                                              # beside the next kernels (apply's default), on the model's
+#                                              # stream, and beside at the model stream's priority
 #   bash bench/gpu_figures.sh speculative OUT  # recipes/bench_speculative.py: the toy's tokens/s per draft at 8k
 #   bash bench/gpu_figures.sh speculative-2k OUT  # the same at 2k (speculative-4k: at 4k)
 # OUT gets the results and logs (bench/results/ to commit them). The package is used from this checkout
@@ -69,7 +72,7 @@ tests)
     wait
     ;;
 kernel-tests)
-    GPU_TEST_FILES="tests/test_decode_kernel.py tests/test_eager_path.py tests/test_op.py tests/test_compile.py tests/test_fused_projections.py tests/test_new_token_preparation.py" \
+    GPU_TEST_FILES="tests/test_decode_kernel.py tests/test_eager_path.py tests/test_op.py tests/test_compile.py tests/test_fused_projections.py tests/test_new_token_preparation.py tests/test_side_stream.py" \
         bash .ci/gpu_tests.sh "$out/gpu_tests_kernel.log" "${parallel[@]}"
     ;;
 speed)
@@ -120,6 +123,21 @@ attend-ablation)
             --max-batch "$batch" --outputs 4096 --steps 96 --out "$out/throughput_qwen3-8b_b${batch}_capped_registers.json" \
             2>&1 | tee "$out/capped_registers_b$batch.log"
     done
+    ;;
+scoring-beside)
+    # Compiled LongFlow with each layer's scoring pass beside the next kernels (apply's default, side
+    # stream above the model's priority), on the model's stream, and beside at the model's priority;
+    # 8B shape at 4k (batch 64 and 128) and 8k (batch 64).
+    T=recipes/bench_throughput.py
+    timeout 100 python3 -P $T --configs longflow-compiled longflow-compiled-serial-scoring \
+        longflow-compiled-scoring-low-priority --max-batch 64 --outputs 4096 --steps 96 \
+        --out "$out/throughput_qwen3-8b_b64_scoring_beside.json" 2>&1 | tee "$out/scoring_beside_b64.log"
+    timeout 100 python3 -P $T --configs longflow-compiled longflow-compiled-serial-scoring \
+        longflow-compiled-scoring-low-priority --max-batch 128 --outputs 4096 --steps 96 \
+        --out "$out/throughput_qwen3-8b_b128_scoring_beside.json" 2>&1 | tee "$out/scoring_beside_b128.log"
+    timeout 80 python3 -P $T --configs longflow-compiled longflow-compiled-serial-scoring --max-batch 64 \
+        --outputs 8192 --steps 96 --out "$out/throughput_qwen3-8b_b64_8k_scoring_beside.json" 2>&1 \
+        | tee "$out/scoring_beside_b64_8k.log"
     ;;
 prepared-ab)
     # Compiled LongFlow (8B shape, batch 64 at 4k and 8k, batch 128 at 4k) with the new token's q/k norms

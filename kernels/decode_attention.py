@@ -66,6 +66,7 @@ import triton.language as tl
 from triton.runtime import driver
 
 from . import launch as kernel_launch
+from . import side_stream
 from .decode_attention_reference import check_new_token_preparation, check_reallocation
 from .launch import KernelLaunch, aligned
 from .online_softmax import merge_split_partials, online_softmax_step
@@ -225,8 +226,10 @@ def _attend_split_kernel(
 
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_S], base-2 logits
         qk = tl.where(valid[None, :], qk, float("-inf"))
+        # Kept in L2 for the scoring pass, which reads them back right after (the K/V stream would
+        # otherwise push them out: 0.94x the op's time at batch 64, `bench/kernel_ablation.py`).
         tl.store(logit_base + offs_g[:, None] * logit_stride + offs_s[None, :], qk,
-                 mask=g_mask[:, None] & in_range[None, :])  # fmt: skip
+                 mask=g_mask[:, None] & in_range[None, :], eviction_policy="evict_last")  # fmt: skip
         m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, qk, v)
 
     if ROTATE:
@@ -300,7 +303,7 @@ def _merge_output_slice(
 
 @triton.jit
 def _score_merge_kernel(
-    M_part, L_part, Logits, Value_norm, Slot_pos, Write_slot, Position, Slot_limit, Accumulated,
+    M_part, L_part, Logits, Value_norm, Slot_pos, Write_slot, Slot_limit, Accumulated,
     Chunk_min, Chunk_arg, Chunk_min2, Chunk_arg2, Out, Out_part, Choice,
     stride_pb, stride_ph, stride_ob, stride_oh,
     n_splits, split_size, num_slots, logit_stride, kv_heads, n_chunks, chunk_size, sink_tokens, recent_window,
@@ -347,8 +350,10 @@ def _score_merge_kernel(
     norm_rows = Value_norm + (row * kv_heads + head) * num_slots  # [BLOCK_H]
 
     pos_base = Slot_pos + row * stride_pb + sel * stride_ph
-    position = tl.load(Position + row)
     write_slot = tl.load(Write_slot + row * kv_heads + sel)
+    # The step's position, where the attention pass stored it: the pass reads only the cache's
+    # tensors, so it may run beside later kernels (`side_stream`) that reuse the caller's memory.
+    position = tl.load(pos_base + write_slot)
     best_rank = tl.full([BLOCK], float("inf"), tl.float32)
     best_slot = tl.zeros([BLOCK], tl.int32)
     # TOP2: each lane also keeps its runner-up (second-lowest rank, earliest slot among ties).
@@ -773,6 +778,7 @@ def decode_attention_triton(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     norm_eps: float = 0.0,
+    overlap_scoring: bool = False,
     *,
     n_splits: int | None = None,
     launch: AttendLaunch | None = None,
@@ -786,6 +792,10 @@ def decode_attention_triton(
     ``reallocate_every`` and ``min_limit``: online re-allocation, as in the reference.
     ``cos``, ``sin``, ``q_norm_weight``, ``k_norm_weight``, ``norm_eps``: the new token's RoPE and
     norms, as in the reference, done by the attention pass's programs as they load the token.
+    ``overlap_scoring``: the scoring pass may run on a side stream, beside whatever the caller
+    launches next, where the attention pass writes the output (one split per head) and nothing
+    re-allocates (`side_stream`; the result is the same). The caller must then make another call of
+    this function (which joins it first) before anything else reads the cache's tensors.
     ``n_splits`` overrides the split-K heuristic (tests use it to exercise many splits);
     ``launch`` and ``score_launch`` override the attention and scoring passes' launch shapes
     (the benchmark sweeps them). ``workspaces``: a dict in which the step keeps its scratch
@@ -826,12 +836,17 @@ def decode_attention_triton(
     direct = direct and aligned(*inputs, *preparation, out, *([] if accumulated is None else [accumulated]))
     stream = driver.active.get_current_stream(current_device) if direct else None  # looked up once a step
 
+    side_stream.join()  # the previous call's scoring pass, if it ran beside (it may share the workspace)
     step.attend(*inputs, work.out_part, work.m_part, work.l_part, work.logits, out, work.choice, *preparation,
                 direct=direct, stream=stream)  # fmt: skip
-    step.score_merge(work.m_part, work.l_part, work.logits, value_norm, slot_pos, write_slot, position, slot_limit,
-                     work.m_part if accumulated is None else accumulated,
-                     work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2, out, work.out_part, work.choice,
-                     direct=direct, stream=stream)  # fmt: skip
+    # Beside the model's next kernels only where it writes no output (the attention pass did) and no
+    # re-allocation follows it in this step.
+    overlap = overlap_scoring and side_stream.OVERLAP_SCORING and plan.attend_writes_output and q.is_cuda
+    with side_stream.beside(overlap and step.reallocate is None, keep=step) as side:
+        step.score_merge(work.m_part, work.l_part, work.logits, value_norm, slot_pos, write_slot, slot_limit,
+                         work.m_part if accumulated is None else accumulated, work.chunk_min, work.chunk_arg,
+                         work.chunk_min2, work.chunk_arg2, out, work.out_part, work.choice, direct=direct,
+                         stream=stream if side is None or not direct else side.cuda_stream)  # fmt: skip
     if step.reallocate is not None:
         step.reallocate(k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit,
                         work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2, direct=direct,

@@ -180,9 +180,10 @@ def decode_attention_reference(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     norm_eps: float = 0.0,
+    overlap_scoring: bool = False,
 ) -> torch.Tensor:
     """Reference decode step; see the module docstring for shapes and semantics.
-    ``planned_slots`` is the kernel's launch-planning hint and has no effect here.
+    ``planned_slots`` and ``overlap_scoring`` are the kernel's launch hints and have no effect here.
     ``reallocate_every`` (0: never) and ``min_limit``: online re-allocation between heads.
     ``cos``, ``sin``, ``q_norm_weight``, ``k_norm_weight``, ``norm_eps``: the new token's RoPE and
     norms (`prepare_new_token`), or None when ``q`` and ``k_new`` come rotated."""

@@ -57,6 +57,10 @@ class LongFlowLayer(CacheLayerMixin):
         self.write_slot: torch.Tensor | None = None
         self.slot_limit: torch.Tensor | None = None
         self.planned_slots = 0
+        # Whether the op may leave this layer's scoring pass running beside the model's next kernels
+        # (`kernels/side_stream.py`): only where the next decode call of the op comes before anything
+        # else reads this layer's state, which `LongFlowCache` arranges for all its layers but the last.
+        self.overlap_scoring = False
         self.initial_limits: list[int] = []  # live slots per KV head at prefill (host copy of slot_limit)
         self.accumulated: torch.Tensor | None = None
         self.recent_queries: torch.Tensor | None = None
@@ -269,6 +273,7 @@ class LongFlowLayer(CacheLayerMixin):
         # `rebalance_every` positions (compacting scorers move slots at their re-selections).
         reallocate_every = policy.rebalance_every if policy.reallocates_heads and not policy.compacting else 0
         outputs = []
+        last = query.shape[2] - 1
         for step in range(query.shape[2]):
             if policy.compacting:
                 self._before_compacting_step(query[:, :, step], positions[:, step], scale)
@@ -294,6 +299,8 @@ class LongFlowLayer(CacheLayerMixin):
                     reallocate_every,
                     policy.minimum_budget,
                     *(() if preparation is None else preparation.op_arguments(step, batch)),
+                    # The layer's next token reads its state before calling the op (compacting policies).
+                    overlap_scoring=self.overlap_scoring and step == last,
                     workspaces=self.workspaces,
                 )
             )
@@ -373,6 +380,10 @@ class LongFlowCache(Cache):
         self.workspaces: dict = {}
         super().__init__(layers=[LongFlowLayer(policy, layer, self.workspaces) for layer in range(num_layers)])
         self.policy = policy
+        # A decode forward calls the layers in order: each one's op joins the scoring pass the one
+        # before left beside, and the last runs its own inline, so the forward ends joined.
+        for layer in self.layers[:-1]:
+            layer.overlap_scoring = True
 
     @property
     def _is_user_defined(self) -> bool:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from longflow_patch.kernels import side_stream
 from longflow_patch.kernels.decode_attention_reference import decode_attention_reference
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -51,6 +52,7 @@ def decode_attention(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     norm_eps: float = 0.0,
+    overlap_scoring: bool = False,
 ) -> torch.Tensor:
     """One fused decode step: write the new token, attend, score slots, choose the next slot.
     ``planned_slots``: the mean live slots per head when budgets are ragged (a launch hint for
@@ -58,11 +60,14 @@ def decode_attention(
     ``min_limit``: every that many positions, move one slot between two KV heads (ReasonAlloc's
     online step), keeping each head at ``min_limit`` slots or more. ``cos`` / ``sin`` ``[B, D]``
     (and ``q_norm_weight`` / ``k_norm_weight`` ``[D]``, ``norm_eps``): ``q`` and ``k_new`` come
-    before RoPE (and Qwen3's q/k norms), which the step applies (`NewTokenPreparation`)."""
+    before RoPE (and Qwen3's q/k norms), which the step applies (`NewTokenPreparation`).
+    ``overlap_scoring``: on the GPU, the step may finish choosing the next slot on a side stream,
+    beside the caller's next kernels; the caller's next call of the op joins it, so the caller must
+    make one before anything else reads the cache (`kernels/side_stream.py`). No effect on the result."""
     return decode_attention_reference(
         q, k_new, v_new, k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit, accumulated,
         scale, sink_tokens, recent_window, shared, score_kind, planned_slots, reallocate_every, min_limit,
-        cos, sin, q_norm_weight, k_norm_weight, norm_eps,
+        cos, sin, q_norm_weight, k_norm_weight, norm_eps, overlap_scoring,
     )  # fmt: skip
 
 
@@ -96,15 +101,16 @@ def runs_fused_kernel(q: torch.Tensor) -> bool:
 
 
 @decode_attention.register_kernel("cuda")
-def _decode_attention_cuda(q: torch.Tensor, *args: object) -> torch.Tensor:
+def _decode_attention_cuda(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     if not runs_fused_kernel(q):
-        return decode_attention_reference(q, *args)
+        side_stream.join()  # a kernel call of this thread may have left its scoring pass beside
+        return decode_attention_reference(q, *args, **kwargs)
     from longflow_patch.kernels.decode_attention import decode_attention_triton
 
-    return decode_attention_triton(q, *args)
+    return decode_attention_triton(q, *args, **kwargs)
 
 
-def decode_step(q: torch.Tensor, *args: object, workspaces: dict) -> torch.Tensor:
+def decode_step(q: torch.Tensor, *args: object, overlap_scoring: bool = False, workspaces: dict) -> torch.Tensor:
     """One decode step, with the arguments of ``decode_attention``; ``workspaces``: a dict owned by
     the caller (the cache) where eager steps keep their scratch buffers.
 
@@ -120,12 +126,12 @@ def decode_step(q: torch.Tensor, *args: object, workspaces: dict) -> torch.Tenso
         or not runs_fused_kernel(q)
         or (q.is_cuda and torch.cuda.is_current_stream_capturing())
     ):
-        return decode_attention(q, *args)
+        return decode_attention(q, *args, overlap_scoring=overlap_scoring)
     from longflow_patch.kernels.decode_attention import decode_attention_triton
 
-    return decode_attention_triton(q, *args, workspaces=workspaces)
+    return decode_attention_triton(q, *args, overlap_scoring=overlap_scoring, workspaces=workspaces)
 
 
 @decode_attention.register_fake
-def _decode_attention_fake(q: torch.Tensor, *args: object) -> torch.Tensor:
+def _decode_attention_fake(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     return q.new_empty(q.shape)  # contiguous, as every implementation returns (not q's strides)

@@ -22,6 +22,10 @@ fit under ``--memory-cap-gb`` (rows are labelled in the JSON, `LABELS`):
    (Qwen3) and RoPE run by transformers' modules, not inside the fused op;
    ``longflow-compiled-capped-registers``: ``longflow-compiled`` with the attention pass in 32-slot
    tiles, 3 stages, at 128 registers a thread: four programs an SM (`CAPPED_ATTEND_LAUNCH`);
+   ``longflow-compiled-serial-scoring``: ``longflow-compiled`` with each layer's scoring pass on the
+   model's stream (`apply` runs it on a side stream, beside the layer's next kernels:
+   `kernels/side_stream.py`); ``longflow-compiled-scoring-low-priority``: that side stream at the
+   model stream's priority, not above it;
 5. ``default``: transformers' default, DynamicCache + SDPA, eager ``generate``;
 6. ``static``: transformers' static cache + ``torch.compile`` (CUDA graphs); with an attention
    mask it repeats K/V over each GQA group and reads all ``max_cache_len`` slots every step.
@@ -69,7 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import longflow_patch
 from longflow_patch import attention, compat, fused_projections
 from longflow_patch.compat import cache_keyword
-from longflow_patch.kernels import decode_attention
+from longflow_patch.kernels import decode_attention, side_stream
 from longflow_patch.kernels.decode_attention import AttendLaunch
 from longflow_patch.progress import TokenProgress
 from longflow_patch.speculative_cache import SpeculativeCache
@@ -85,6 +89,8 @@ CONFIGS = (
     "longflow-compiled-unfused",
     "longflow-compiled-prepared-apart",
     "longflow-compiled-capped-registers",
+    "longflow-compiled-serial-scoring",
+    "longflow-compiled-scoring-low-priority",
     "default",
     "static",
 )
@@ -94,6 +100,8 @@ OPT_IN = (
     "longflow-compiled-unfused",
     "longflow-compiled-prepared-apart",
     "longflow-compiled-capped-registers",
+    "longflow-compiled-serial-scoring",
+    "longflow-compiled-scoring-low-priority",
 )
 """Configurations run only when named in ``--configs``."""
 LABELS = {
@@ -110,6 +118,10 @@ LABELS = {
     "transformers' modules, not inside the fused op",
     "longflow-compiled-capped-registers": "longflow-compiled with the attention pass in 32-slot tiles, 3 stages, "
     "at 128 registers a thread (four programs an SM)",
+    "longflow-compiled-serial-scoring": "longflow-compiled with each layer's scoring pass on the model's stream, "
+    "between its attention pass and o_proj (apply runs it beside the next kernels)",
+    "longflow-compiled-scoring-low-priority": "longflow-compiled with the scoring pass's side stream at the model "
+    "stream's priority (apply's is higher)",
     "default": "transformers default: DynamicCache + SDPA, eager generate",
     "static": "transformers static cache + torch.compile (CUDA graphs; repeats K/V per GQA group, reads all slots)",
 }
@@ -119,6 +131,8 @@ THROUGH_GENERATE = (
     "longflow-compiled-unfused",
     "longflow-compiled-prepared-apart",
     "longflow-compiled-capped-registers",
+    "longflow-compiled-serial-scoring",
+    "longflow-compiled-scoring-low-priority",
 )
 """Compiled LongFlow through ``generate`` (apply's ``compile="auto"``)."""
 CAPPED_ATTEND_LAUNCH = AttendLaunch(block_s=32, num_warps=4, num_stages=3, max_registers=128)
@@ -315,17 +329,18 @@ def preparation_apart() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def attend_launch(model, launch: AttendLaunch) -> Iterator[None]:
-    """Decode steps run the attention pass with ``launch`` (`decode_attention.DEFAULT_ATTEND_LAUNCH`).
-    The op reads it when it runs, inside graphs that dynamo does not guard on it, so compiled
+def op_setting(model, module: types.ModuleType, name: str, value: object) -> Iterator[None]:
+    """Decode steps run with ``module.name`` set to ``value``: the attention pass's launch
+    (`decode_attention.DEFAULT_ATTEND_LAUNCH`), or where the scoring pass runs (`side_stream`). The
+    op reads these when it runs, inside graphs that dynamo does not guard on them, so compiled
     graphs are dropped on the way in and out (the patch stays)."""
-    default = decode_attention.DEFAULT_ATTEND_LAUNCH
+    default = getattr(module, name)
     drop_compiled_graphs(model)
-    decode_attention.DEFAULT_ATTEND_LAUNCH = launch
+    setattr(module, name, value)
     try:
         yield
     finally:
-        decode_attention.DEFAULT_ATTEND_LAUNCH = default
+        setattr(module, name, default)
         drop_compiled_graphs(model)
 
 
@@ -338,7 +353,11 @@ def generate_variant(model, kind: str) -> contextlib.AbstractContextManager:
     if kind == "longflow-compiled-prepared-apart":
         return preparation_apart()
     if kind == "longflow-compiled-capped-registers":
-        return attend_launch(model, CAPPED_ATTEND_LAUNCH)
+        return op_setting(model, decode_attention, "DEFAULT_ATTEND_LAUNCH", CAPPED_ATTEND_LAUNCH)
+    if kind == "longflow-compiled-serial-scoring":
+        return op_setting(model, side_stream, "OVERLAP_SCORING", False)
+    if kind == "longflow-compiled-scoring-low-priority":
+        return op_setting(model, side_stream, "SIDE_STREAM_PRIORITY", 0)
     return contextlib.nullcontext()
 
 
@@ -522,6 +541,8 @@ PASSES = (
         "longflow-compiled-unfused",
         "longflow-compiled-prepared-apart",
         "longflow-compiled-capped-registers",
+        "longflow-compiled-serial-scoring",
+        "longflow-compiled-scoring-low-priority",
         "longflow-compiled-sync",
         "longflow-loop",
     ),

@@ -242,7 +242,7 @@ def on_gpu_path(monkeypatch) -> list[str]:
         kernel, "decode_attention_triton", lambda *a, **k: routes.append("launcher") or launcher(*a, **k)
     )
     op = ops.decode_attention
-    monkeypatch.setattr(ops, "decode_attention", lambda *a: routes.append("op") or op(*a))
+    monkeypatch.setattr(ops, "decode_attention", lambda *a, **k: routes.append("op") or op(*a, **k))
     return routes
 
 
@@ -284,7 +284,7 @@ def test_patched_model_decodes_through_the_direct_path_and_matches_the_op(monkey
                               do_sample=False, pad_token_id=0)  # fmt: skip
 
     with monkeypatch.context() as patched:
-        patched.setattr(ops, "decode_attention", lambda *a: kernel.decode_attention_triton(*a))
+        patched.setattr(ops, "decode_attention", lambda *a, **k: kernel.decode_attention_triton(*a, **k))
         through_op = generate()
     routes = on_gpu_path(monkeypatch)
     assert torch.equal(generate(), through_op)
