@@ -32,6 +32,8 @@ online re-allocation):
    last chunk to arrive (an atomic count) writes the scope's next write slot.
    The output programs, one per KV head of the scope and 32-column slice of the head dim, merge
    the split partials into the final output meanwhile (there are none with one split per head).
+   With one split per head and ``overlap_scoring``, the pass runs on a side stream, beside the
+   model's next kernels, and the next call joins it (`side_stream`).
    (Until 2026-12-05 both were a third launch, which an eager step pays for on the host;
    `bench/kernel_ab.py` times the two.)
 3. ``_reallocate_kernel`` (grid ``B``, only with online re-allocation). The scoring pass then also
@@ -658,7 +660,8 @@ class DecodeWorkspace:
 
     Every pass reads only what an earlier pass of the same step wrote (live splits, usable slots,
     live chunks, emptied cells), so the buffers start uninitialised (no fill kernel under a CUDA
-    graph) and a workspace can serve step after step, and layer after layer on one stream.
+    graph) and a workspace can serve step after step, and layer after layer on one stream (a call
+    first joins a scoring pass the previous call left on the side stream).
     """
 
     out_part: torch.Tensor
@@ -841,12 +844,12 @@ def decode_attention_triton(
                 direct=direct, stream=stream)  # fmt: skip
     # Beside the model's next kernels only where it writes no output (the attention pass did) and no
     # re-allocation follows it in this step.
-    overlap = overlap_scoring and side_stream.OVERLAP_SCORING and plan.attend_writes_output and q.is_cuda
-    with side_stream.beside(overlap and step.reallocate is None, keep=step) as side:
+    overlap = overlap_scoring and side_stream.OVERLAP_SCORING and plan.attend_writes_output
+    with side_stream.beside(overlap and step.reallocate is None and q.is_cuda, keep=step) as side:
         step.score_merge(work.m_part, work.l_part, work.logits, value_norm, slot_pos, write_slot, slot_limit,
                          work.m_part if accumulated is None else accumulated, work.chunk_min, work.chunk_arg,
                          work.chunk_min2, work.chunk_arg2, out, work.out_part, work.choice, direct=direct,
-                         stream=stream if side is None or not direct else side.cuda_stream)  # fmt: skip
+                         stream=stream if side is None else side.cuda_stream)  # fmt: skip
     if step.reallocate is not None:
         step.reallocate(k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit,
                         work.chunk_min, work.chunk_arg, work.chunk_min2, work.chunk_arg2, direct=direct,

@@ -52,8 +52,8 @@ def join() -> None:
     go of what it kept. Every decode call joins before it launches."""
     work = getattr(_pending, "work", None)
     if work is not None:
-        _pending.work = None
         torch.cuda.current_stream().wait_event(work[0])
+        _pending.work = None  # the kept buffers are freed after the wait, in the current stream's order
 
 
 @contextmanager
