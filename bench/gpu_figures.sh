@@ -39,7 +39,8 @@
 #                                              # and 128) with CAPPED_ATTEND_LAUNCH beside the default
 #   bash bench/gpu_figures.sh scoring-beside OUT  # compiled LongFlow (8B shape, 4k and 8k) with the scoring pass
 #                                              # beside the next kernels (apply's default), on the model's
-#                                              # stream, and beside at the model stream's priority
+#                                              # stream, and beside at the model stream's priority; then
+#                                              # profiles of the 4k batch-128 step both ways
 #   bash bench/gpu_figures.sh speculative OUT  # recipes/bench_speculative.py: the toy's tokens/s per draft at 8k
 #   bash bench/gpu_figures.sh speculative-2k OUT  # the same at 2k (speculative-4k: at 4k)
 # OUT gets the results and logs (bench/results/ to commit them). The package is used from this checkout
@@ -127,7 +128,7 @@ attend-ablation)
 scoring-beside)
     # Compiled LongFlow with each layer's scoring pass beside the next kernels (apply's default, side
     # stream above the model's priority), on the model's stream, and beside at the model's priority;
-    # 8B shape at 4k (batch 64 and 128) and 8k (batch 64).
+    # 8B shape at 4k (batch 64 and 128) and 8k (batch 64); then profiles of the 4k batch-128 step both ways.
     T=recipes/bench_throughput.py
     timeout 100 python3 -P $T --configs longflow-compiled longflow-compiled-serial-scoring \
         longflow-compiled-scoring-low-priority --max-batch 64 --outputs 4096 --steps 96 \
@@ -138,6 +139,11 @@ scoring-beside)
     timeout 80 python3 -P $T --configs longflow-compiled longflow-compiled-serial-scoring --max-batch 64 \
         --outputs 8192 --steps 96 --out "$out/throughput_qwen3-8b_b64_8k_scoring_beside.json" 2>&1 \
         | tee "$out/scoring_beside_b64_8k.log"
+    # Where batch 128's step goes with the pass beside and on the model's stream (the JSONs only: 8 files).
+    timeout 100 python3 -P bench/profile_step.py --batch 128 --budget 921 \
+        --out "$out/profile_step_qwen3-8b_b128_4k_scoring_beside.json" >/dev/null 2>&1
+    timeout 100 python3 -P bench/profile_step.py --batch 128 --budget 921 --serial-scoring \
+        --out "$out/profile_step_qwen3-8b_b128_4k_serial_scoring.json" >/dev/null 2>&1
     ;;
 prepared-ab)
     # Compiled LongFlow (8B shape, batch 64 at 4k and 8k, batch 128 at 4k) with the new token's q/k norms

@@ -6,7 +6,9 @@ Kernels are grouped into what the roofline counts (the matmuls that read the wei
 op's attention pass that reads the KV cache) and everything else: the lm_head's logits over the
 vocabulary (the one matmul launched once a step), norms, RoPE, the SwiGLU activation, the fused
 op's scoring pass (with the output merge), copies, and generate's own per-step work. The step's
-wall time less its summed kernel time is time the GPU waits for the host.
+wall time less its summed kernel time is time the GPU waits for the host (less whatever overlaps:
+the scoring pass runs on a side stream beside the next kernels, `--serial-scoring` puts it back on
+the model's stream).
 
     python bench/profile_step.py --shape qwen3-8b --batch 256 --budget 921
 """
@@ -21,6 +23,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from longflow_patch.kernels import side_stream
+
 from common import (
     SHAPES,
     build_model,
@@ -151,8 +155,14 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=921)
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens (LongFlow's step does not depend on it)")
     parser.add_argument("--steps", type=int, nargs=2, default=[8, 24], metavar=("SHORT", "LONG"))
+    parser.add_argument(
+        "--serial-scoring",
+        action="store_true",
+        help="the scoring pass on the model's stream (apply runs it beside the next kernels)",
+    )
     parser.add_argument("--out", default=None, help="results JSON (default bench/results/profile_step_<shape>.json)")
     args = parser.parse_args()
+    side_stream.OVERLAP_SCORING = not args.serial_scoring
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(args.shape, device)
     longflow_patch.apply(model, policy="longflow", budget=args.budget)  # compile="auto": compiled on one GPU
@@ -176,7 +186,8 @@ def main() -> None:
                                    roofline_parts(model, args.batch, args.budget, bandwidth))  # fmt: skip
     print_profile(result)
     settings = {"shape": args.shape, "batch": args.batch, "budget": args.budget, "prompt": args.prompt,
-                "steps": args.steps, "copy_bandwidth_gbs": bandwidth}  # fmt: skip
+                "steps": args.steps, "copy_bandwidth_gbs": bandwidth,
+                "scoring_beside": side_stream.OVERLAP_SCORING}  # fmt: skip
     payload = {"benchmark": "profile_step", "environment": environment(), "settings": settings, **result}
     write_results(args.out or f"bench/results/profile_step_{args.shape}.json", payload)
 
