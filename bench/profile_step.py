@@ -23,8 +23,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from longflow_patch.kernels import side_stream
-
 from common import (
     SHAPES,
     build_model,
@@ -148,6 +146,7 @@ def main() -> None:
     import time
 
     import longflow_patch
+    from longflow_patch.kernels import side_stream
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")

@@ -844,8 +844,9 @@ def decode_attention_triton(
                 direct=direct, stream=stream)  # fmt: skip
     # Beside the model's next kernels only where it writes no output (the attention pass did) and no
     # re-allocation follows it in this step.
-    overlap = overlap_scoring and side_stream.OVERLAP_SCORING and plan.attend_writes_output
-    with side_stream.beside(overlap and step.reallocate is None and q.is_cuda, keep=step) as side:
+    overlap = (overlap_scoring and side_stream.OVERLAP_SCORING and plan.attend_writes_output
+               and step.reallocate is None and q.is_cuda)  # fmt: skip
+    with side_stream.beside(overlap, keep=step) as side:
         step.score_merge(work.m_part, work.l_part, work.logits, value_norm, slot_pos, write_slot, slot_limit,
                          work.m_part if accumulated is None else accumulated, work.chunk_min, work.chunk_arg,
                          work.chunk_min2, work.chunk_arg2, out, work.out_part, work.choice, direct=direct,
