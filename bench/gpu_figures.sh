@@ -37,10 +37,9 @@
 #                                              # and exact candidates) at the 8B 4k rows, the launch sweep's
 #                                              # capped-register shapes, and compiled LongFlow (8B, 4k, batch 64
 #                                              # and 128) with CAPPED_ATTEND_LAUNCH beside the default
-#   bash bench/gpu_figures.sh scoring-beside OUT  # compiled LongFlow (8B shape, 4k and 8k) with the scoring pass
-#                                              # beside the next kernels (apply's default), on the model's
-#                                              # stream, and beside at the model stream's priority; then
-#                                              # profiles of the 4k batch-128 step both ways
+#   bash bench/gpu_figures.sh scoring-beside OUT  # compiled LongFlow (8B shape, 4k and 8k, batch 64 and 128)
+#                                              # with the scoring pass beside the next kernels (apply's
+#                                              # default) and on the model's stream, side by side
 #   bash bench/gpu_figures.sh speculative OUT  # recipes/bench_speculative.py: the toy's tokens/s per draft at 8k
 #   bash bench/gpu_figures.sh speculative-2k OUT  # the same at 2k (speculative-4k: at 4k)
 # OUT gets the results and logs (bench/results/ to commit them). The package is used from this checkout
@@ -126,24 +125,16 @@ attend-ablation)
     done
     ;;
 scoring-beside)
-    # Compiled LongFlow with each layer's scoring pass beside the next kernels (apply's default, side
-    # stream above the model's priority), on the model's stream, and beside at the model's priority;
-    # 8B shape at 4k (batch 64 and 128) and 8k (batch 64); then profiles of the 4k batch-128 step both ways.
-    T=recipes/bench_throughput.py
-    timeout 100 python3 -P $T --configs longflow-compiled longflow-compiled-serial-scoring \
-        longflow-compiled-scoring-low-priority --max-batch 64 --outputs 4096 --steps 96 \
-        --out "$out/throughput_qwen3-8b_b64_scoring_beside.json" 2>&1 | tee "$out/scoring_beside_b64.log"
-    timeout 100 python3 -P $T --configs longflow-compiled longflow-compiled-serial-scoring \
-        longflow-compiled-scoring-low-priority --max-batch 128 --outputs 4096 --steps 96 \
-        --out "$out/throughput_qwen3-8b_b128_scoring_beside.json" 2>&1 | tee "$out/scoring_beside_b128.log"
-    timeout 80 python3 -P $T --configs longflow-compiled longflow-compiled-serial-scoring --max-batch 64 \
-        --outputs 8192 --steps 96 --out "$out/throughput_qwen3-8b_b64_8k_scoring_beside.json" 2>&1 \
-        | tee "$out/scoring_beside_b64_8k.log"
-    # Where batch 128's step goes with the pass beside and on the model's stream (the JSONs only: 8 files).
-    timeout 100 python3 -P bench/profile_step.py --batch 128 --budget 921 \
-        --out "$out/profile_step_qwen3-8b_b128_4k_scoring_beside.json" >/dev/null 2>&1
-    timeout 100 python3 -P bench/profile_step.py --batch 128 --budget 921 --serial-scoring \
-        --out "$out/profile_step_qwen3-8b_b128_4k_serial_scoring.json" >/dev/null 2>&1
+    # Compiled LongFlow with each layer's scoring pass beside the next kernels (apply's default) and on
+    # the model's stream, one process per shape (8B shape; 4k and 8k, batch 64 and 128). A process
+    # compiles once (about 50 s), then each row takes about 20 s.
+    for shape in "4096 64" "4096 128" "8192 64" "8192 128"; do
+        read -r output batch <<<"$shape"
+        name=throughput_qwen3-8b_b${batch}_${output}_scoring_beside
+        timeout 140 python3 -P recipes/bench_throughput.py --configs longflow-compiled \
+            longflow-compiled-serial-scoring --max-batch "$batch" --outputs "$output" --steps 96 \
+            --out "$out/$name.json" 2>&1 | tee "$out/$name.log"
+    done
     ;;
 prepared-ab)
     # Compiled LongFlow (8B shape, batch 64 at 4k and 8k, batch 128 at 4k) with the new token's q/k norms
