@@ -33,10 +33,8 @@
 #                                              # git; carry it), e.g. from 5715db2, the last with three launches:
 #                                              #   mkdir -p bench/baseline && git show \
 #                                              #     5715db2:kernels/decode_attention.py > bench/baseline/decode_attention.py
-#   bash bench/gpu_figures.sh attend-ablation OUT  # bench/kernel_ablation.py (the op with parts of its kernel cut out,
-#                                              # and exact candidates) at the 8B 4k rows, the launch sweep's
-#                                              # capped-register shapes, and compiled LongFlow (8B, 4k, batch 64
-#                                              # and 128) with CAPPED_ATTEND_LAUNCH beside the default
+#   bash bench/gpu_figures.sh attend-ablation OUT  # bench/kernel_ablation.py: the op with parts of its kernel cut
+#                                              # out, and candidates, at the 8B rows of 4k (batch 64, 128) and 8k
 #   bash bench/gpu_figures.sh scoring-beside OUT  # compiled LongFlow (8B shape, 4k and 8k, batch 64 and 128)
 #                                              # with the scoring pass beside the next kernels (apply's
 #                                              # default) and on the model's stream, side by side
@@ -114,15 +112,8 @@ roofline-batches)
         --steps 96 --out "$out/throughput_qwen3-8b_b64_loop.json" 2>&1 | tee "$out/roofline_b64_loop.log"
     ;;
 attend-ablation)
-    python3 -P bench/kernel_ablation.py --preparation qwen3 --shapes 64x921 128x921 --rounds 3 \
+    python3 -P bench/kernel_ablation.py --preparation qwen3 --shapes 64x921 128x921 64x1740 --rounds 3 \
         --out "$out/kernel_ablation_qwen3.json" 2>&1 | tee "$out/kernel_ablation_qwen3.log"
-    python3 -P bench/decode_op.py --batches 64 128 --slots 921 --sweep --sweep-capped --preparation qwen3 \
-        --out "$out/decode_op_attend_sweep_capped.json" 2>&1 | tee "$out/decode_op_attend_sweep_capped.log"
-    for batch in 64 128; do
-        python3 -P recipes/bench_throughput.py --configs longflow-compiled longflow-compiled-capped-registers \
-            --max-batch "$batch" --outputs 4096 --steps 96 --out "$out/throughput_qwen3-8b_b${batch}_capped_registers.json" \
-            2>&1 | tee "$out/capped_registers_b$batch.log"
-    done
     ;;
 scoring-beside)
     # Compiled LongFlow with each layer's scoring pass beside the next kernels (apply's default) and on

@@ -35,6 +35,7 @@ _IN_RANGE = "in_range = (offs_s < end) & (offs_s != write_slot)"
 _SCORE_LAUNCH = "    step.score_merge("
 _OWNER_LOGIT_STORE = "    tl.store(logit_base + offs_g * logit_stride + write_slot, qk_new, mask=g_mask & owns)"
 _LOGIT_STRIDE = "return self.score_block * math.ceil(self.slots / self.score_block)"
+_LOGITS_SCRATCH = "logits=torch.empty((batch, kv_heads, group, plan.logit_stride), **f32),"
 _KV_LOADS = (
     "k = tl.load(k_base + offs_s[:, None] * stride_ks + offs_d[None, :], mask=in_range[:, None], other=0.0)",
     "v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_d[None, :], mask=in_range[:, None], other=0.0)",
@@ -68,6 +69,12 @@ ABLATIONS = {
     # L2 eviction hints (the same values, so exact): the logits' dropped, or K/V's added.
     "no-logits-evict-last": Ablation(NO_LOGITS_EVICT_LAST, exact=True),
     "kv-evict-first": Ablation(KV_EVICT_FIRST, exact=True),
+    # A candidate: the logits' round trip (stored by the attention pass, read by the scoring pass) in
+    # fp16, half the bytes. Timed only: the output is the op's, but the scores round to 11 bits, so a
+    # choice between near-equal slots may change.
+    "logits-fp16": Ablation(
+        ((_LOGITS_SCRATCH, _LOGITS_SCRATCH.replace("**f32", "dtype=torch.float16, device=device")),)
+    ),
     # A candidate: the tile's logits stored under the query-head mask alone (the slot mask is
     # constant over a thread's adjacent columns, so they may go as one vector store). Slots out of
     # range get -inf (the scoring pass masks them), the write slot's is overwritten by its owner after
