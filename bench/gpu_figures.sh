@@ -38,6 +38,9 @@
 #   bash bench/gpu_figures.sh scoring-beside OUT  # compiled LongFlow (8B shape, 4k and 8k, batch 64 and 128)
 #                                              # with the scoring pass beside the next kernels (apply's
 #                                              # default) and on the model's stream, side by side
+#   bash bench/gpu_figures.sh logits-fp16 OUT  # compiled LongFlow (8B shape, 4k batch 64 and 128, 8k batch 64) with
+#                                              # the logits between the op's two passes in fp16 and in float32
+#                                              # (the default), side by side
 #   bash bench/gpu_figures.sh speculative OUT  # recipes/bench_speculative.py: the toy's tokens/s per draft at 8k
 #   bash bench/gpu_figures.sh speculative-2k OUT  # the same at 2k (speculative-4k: at 4k)
 # OUT gets the results and logs (bench/results/ to commit them). The package is used from this checkout
@@ -127,6 +130,14 @@ scoring-beside)
             --out "$out/$name.json" 2>&1 | tee "$out/$name.log"
     done
     ;;
+logits-fp16)
+    for shape in "4096 64" "4096 128" "8192 64"; do
+        read -r output batch <<<"$shape"
+        name=throughput_qwen3-8b_b${batch}_${output}_logits_fp16
+        timeout 140 python3 -P recipes/bench_throughput.py --configs longflow-compiled longflow-compiled-logits-fp16 \
+            --max-batch "$batch" --outputs "$output" --steps 96 --out "$out/$name.json" 2>&1 | tee "$out/$name.log"
+    done
+    ;;
 prepared-ab)
     # Compiled LongFlow (8B shape, batch 64 at 4k and 8k, batch 128 at 4k) with the new token's q/k norms
     # and RoPE inside the fused op (the default) and run by transformers' modules, side by side; the 4k
@@ -170,7 +181,8 @@ speculative | speculative-2k | speculative-4k)
     ;;
 *)
     echo "unknown part: $part (tests, kernel-tests, speed, speed-dynamic, speed-loop, speed-1.7b, roofline-batches," \
-        "prepared-ab, fused-qkv, score-sweep, attend-sweep, kernel-ab, speculative, speculative-2k, speculative-4k)" >&2
+        "prepared-ab, fused-qkv, score-sweep, attend-sweep, kernel-ab, attend-ablation, scoring-beside, logits-fp16," \
+        "speculative, speculative-2k, speculative-4k)" >&2
     exit 2
     ;;
 esac

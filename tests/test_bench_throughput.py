@@ -93,3 +93,32 @@ def test_capped_register_rows_plan_the_attention_pass_with_their_launch(monkeypa
     assert "_compiled_call" not in model.__dict__
     decode_step()
     assert planned == [capped, decode_attention.DEFAULT_ATTEND_LAUNCH]
+
+
+def test_fp16_logits_rows_allocate_half_width_logits_and_give_the_ops_output(monkeypatch):
+    """``longflow-compiled-logits-fp16`` rows run the op with its logits scratch in fp16 and drop the
+    compiled graphs on the way in and out, not the patch; the output is the op's (only the scores
+    round), and later rows allocate float32 logits again."""
+    model = longflow_patch.apply(tiny_model("qwen3", "gqa", layers=2), budget=64, compile=False)
+    plans = []
+    allocate = throughput.ALLOCATE_WORKSPACE
+    monkeypatch.setattr(throughput, "ALLOCATE_WORKSPACE", lambda *args: plans.append(args) or allocate(*args))
+    torch.manual_seed(5)
+    inputs = decode_op.make_inputs(1, 40)
+
+    def decode_step() -> torch.Tensor:
+        step = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+        return decode_attention.decode_attention_triton(**step, **decode_op.SETTINGS)
+
+    model.__dict__["_compiled_call"] = "graphs compiled by an earlier row"
+    with throughput.generate_variant(model, "longflow-compiled-logits-fp16"):
+        assert "_compiled_call" not in model.__dict__
+        assert model.__dict__.get("_longflow_policy") is not None, "the row must still decode with LongFlow"
+        rounded = decode_step()
+        assert len(plans) == 1, "the op must allocate its scratch through the row's allocation"
+        assert decode_attention.DecodeWorkspace.allocate(*plans[0]).logits.dtype == torch.float16
+        model.__dict__["_compiled_call"] = "graphs compiled with fp16 logits"
+    assert "_compiled_call" not in model.__dict__
+    assert isinstance(vars(decode_attention.DecodeWorkspace)["allocate"], classmethod)
+    assert decode_attention.DecodeWorkspace.allocate(*plans[0]).logits.dtype == torch.float32
+    torch.testing.assert_close(rounded, decode_step(), rtol=0, atol=0)

@@ -1,0 +1,139 @@
+"""How often LongFlow's eviction choice would change if the fused op kept its logits in fp16, on a real model.
+
+    python bench/logits_fp16_choices.py --budgets 128 256 --new-tokens 512   # SmolLM2 on the CPU
+
+The kernel stores each slot's base-2 logit between its two passes; `kernel_ablation.py`'s ``logits-fp16``
+halves those bytes (0.96x the op's time where the logits miss L2, fifteenth run). The softmax
+normalisers stay float32 (the attention pass keeps them in registers), so only each slot's own
+logit rounds, to 11 significant bits. This script decodes SmolLM2's greedy answers to GSM8K questions
+with LongFlow on the CPU (the PyTorch reference, float32), and at every step of every layer recomputes
+the choice from fp16-rounded logits beside the reference's own. Decoding follows the reference, so
+every decision is made on the same cache. Per decision it records:
+- whether the two choices agree;
+- where they do not, the regret: the fp32 score of the slot fp16 would evict, above the lowest.
+Scores are log-contributions in nats.
+"""
+
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import longflow_patch
+from longflow_patch import ops
+from longflow_patch.kernels.decode_attention_reference import ScoreKind, prepare_new_token, rank_slots
+from longflow_patch.models import smollm2
+
+from common import environment, print_table, write_results
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "reasoning" / "gsm8k.jsonl"
+LOG2E = 1.4426950408889634
+
+
+def contribution_ranks(step: dict, q: torch.Tensor, fp16_logits: bool) -> torch.Tensor:
+    """The reference's eviction ranks ``[B, 1 or Hkv, S]`` for the contribution score, from the op's
+    arguments ``step`` after the step (the new token written; ``q`` prepared), with each slot's logit
+    rounded to fp16 in base 2 when ``fp16_logits`` (the normalisers from the float32 logits, as the
+    kernel keeps them)."""
+    k_cache, slot_pos, shared = step["k_cache"], step["slot_pos"], step["shared"]
+    batch, kv_heads, slots, head_dim = k_cache.shape
+    usable = torch.arange(slots) < step["slot_limit"][..., None]
+    valid = usable & (slot_pos >= 0)
+    logits = torch.einsum("bhgd,bhsd->bhgs", q.float().view(batch, kv_heads, -1, head_dim), k_cache.float())
+    logits = (logits * step["scale"]).masked_fill(~valid[:, :, None, :], -torch.inf)
+    stored = (logits * LOG2E).half().float() / LOG2E if fp16_logits else logits
+    log_contribution = stored - logits.logsumexp(dim=-1, keepdim=True) + step["value_norm"].log()[:, :, None]
+    score = log_contribution.logsumexp(dim=(1, 2))[:, None] if shared else log_contribution.logsumexp(dim=2)
+    select = slice(0, 1) if shared else slice(None)
+    return rank_slots(score, slot_pos[:, select], usable[:, select], step["position"], step["sink_tokens"],
+                      step["recent_window"])  # fmt: skip
+
+
+class ChoiceRecorder:
+    """Wraps the reference op: after each step, the fp32 and fp16 choices from the same cache."""
+
+    def __init__(self) -> None:
+        self.reference = ops.decode_attention_reference
+        self.decisions = 0
+        self.disagreements = 0
+        self.regrets: list[float] = []
+
+    def __call__(self, *args: object) -> torch.Tensor:
+        out = self.reference(*args)
+        bound = inspect.signature(self.reference).bind(*args)
+        bound.apply_defaults()
+        step = bound.arguments
+        if step["score_kind"] != ScoreKind.CONTRIBUTION or step["reallocate_every"]:
+            raise ValueError("logits_fp16_choices measures the contribution score without re-allocation")
+        q = step["q"]
+        if step["cos"] is not None:
+            q = prepare_new_token(q, step["cos"], step["sin"], step["q_norm_weight"], step["norm_eps"])
+        fp32 = contribution_ranks(step, q, fp16_logits=False)
+        fp16 = contribution_ranks(step, q, fp16_logits=True)
+        chosen, rounded = fp32.argmin(-1), fp16.argmin(-1)
+        write_slot = step["write_slot"][:, : chosen.shape[1]]
+        if not torch.equal(chosen.to(write_slot.dtype), write_slot):
+            raise AssertionError("the recomputed fp32 choice is not the reference's")
+        differs = chosen != rounded
+        self.decisions += differs.numel()
+        self.disagreements += int(differs.sum())
+        regret = fp32.gather(-1, rounded[..., None]) - fp32.gather(-1, chosen[..., None])
+        self.regrets += regret[..., 0][differs].tolist()
+        return out
+
+
+def prompts(tokenizer, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    questions = [json.loads(line)["question"] for line in DATA.read_text().splitlines()[:count]]
+    rows = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            for q in questions]  # fmt: skip
+    batch = tokenizer(rows, add_special_tokens=False, return_tensors="pt", padding=True)
+    return batch.input_ids, batch.attention_mask
+
+
+def choice_changes(
+    model, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, policy: str, budget: int, new_tokens: int
+) -> dict:
+    """Greedy ``generate`` of ``new_tokens`` from ``ids`` under ``policy`` (``longflow`` or
+    ``longflow:per_head``) at ``budget``, the reference op wrapped by a `ChoiceRecorder`: its counts."""
+    name, _, scope = policy.partition(":")
+    recorder = ChoiceRecorder()
+    longflow_patch.apply(model, policy=name, budget=budget, per_head=scope == "per_head")
+    ops.decode_attention_reference = recorder
+    try:
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                           do_sample=False, pad_token_id=pad_id)  # fmt: skip
+    finally:
+        ops.decode_attention_reference = recorder.reference
+        longflow_patch.unapply(model)
+    regrets = torch.tensor(recorder.regrets) if recorder.regrets else None
+    return {"policy": policy, "budget": budget, "decisions": recorder.decisions, "changed": recorder.disagreements,
+            "changed_share": recorder.disagreements / max(recorder.decisions, 1),
+            "regret_median_nats": None if regrets is None else float(regrets.median()),
+            "regret_max_nats": None if regrets is None else float(regrets.max())}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--policies", nargs="+", default=["longflow", "longflow:per_head"])
+    parser.add_argument("--questions", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=512)
+    parser.add_argument("--out", default="bench/results/logits_fp16_choices_smollm2.json")
+    args = parser.parse_args()
+
+    model, tokenizer = smollm2()
+    ids, mask = prompts(tokenizer, args.questions)
+    rows = [choice_changes(model, ids, mask, tokenizer.pad_token_id, policy, budget, args.new_tokens)
+            for policy in args.policies for budget in args.budgets]  # fmt: skip
+    print_table(rows, list(rows[0]))
+    write_results(args.out, {"benchmark": "logits_fp16_choices", "environment": environment(), "model": "smollm2",
+                             "data": "gsm8k", "settings": vars(args), "rows": rows})  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
