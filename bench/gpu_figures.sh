@@ -62,6 +62,20 @@ export PYTHONPATH=$PWD
 parallel=()
 python3 -c "import xdist" 2>/dev/null && parallel=(-n 6)
 
+# beside_default SUFFIX CONFIG "OUTPUT BATCH"...: compiled LongFlow (8B shape, 96 steps a call) as
+# apply's default and as CONFIG, side by side, one process per shape (it compiles once, about 50 s,
+# then each row takes about 20 s): throughput_qwen3-8b_bBATCH_OUTPUT_SUFFIX.json and .log.
+beside_default() {
+    local suffix=$1 config=$2 shape output batch name
+    shift 2
+    for shape in "$@"; do
+        read -r output batch <<<"$shape"
+        name=throughput_qwen3-8b_b${batch}_${output}_${suffix}
+        timeout 140 python3 -P recipes/bench_throughput.py --configs longflow-compiled "$config" \
+            --max-batch "$batch" --outputs "$output" --steps 96 --out "$out/$name.json" 2>&1 | tee "$out/$name.log"
+    done
+}
+
 case $part in
 tests)
     bash .ci/gpu_tests.sh "$out/gpu_tests_installed.log" "${parallel[@]}" &
@@ -120,23 +134,11 @@ attend-ablation)
     ;;
 scoring-beside)
     # Compiled LongFlow with each layer's scoring pass beside the next kernels (apply's default) and on
-    # the model's stream, one process per shape (8B shape; 4k and 8k, batch 64 and 128). A process
-    # compiles once (about 50 s), then each row takes about 20 s.
-    for shape in "4096 64" "4096 128" "8192 64" "8192 128"; do
-        read -r output batch <<<"$shape"
-        name=throughput_qwen3-8b_b${batch}_${output}_scoring_beside
-        timeout 140 python3 -P recipes/bench_throughput.py --configs longflow-compiled \
-            longflow-compiled-serial-scoring --max-batch "$batch" --outputs "$output" --steps 96 \
-            --out "$out/$name.json" 2>&1 | tee "$out/$name.log"
-    done
+    # the model's stream (8B shape; 4k and 8k, batch 64 and 128).
+    beside_default scoring_beside longflow-compiled-serial-scoring "4096 64" "4096 128" "8192 64" "8192 128"
     ;;
 logits-fp16)
-    for shape in "4096 64" "4096 128" "8192 64"; do
-        read -r output batch <<<"$shape"
-        name=throughput_qwen3-8b_b${batch}_${output}_logits_fp16
-        timeout 140 python3 -P recipes/bench_throughput.py --configs longflow-compiled longflow-compiled-logits-fp16 \
-            --max-batch "$batch" --outputs "$output" --steps 96 --out "$out/$name.json" 2>&1 | tee "$out/$name.log"
-    done
+    beside_default logits_fp16 longflow-compiled-logits-fp16 "4096 64" "4096 128" "8192 64"
     ;;
 prepared-ab)
     # Compiled LongFlow (8B shape, batch 64 at 4k and 8k, batch 128 at 4k) with the new token's q/k norms

@@ -16,22 +16,22 @@ Scores are log-contributions in nats.
 
 import argparse
 import inspect
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+from eval_fidelity import DEFAULT_DATA, prompt_ids, read_questions
+
 import longflow_patch
 from longflow_patch import ops
+from longflow_patch.kernels.decode_attention import LOG2E
 from longflow_patch.kernels.decode_attention_reference import ScoreKind, prepare_new_token, rank_slots
 from longflow_patch.models import smollm2
 
 from common import environment, print_table, write_results
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "reasoning" / "gsm8k.jsonl"
-LOG2E = 1.4426950408889634
 
 
 def contribution_ranks(step: dict, q: torch.Tensor, fp16_logits: bool) -> torch.Tensor:
@@ -58,13 +58,14 @@ class ChoiceRecorder:
 
     def __init__(self) -> None:
         self.reference = ops.decode_attention_reference
+        self.signature = inspect.signature(self.reference)
         self.decisions = 0
         self.disagreements = 0
         self.regrets: list[float] = []
 
     def __call__(self, *args: object) -> torch.Tensor:
         out = self.reference(*args)
-        bound = inspect.signature(self.reference).bind(*args)
+        bound = self.signature.bind(*args)
         bound.apply_defaults()
         step = bound.arguments
         if step["score_kind"] != ScoreKind.CONTRIBUTION or step["reallocate_every"]:
@@ -87,10 +88,10 @@ class ChoiceRecorder:
 
 
 def prompts(tokenizer, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    questions = [json.loads(line)["question"] for line in DATA.read_text().splitlines()[:count]]
-    rows = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-            for q in questions]  # fmt: skip
-    batch = tokenizer(rows, add_special_tokens=False, return_tensors="pt", padding=True)
+    """The first ``count`` GSM8K questions in the chat template (`eval_fidelity.prompt_ids`), left-padded:
+    ``input_ids`` and ``attention_mask``, ``[count, longest]``."""
+    questions = read_questions(DEFAULT_DATA, [f"gsm8k:0:{count}"])
+    batch = tokenizer.pad({"input_ids": [prompt_ids(tokenizer, q["question"]) for q in questions]}, return_tensors="pt")
     return batch.input_ids, batch.attention_mask
 
 
