@@ -38,9 +38,9 @@
 #   bash bench/gpu_figures.sh scoring-beside OUT  # compiled LongFlow (8B shape, 4k and 8k, batch 64 and 128)
 #                                              # with the scoring pass beside the next kernels (apply's
 #                                              # default) and on the model's stream, side by side
-#   bash bench/gpu_figures.sh logits-fp16 OUT  # compiled LongFlow (8B shape, 4k batch 64 and 128, 8k batch 64) with
-#                                              # the logits between the op's two passes in fp16 and in float32
-#                                              # (the default), side by side
+#   bash bench/gpu_figures.sh logits-fp32 OUT  # compiled LongFlow (8B shape, 4k batch 64 and 128, 8k batch 64) with
+#                                              # the logits between the op's two passes in fp16 (the default) and
+#                                              # in float32 (until 2026-12-07), side by side
 #   bash bench/gpu_figures.sh speculative OUT  # recipes/bench_speculative.py: the toy's tokens/s per draft at 8k
 #   bash bench/gpu_figures.sh speculative-2k OUT  # the same at 2k (speculative-4k: at 4k)
 # OUT gets the results and logs (bench/results/ to commit them). The package is used from this checkout
@@ -137,8 +137,8 @@ scoring-beside)
     # the model's stream (8B shape; 4k and 8k, batch 64 and 128).
     beside_default scoring_beside longflow-compiled-serial-scoring "4096 64" "4096 128" "8192 64" "8192 128"
     ;;
-logits-fp16)
-    beside_default logits_fp16 longflow-compiled-logits-fp16 "4096 64" "4096 128" "8192 64"
+logits-fp32)
+    beside_default logits_fp32 longflow-compiled-logits-fp32 "4096 64" "4096 128" "8192 64"
     ;;
 prepared-ab)
     # Compiled LongFlow (8B shape, batch 64 at 4k and 8k, batch 128 at 4k) with the new token's q/k norms
@@ -183,7 +183,7 @@ speculative | speculative-2k | speculative-4k)
     ;;
 *)
     echo "unknown part: $part (tests, kernel-tests, speed, speed-dynamic, speed-loop, speed-1.7b, roofline-batches," \
-        "prepared-ab, fused-qkv, score-sweep, attend-sweep, kernel-ab, attend-ablation, scoring-beside, logits-fp16," \
+        "prepared-ab, fused-qkv, score-sweep, attend-sweep, kernel-ab, attend-ablation, scoring-beside, logits-fp32," \
         "speculative, speculative-2k, speculative-4k)" >&2
     exit 2
     ;;

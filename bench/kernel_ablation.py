@@ -27,15 +27,20 @@ from kernel_ab import interleaved_graph_us, load_baseline, same_step, step_call
 KERNEL_FILE = Path(current.__file__)
 
 _TILE_LOGIT_STORE = """\
-        tl.store(logit_base + offs_g[:, None] * logit_stride + offs_s[None, :], qk,
+        tl.store(logit_base + offs_g[:, None] * logit_stride + offs_s[None, :], qk.to(Logits.dtype.element_ty),
                  mask=g_mask[:, None] & in_range[None, :], eviction_policy="evict_last")  # fmt: skip
 """
 _POSITION_LOAD = "pos = tl.load(pos_base + offs_s, mask=in_range, other=-1)"
 _IN_RANGE = "in_range = (offs_s < end) & (offs_s != write_slot)"
 _SCORE_LAUNCH = "    step.score_merge("
-_OWNER_LOGIT_STORE = "    tl.store(logit_base + offs_g * logit_stride + write_slot, qk_new, mask=g_mask & owns)"
+_OWNER_LOGIT_STORE = (
+    "    tl.store(logit_base + offs_g * logit_stride + write_slot, qk_new.to(Logits.dtype.element_ty), "
+    "mask=g_mask & owns)"
+)
 _LOGIT_STRIDE = "return self.score_block * math.ceil(self.slots / self.score_block)"
-_LOGITS_SCRATCH = "logits=torch.empty((batch, kv_heads, group, plan.logit_stride), **f32),"
+_LOGITS_SCRATCH = (
+    "logits=torch.empty((batch, kv_heads, group, plan.logit_stride), dtype=STORED_LOGIT_DTYPE, device=device),"
+)
 _KV_LOADS = (
     "k = tl.load(k_base + offs_s[:, None] * stride_ks + offs_d[None, :], mask=in_range[:, None], other=0.0)",
     "v = tl.load(v_base + offs_s[:, None] * stride_vs + offs_d[None, :], mask=in_range[:, None], other=0.0)",
@@ -69,12 +74,10 @@ ABLATIONS = {
     # L2 eviction hints (the same values, so exact): the logits' dropped, or K/V's added.
     "no-logits-evict-last": Ablation(NO_LOGITS_EVICT_LAST, exact=True),
     "kv-evict-first": Ablation(KV_EVICT_FIRST, exact=True),
-    # A candidate: the logits' round trip (stored by the attention pass, read by the scoring pass) in
-    # fp16, half the bytes. Timed only: the output is the op's, but the scores round to 11 bits, so a
-    # choice between near-equal slots may change.
-    "logits-fp16": Ablation(
-        ((_LOGITS_SCRATCH, _LOGITS_SCRATCH.replace("**f32", "dtype=torch.float16, device=device")),)
-    ),
+    # The logits' round trip (stored by the attention pass, read by the scoring pass) in float32, as
+    # until 2026-12-07: twice the bytes of the kernel's fp16. Timed only: the output is the
+    # op's, but the scores do not round as the reference's, so a choice between near-equal slots may change.
+    "logits-fp32": Ablation(((_LOGITS_SCRATCH, _LOGITS_SCRATCH.replace("STORED_LOGIT_DTYPE", "torch.float32")),)),
     # A candidate: the tile's logits stored under the query-head mask alone (the slot mask is
     # constant over a thread's adjacent columns, so they may go as one vector store). Slots out of
     # range get -inf (the scoring pass masks them), the write slot's is overwritten by its owner after

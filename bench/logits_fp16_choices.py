@@ -1,16 +1,17 @@
-"""How often LongFlow's eviction choice would change if the fused op kept its logits in fp16, on a real model.
+"""How often LongFlow's eviction choice differs between fp16 and float32 logits, on a real model.
 
     python bench/logits_fp16_choices.py   # SmolLM2 on the CPU: 4 GSM8K answers of 384 tokens, budgets 64 and 128
 
-The kernel stores each slot's base-2 logit between its two passes; `kernel_ablation.py`'s ``logits-fp16``
-halves those bytes (0.96x the op's time where the logits miss L2, fifteenth run). The softmax
-normalisers stay float32 (the attention pass keeps them in registers), so only each slot's own
-logit rounds, to 11 significant bits. This script decodes SmolLM2's greedy answers to GSM8K questions
-with LongFlow on the CPU (the PyTorch reference, float32), and at every step of every layer recomputes
-the choice from fp16-rounded logits beside the reference's own. Decoding follows the reference, so
+The kernel stores each slot's base-2 logit between its two passes in fp16 (``STORED_LOGIT_DTYPE``;
+float32 until 2026-12-07; the fifteenth run measured half the bytes at 0.96x the op's time where the
+logits miss L2), and the reference rounds them the same way. The softmax normalisers stay float32
+(the attention pass keeps them in registers), so only each slot's own logit rounds, to 11
+significant bits. This script decodes SmolLM2's greedy answers to GSM8K questions with LongFlow on
+the CPU (the PyTorch reference), and at every step of every layer recomputes the choice from
+float32 logits beside the reference's own (from fp16 logits). Decoding follows the reference, so
 every decision is made on the same cache. Per decision it records:
 - whether the two choices agree;
-- where they do not, the regret: the fp32 score of the slot fp16 would evict, above the lowest.
+- where they do not, the regret: the float32 score of the slot fp16 evicts, above the lowest.
 Scores are log-contributions in nats.
 """
 
@@ -27,34 +28,31 @@ from eval_fidelity import DEFAULT_DATA, prompt_ids, read_questions
 
 import longflow_patch
 from longflow_patch import ops
-from longflow_patch.kernels.decode_attention import LOG2E
-from longflow_patch.kernels.decode_attention_reference import ScoreKind, prepare_new_token, rank_slots
+from longflow_patch.kernels.decode_attention_reference import ScoreKind, prepare_new_token, rank_slots, slot_weights
 from longflow_patch.models import smollm2
 
 from common import environment, print_table, write_results
 
 
-def contribution_ranks(step: dict, q: torch.Tensor, fp16_logits: bool) -> torch.Tensor:
+def contribution_ranks(step: dict, q: torch.Tensor, stored_dtype: torch.dtype) -> torch.Tensor:
     """The reference's eviction ranks ``[B, 1 or Hkv, S]`` for the contribution score, from the op's
-    arguments ``step`` after the step (the new token written; ``q`` prepared), with each slot's logit
-    rounded to fp16 in base 2 when ``fp16_logits`` (the normalisers from the float32 logits, as the
-    kernel keeps them)."""
+    arguments ``step`` after the step (the new token written; ``q`` prepared), with each slot's
+    base-2 logit stored in ``stored_dtype`` between the passes (`slot_weights`)."""
     k_cache, slot_pos, shared = step["k_cache"], step["slot_pos"], step["shared"]
     batch, kv_heads, slots, head_dim = k_cache.shape
     usable = torch.arange(slots) < step["slot_limit"][..., None]
     valid = usable & (slot_pos >= 0)
     logits = torch.einsum("bhgd,bhsd->bhgs", q.float().view(batch, kv_heads, -1, head_dim), k_cache.float())
     logits = (logits * step["scale"]).masked_fill(~valid[:, :, None, :], -torch.inf)
-    stored = (logits * LOG2E).half().float() / LOG2E if fp16_logits else logits
-    log_contribution = stored - logits.logsumexp(dim=-1, keepdim=True) + step["value_norm"].log()[:, :, None]
-    score = log_contribution.logsumexp(dim=(1, 2))[:, None] if shared else log_contribution.logsumexp(dim=2)
+    score = slot_weights(logits, step["value_norm"], ScoreKind.CONTRIBUTION, shared, stored_dtype)
     select = slice(0, 1) if shared else slice(None)
     return rank_slots(score, slot_pos[:, select], usable[:, select], step["position"], step["sink_tokens"],
                       step["recent_window"])  # fmt: skip
 
 
 class ChoiceRecorder:
-    """Wraps the reference op: after each step, the fp32 and fp16 choices from the same cache."""
+    """Wraps the reference op: after each step, the fp16 (the reference's) and float32 choices from the
+    same cache."""
 
     def __init__(self) -> None:
         self.reference = ops.decode_attention_reference
@@ -73,12 +71,12 @@ class ChoiceRecorder:
         q = step["q"]
         if step["cos"] is not None:
             q = prepare_new_token(q, step["cos"], step["sin"], step["q_norm_weight"], step["norm_eps"])
-        fp32 = contribution_ranks(step, q, fp16_logits=False)
-        fp16 = contribution_ranks(step, q, fp16_logits=True)
+        fp32 = contribution_ranks(step, q, torch.float32)
+        fp16 = contribution_ranks(step, q, torch.float16)
         chosen, rounded = fp32.argmin(-1), fp16.argmin(-1)
-        write_slot = step["write_slot"][:, : chosen.shape[1]]
-        if not torch.equal(chosen.to(write_slot.dtype), write_slot):
-            raise AssertionError("the recomputed fp32 choice is not the reference's")
+        write_slot = step["write_slot"][:, : rounded.shape[1]]
+        if not torch.equal(rounded.to(write_slot.dtype), write_slot):
+            raise AssertionError("the recomputed fp16 choice is not the reference's")
         differs = chosen != rounded
         self.decisions += differs.numel()
         self.disagreements += int(differs.sum())

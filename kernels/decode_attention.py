@@ -10,8 +10,9 @@ online re-allocation):
    it normalises and rotates them and the new key itself, `_prepare_rows`), then streams its
    slots in ``[BLOCK_S, D]`` tiles of K and V: every K/V byte of the cache is read exactly once,
    for all query heads of the group. It keeps a running max / running sum (online softmax, float32)
-   and writes the unnormalised partial output, the partial max and sum, and one float per query
-   head and slot for eviction: the base-2 logit. (``||v_s||_1`` is not recomputed from V every
+   and writes the unnormalised partial output, the partial max and sum, and one fp16 per query
+   head and slot for eviction: the base-2 logit (``STORED_LOGIT_DTYPE``; the reference rounds it
+   the same way). (``||v_s||_1`` is not recomputed from V every
    step: it lives in the cache beside V, written once with the token. Recomputing it per tile
    measured 15-30% slower on an H100, from the second register layout V needs.) The write
    slot is skipped in the tiles; the program whose range holds it folds this step's token in from
@@ -53,9 +54,9 @@ the launches (`DecodeLaunches`) are made per call, or kept by the caller from ca
 decoding: ``workspaces``), whose later calls may then launch the compiled kernels directly
 (`launch.py`).
 
-Extra traffic over plain attention: ``G * 4`` bytes of logits per slot and KV head written and
-read back, and ``4`` bytes of value norm read, against ``4 * D`` bytes of bf16 K/V (about 3% each
-way for G=4, D=128).
+Extra traffic over plain attention: ``G * 2`` bytes of logits per slot and KV head written and
+read back, and ``4`` bytes of value norm read, against ``4 * D`` bytes of bf16 K/V (for G=4, D=128:
+about 1.6% each way for the logits, 0.8% for the norm).
 """
 
 import functools
@@ -69,11 +70,10 @@ from triton.runtime import driver
 
 from . import launch as kernel_launch
 from . import side_stream
-from .decode_attention_reference import check_new_token_preparation, check_reallocation
+from .decode_attention_reference import LOG2E, STORED_LOGIT_DTYPE, check_new_token_preparation, check_reallocation
 from .launch import KernelLaunch, aligned
 from .online_softmax import merge_split_partials, online_softmax_step
 
-LOG2E = 1.4426950408889634
 # Output columns merged by one output program: each (row, KV head) is merged by head_dim / 32
 # programs, so a small batch still spreads over the GPU and all of a head's splits fit one load.
 # Against one program per head (measured while the merge was a pass of its own),
@@ -230,7 +230,7 @@ def _attend_split_kernel(
         qk = tl.where(valid[None, :], qk, float("-inf"))
         # Kept in L2 for the scoring pass, which reads them back right after (the K/V stream would
         # otherwise push them out: 0.94x the op's time at batch 64, `bench/kernel_ablation.py`).
-        tl.store(logit_base + offs_g[:, None] * logit_stride + offs_s[None, :], qk,
+        tl.store(logit_base + offs_g[:, None] * logit_stride + offs_s[None, :], qk.to(Logits.dtype.element_ty),
                  mask=g_mask[:, None] & in_range[None, :], eviction_policy="evict_last")  # fmt: skip
         m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, qk, v)
 
@@ -249,7 +249,7 @@ def _attend_split_kernel(
     l_i = l_i * alpha + p_new
     acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
     m_i = m_new
-    tl.store(logit_base + offs_g * logit_stride + write_slot, qk_new, mask=g_mask & owns)
+    tl.store(logit_base + offs_g * logit_stride + write_slot, qk_new.to(Logits.dtype.element_ty), mask=g_mask & owns)
     norm_new = tl.sum(tl.abs(v_new.to(tl.float32)), axis=0)
     tl.store(Value_norm + (row * kv_heads + head) * num_slots + write_slot, norm_new, mask=owns)
     tl.store(k_base + write_slot * stride_ks + offs_d, k_new, mask=owns & (offs_d < HEAD_DIM))
@@ -369,9 +369,9 @@ def _score_merge_kernel(
             score = pos.to(tl.float32)
         else:
             # Whole tiles (rows are padded to them: `DecodePlan.logit_stride`): no slot mask on the
-            # load, so it moves four adjacent logits at once; slots past the limit are masked after.
+            # load, so it moves adjacent logits as one vector; slots past the limit are masked after.
             logits = tl.load(logit_rows[:, :, None] + offs_s[None, None, :], mask=hg_mask[:, :, None],
-                             other=float("-inf"))  # fmt: skip
+                             other=float("-inf")).to(tl.float32)  # fmt: skip
             logits = tl.where(usable[None, None, :], logits, float("-inf"))
             if SCORE_KIND == 0:
                 # log2 of p * ||v||_1 per head, then a log-sum-exp over the heads: the reference's
@@ -588,7 +588,7 @@ class DecodePlan:
         """Row stride of the logits scratch: ``slots`` rounded up to whole scoring tiles. Every tile of
         the scoring pass then lies inside its row, so it loads with no slot mask (slots past the
         limit are masked after the load), and as the stride and the tiles' starts are multiples of
-        16, which Triton specializes on, four adjacent logits move as one 16-byte access. (With the
+        16, which Triton specializes on, adjacent logits move as one vector access. (With the
         budget as the stride, 921, 1,740, 3,379, ..., and a mask per slot, each logit was a load.)"""
         return self.score_block * math.ceil(self.slots / self.score_block)
 
@@ -651,7 +651,8 @@ def plan_decode(
 class DecodeWorkspace:
     """Scratch of one decode step (float32 unless noted; P = ``n_splits``, C = ``n_chunks``):
     ``out_part`` ``[B, Hkv, P, G, D]`` (only for P > 1), ``m_part`` / ``l_part`` ``[B, Hkv, P, G]``
-    split partials; ``logits`` ``[B, Hkv, G, S']`` base-2 logits (``S'``: `DecodePlan.logit_stride`);
+    split partials; ``logits`` ``[B, Hkv, G, S']`` base-2 logits in ``STORED_LOGIT_DTYPE`` (fp16; ``S'``:
+    `DecodePlan.logit_stride`);
     ``choice`` ``[B, Hsel, 2]`` int64: per selection scope, the score chunks arrived so far and
     their best packed choice (`_pack_choice`), emptied by the attention pass of every step;
     with ``top2`` (online re-allocation) also ``chunk_min`` ``[B, Hsel, C]`` and ``chunk_arg``
@@ -689,7 +690,7 @@ class DecodeWorkspace:
             else torch.empty((batch, kv_heads, plan.n_splits, group, plan.head_dim), **f32),
             m_part=m_part,
             l_part=torch.empty((batch, kv_heads, plan.n_splits, group), **f32),
-            logits=torch.empty((batch, kv_heads, group, plan.logit_stride), **f32),
+            logits=torch.empty((batch, kv_heads, group, plan.logit_stride), dtype=STORED_LOGIT_DTYPE, device=device),
             choice=choice,
             chunk_min=torch.empty(chunks, **f32) if top2 else choice,
             chunk_arg=torch.empty(chunks, dtype=torch.int32, device=device) if top2 else choice,

@@ -40,6 +40,10 @@ Scores (``score_kind``):
 - ``ATTENTION`` (H2O-style): ``sum_g p[g, s]``;
 - ``POSITION`` (StreamingLLM-style): the slot's sequence position, so the oldest goes first.
 
+Scores are computed from each slot's base-2 logit rounded to ``STORED_LOGIT_DTYPE`` (fp16), as
+the kernel hands its logits from the attention pass to the scoring pass, over the float32 softmax
+normalisers (`stored_log2_probs`); the output's softmax stays float32 throughout.
+
 With shared eviction the per-head scores are summed over the layer's KV heads and every head
 gets the same slot. When ``accumulated`` is given (attention scores only: the others ignore it),
 the step score is added to it (the slot just written starts from zero) and eviction ranks the
@@ -51,6 +55,14 @@ the lowest slot index.
 from enum import IntEnum
 
 import torch
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+STORED_LOGIT_DTYPE = torch.float16
+"""The dtype of the logits between the kernel's two passes. Against float32: 0.96x the op's time where
+the logits miss L2 (batch 128 at 921 slots, batch 64 at 1,740; H100), 1.01x where they fit, and
+0.08-0.13% of LongFlow's choices changed on SmolLM2, each between near-equal slots
+(docs/results/kernels_throughput.md, fifteenth run and "fp16 logits")."""
 
 
 class ScoreKind(IntEnum):
@@ -82,6 +94,40 @@ def rank_slots(
     rank = torch.where(protected, torch.inf, held)
     rank = torch.where(slot_pos < 0, -torch.inf, rank)
     return torch.where(usable, rank, torch.inf)
+
+
+def stored_log2_probs(logits: torch.Tensor, stored_dtype: torch.dtype = STORED_LOGIT_DTYPE) -> torch.Tensor:
+    """Base-2 log softmax weights as the kernel's scoring pass sees them: each logit, in base 2,
+    rounded to ``stored_dtype``, less the float32 log-normaliser of the unrounded logits (the
+    attention pass keeps its running max and sum in float32 registers).
+
+    ``logits`` ``[..., S]`` float32 natural-log logits, masked slots ``-inf``, at least one finite
+    per row; returns float32 of the same shape."""
+    base2 = logits * LOG2E
+    peak = base2.amax(dim=-1, keepdim=True)
+    log2_total = torch.exp2(base2 - peak).sum(dim=-1, keepdim=True).log2()
+    return base2.to(stored_dtype).float() - peak - log2_total
+
+
+def slot_weights(
+    logits: torch.Tensor,
+    value_norm: torch.Tensor,
+    score_kind: int,
+    shared: bool,
+    stored_dtype: torch.dtype = STORED_LOGIT_DTYPE,
+) -> torch.Tensor:
+    """This step's eviction weight of every slot, from ``logits`` ``[B, Hkv, G, S]`` (float32, natural
+    log, masked slots ``-inf``) and ``value_norm`` ``[B, Hkv, S]``: the log-contribution (natural log;
+    `ScoreKind.CONTRIBUTION`) or the summed softmax weight (`ScoreKind.ATTENTION`), over the group's
+    query heads, and over the KV heads too when ``shared``. Returns ``[B, 1 or Hkv, S]`` float32.
+    (`ScoreKind.POSITION` ranks positions and uses none.)"""
+    log2_probs = stored_log2_probs(logits, stored_dtype)
+    if score_kind == ScoreKind.CONTRIBUTION:
+        log_contribution = log2_probs * LN2 + value_norm.log()[:, :, None]
+        weight = log_contribution.logsumexp(dim=(1, 2) if shared else 2)
+        return weight[:, None] if shared else weight
+    weight = torch.exp2(log2_probs).sum(dim=2)
+    return weight.sum(dim=1, keepdim=True) if shared else weight
 
 
 def prepare_new_token(
@@ -211,13 +257,7 @@ def decode_attention_reference(
     out = torch.einsum("bhgs,bhsd->bhgd", probs, v_cache.float()).reshape(batch, kv_heads * group, head_dim)
 
     select = slice(0, 1) if shared else slice(None)
-    if score_kind == ScoreKind.CONTRIBUTION:
-        log_contribution = torch.log_softmax(logits, dim=-1) + value_norm.log()[:, :, None]
-        weight = log_contribution.logsumexp(dim=(1, 2) if shared else 2)
-        weight = weight[:, None] if shared else weight
-    else:
-        weight = probs.sum(dim=2)
-        weight = weight.sum(dim=1, keepdim=True) if shared else weight
+    weight = slot_weights(logits, value_norm, score_kind, shared)
     if accumulated is not None and score_kind == ScoreKind.ATTENTION:
         previous = accumulated.scatter(-1, current[:, select, None], 0.0)
         weight = weight + previous

@@ -25,8 +25,8 @@ fit under ``--memory-cap-gb`` (rows are labelled in the JSON, `LABELS`):
    ``longflow-compiled-serial-scoring``: ``longflow-compiled`` with each layer's scoring pass on the
    model's stream (`apply` runs it on a side stream, beside the layer's next kernels:
    `kernels/side_stream.py`); ``longflow-compiled-scoring-low-priority``: that side stream at the
-   model stream's priority, not above it; ``longflow-compiled-logits-fp16``: the logits between the
-   op's two passes in fp16 (timed only: scores rounded to 11 bits may choose other slots);
+   model stream's priority, not above it; ``longflow-compiled-logits-fp32``: the logits between the
+   op's two passes in float32, as until 2026-12-07 (the op keeps them in fp16);
 5. ``default``: transformers' default, DynamicCache + SDPA, eager ``generate``;
 6. ``static``: transformers' static cache + ``torch.compile`` (CUDA graphs); with an attention
    mask it repeats K/V over each GQA group and reads all ``max_cache_len`` slots every step.
@@ -54,7 +54,6 @@ less a steady call of the same length) record that cost.
 
 import argparse
 import contextlib
-import dataclasses
 import gc
 import json
 import os
@@ -93,7 +92,7 @@ CONFIGS = (
     "longflow-compiled-capped-registers",
     "longflow-compiled-serial-scoring",
     "longflow-compiled-scoring-low-priority",
-    "longflow-compiled-logits-fp16",
+    "longflow-compiled-logits-fp32",
     "default",
     "static",
 )
@@ -105,7 +104,7 @@ OPT_IN = (
     "longflow-compiled-capped-registers",
     "longflow-compiled-serial-scoring",
     "longflow-compiled-scoring-low-priority",
-    "longflow-compiled-logits-fp16",
+    "longflow-compiled-logits-fp32",
 )
 """Configurations run only when named in ``--configs``."""
 LABELS = {
@@ -126,8 +125,8 @@ LABELS = {
     "between its attention pass and o_proj (apply runs it beside the next kernels)",
     "longflow-compiled-scoring-low-priority": "longflow-compiled with the scoring pass's side stream at the model "
     "stream's priority (apply's is higher)",
-    "longflow-compiled-logits-fp16": "longflow-compiled with the logits between the op's two passes in fp16 "
-    "(timed only: scores rounded to 11 bits may choose other slots than the reference)",
+    "longflow-compiled-logits-fp32": "longflow-compiled with the logits between the op's two passes in float32, "
+    "twice apply's bytes (timed only: scores not rounded as the reference's may choose other slots)",
     "default": "transformers default: DynamicCache + SDPA, eager generate",
     "static": "transformers static cache + torch.compile (CUDA graphs; repeats K/V per GQA group, reads all slots)",
 }
@@ -139,11 +138,9 @@ THROUGH_GENERATE = (
     "longflow-compiled-capped-registers",
     "longflow-compiled-serial-scoring",
     "longflow-compiled-scoring-low-priority",
-    "longflow-compiled-logits-fp16",
+    "longflow-compiled-logits-fp32",
 )
 """Compiled LongFlow through ``generate`` (apply's ``compile="auto"``)."""
-ALLOCATE_WORKSPACE = decode_attention.DecodeWorkspace.allocate
-"""The op's own scratch allocation, which ``longflow-compiled-logits-fp16`` rows wrap."""
 CAPPED_ATTEND_LAUNCH = AttendLaunch(block_s=32, num_warps=4, num_stages=3, max_registers=128)
 """An attention-pass launch that fits four programs an SM (128 registers, 39 KB of shared memory for
 head_dim 128, no spills for sm_90: `bench/kernel_ptx.py`); the default fits two. The best of
@@ -338,13 +335,13 @@ def preparation_apart() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def op_setting(model, module: types.ModuleType | type, name: str, value: object) -> Iterator[None]:
-    """Decode steps run with ``module.name`` (a module's or a class's attribute) set to ``value``: the
+def op_setting(model, module: types.ModuleType, name: str, value: object) -> Iterator[None]:
+    """Decode steps run with ``module.name`` set to ``value``: the
     attention pass's launch (`decode_attention.DEFAULT_ATTEND_LAUNCH`), where the scoring pass runs
-    (`side_stream`), or how the op's scratch is allocated (`decode_attention.DecodeWorkspace`). The
+    (`side_stream`), or the dtype of the op's logits scratch (`decode_attention.STORED_LOGIT_DTYPE`). The
     op reads these when it runs, inside graphs that dynamo does not guard on them, so compiled
     graphs are dropped on the way in and out (the patch stays)."""
-    default = vars(module)[name]  # as stored: a classmethod stays one when restored
+    default = getattr(module, name)
     drop_compiled_graphs(model)
     setattr(module, name, value)
     try:
@@ -352,13 +349,6 @@ def op_setting(model, module: types.ModuleType | type, name: str, value: object)
     finally:
         setattr(module, name, default)
         drop_compiled_graphs(model)
-
-
-def fp16_logits_workspace(plan: decode_attention.DecodePlan, device: torch.device) -> decode_attention.DecodeWorkspace:
-    """`DecodeWorkspace.allocate` with the logits between the op's two passes in fp16, half the bytes
-    (`bench/kernel_ablation.py`'s ``logits-fp16``, end to end). Allocations only: no kernel is added."""
-    work = ALLOCATE_WORKSPACE(plan, device)
-    return dataclasses.replace(work, logits=torch.empty(work.logits.shape, dtype=torch.float16, device=device))
 
 
 def generate_variant(model, kind: str) -> contextlib.AbstractContextManager:
@@ -375,8 +365,8 @@ def generate_variant(model, kind: str) -> contextlib.AbstractContextManager:
         return op_setting(model, side_stream, "OVERLAP_SCORING", False)
     if kind == "longflow-compiled-scoring-low-priority":
         return op_setting(model, side_stream, "SIDE_STREAM_PRIORITY", 0)
-    if kind == "longflow-compiled-logits-fp16":
-        return op_setting(model, decode_attention.DecodeWorkspace, "allocate", fp16_logits_workspace)
+    if kind == "longflow-compiled-logits-fp32":
+        return op_setting(model, decode_attention, "STORED_LOGIT_DTYPE", torch.float32)
     return contextlib.nullcontext()
 
 
@@ -562,7 +552,7 @@ PASSES = (
         "longflow-compiled-capped-registers",
         "longflow-compiled-serial-scoring",
         "longflow-compiled-scoring-low-priority",
-        "longflow-compiled-logits-fp16",
+        "longflow-compiled-logits-fp32",
         "longflow-compiled-sync",
         "longflow-loop",
     ),

@@ -1,5 +1,5 @@
-"""``bench/logits_fp16_choices.py``: it sees every decode step's choice, replicates the reference's,
-and finds the choices fp16 logits change."""
+"""``bench/logits_fp16_choices.py``: it sees every decode step's choice, replicates the reference's
+(fp16 logits), and finds the choices float32 logits would make otherwise."""
 
 import sys
 from pathlib import Path
@@ -17,11 +17,11 @@ from longflow_patch.kernels.decode_attention_reference import ScoreKind
 
 @pytest.mark.parametrize(("arch", "heads"), [("qwen3", "gqa"), ("llama", "mqa")])
 @pytest.mark.parametrize("policy", ["longflow", "longflow:per_head"])
-def test_every_decode_step_is_recorded_and_its_fp32_choice_is_the_reference(arch, heads, policy):
+def test_every_decode_step_is_recorded_and_its_fp16_choice_is_the_reference(arch, heads, policy):
     model = tiny_model(arch, heads, layers=2)
     ids, mask = left_padded_prompts(batch=3, length=24)
     new_tokens = 12
-    # The recorder raises if its fp32 recomputation does not give the reference's write slot.
+    # The recorder raises if its fp16 recomputation does not give the reference's write slot.
     row = choices.choice_changes(model, ids, mask, 0, policy, budget=16, new_tokens=new_tokens)
     scopes = 1 if policy == "longflow" else HEAD_LAYOUTS[heads][1]
     assert row["decisions"] == (new_tokens - 1) * 2 * ids.shape[0] * scopes  # steps x layers x rows x scopes
@@ -38,5 +38,5 @@ def test_fp16_logits_tie_slots_that_fp32_tells_apart():
             "position": torch.tensor([100]), "sink_tokens": 0, "recent_window": 0,
             "score_kind": ScoreKind.CONTRIBUTION}  # fmt: skip
     q = torch.tensor([[[1.0, 0.0]]])
-    assert choices.contribution_ranks(step, q, fp16_logits=False).argmin(-1).item() == 1
-    assert choices.contribution_ranks(step, q, fp16_logits=True).argmin(-1).item() == 0
+    assert choices.contribution_ranks(step, q, torch.float32).argmin(-1).item() == 1
+    assert choices.contribution_ranks(step, q, torch.float16).argmin(-1).item() == 0

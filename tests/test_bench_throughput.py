@@ -95,30 +95,30 @@ def test_capped_register_rows_plan_the_attention_pass_with_their_launch(monkeypa
     assert planned == [capped, decode_attention.DEFAULT_ATTEND_LAUNCH]
 
 
-def test_fp16_logits_rows_allocate_half_width_logits_and_give_the_ops_output(monkeypatch):
-    """``longflow-compiled-logits-fp16`` rows run the op with its logits scratch in fp16 and drop the
-    compiled graphs on the way in and out, not the patch; the output is the op's (only the scores
-    round), and later rows allocate float32 logits again."""
+def test_fp32_logits_rows_allocate_full_width_logits_and_give_the_ops_output():
+    """``longflow-compiled-logits-fp32`` rows run the op with its logits scratch in float32 and drop
+    the compiled graphs on the way in and out, not the patch; the output is the op's (only the scores
+    round otherwise), and later rows allocate fp16 logits again."""
     model = longflow_patch.apply(tiny_model("qwen3", "gqa", layers=2), budget=64, compile=False)
-    plans = []
-    allocate = throughput.ALLOCATE_WORKSPACE
-    monkeypatch.setattr(throughput, "ALLOCATE_WORKSPACE", lambda *args: plans.append(args) or allocate(*args))
     torch.manual_seed(5)
     inputs = decode_op.make_inputs(1, 40)
 
-    def decode_step() -> torch.Tensor:
+    def decode_step() -> tuple[torch.Tensor, torch.dtype]:
+        """The op's output on a copy of ``inputs``, and the dtype of the logits scratch it allocated."""
         step = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
-        return decode_attention.decode_attention_triton(**step, **decode_op.SETTINGS)
+        workspaces = {}
+        out = decode_attention.decode_attention_triton(**step, **decode_op.SETTINGS, workspaces=workspaces)
+        (launches,) = workspaces.values()
+        return out, launches.work.logits.dtype
 
     model.__dict__["_compiled_call"] = "graphs compiled by an earlier row"
-    with throughput.generate_variant(model, "longflow-compiled-logits-fp16"):
+    with throughput.generate_variant(model, "longflow-compiled-logits-fp32"):
         assert "_compiled_call" not in model.__dict__
         assert model.__dict__.get("_longflow_policy") is not None, "the row must still decode with LongFlow"
-        rounded = decode_step()
-        assert len(plans) == 1, "the op must allocate its scratch through the row's allocation"
-        assert decode_attention.DecodeWorkspace.allocate(*plans[0]).logits.dtype == torch.float16
-        model.__dict__["_compiled_call"] = "graphs compiled with fp16 logits"
+        full_width, dtype = decode_step()
+        assert dtype == torch.float32
+        model.__dict__["_compiled_call"] = "graphs compiled with float32 logits"
     assert "_compiled_call" not in model.__dict__
-    assert isinstance(vars(decode_attention.DecodeWorkspace)["allocate"], classmethod)
-    assert decode_attention.DecodeWorkspace.allocate(*plans[0]).logits.dtype == torch.float32
-    torch.testing.assert_close(rounded, decode_step(), rtol=0, atol=0)
+    out, dtype = decode_step()
+    assert dtype == torch.float16
+    torch.testing.assert_close(full_width, out, rtol=0, atol=0)

@@ -16,7 +16,7 @@ from longflow_patch.kernels.decode_attention import (
     plan_decode,
     plan_splits,
 )
-from longflow_patch.kernels.decode_attention_reference import ScoreKind, decode_attention_reference
+from longflow_patch.kernels.decode_attention_reference import ScoreKind, decode_attention_reference, slot_weights
 
 from triton_interpreter import INTERPRETED
 
@@ -330,6 +330,32 @@ def test_empty_slots_fill_before_any_eviction_and_protection_holds():
     step["write_slot"].fill_(5)  # position 5 is overwritten by position 64
     _, _, theirs, _ = run_both(step, ScoreKind.POSITION, True, sink=4, recent=8)
     assert theirs["write_slot"].item() == 4  # oldest non-sink token: position 4
+
+
+@pytest.mark.parametrize("score", [ScoreKind.CONTRIBUTION, ScoreKind.ATTENTION])
+def test_scores_rank_logits_rounded_to_fp16_like_the_reference(score):
+    """Both implementations rank slots from base-2 logits stored in fp16 (`STORED_LOGIT_DTYPE`).
+    Slot 0's logit is 2**-10 above slot 1's, under half an fp16 step at 14.4 (base 2): from float32
+    logits slot 1 goes, from fp16 ones the two tie and the lower slot goes. A kernel that kept its
+    logits in float32 would evict slot 1."""
+    slots, head_dim = 16, 16
+    step = random_step(1, 1, 1, slots, head_dim, torch.float16, slots)
+    step["q"].zero_()[..., :2] = 1.0
+    step["k_cache"].zero_()[0, 0, :, 0] = 16.0  # every other slot's logit is far higher
+    step["k_cache"][0, 0, :2, 0] = 10.0
+    step["k_cache"][0, 0, 0, 1] = 2.0**-10
+    step["k_new"].zero_()[..., 0] = 17.0
+    for values in (step["v_cache"], step["v_new"]):
+        values.zero_()[..., 0] = 1.0
+    step["value_norm"].fill_(1.0)
+    step["slot_pos"][0, 0] = torch.arange(slots, dtype=torch.int32, device=DEVICE) + 10
+    step["write_slot"].fill_(slots - 1)
+    logits = torch.einsum("bhgd,bhsd->bhgs", step["q"].float()[:, None], step["k_cache"].float())
+    logits[..., -1] = 17.0  # this step's token, written at the last slot
+    fp32_weights = slot_weights(logits, step["value_norm"], score, shared=True, stored_dtype=torch.float32)
+    assert fp32_weights[0, 0, :2].argmin().item() == 1, "the case must tell float32 and fp16 apart"
+    step, _, theirs, _ = run_both(step, score, True, sink=0, recent=0)
+    assert step["write_slot"].item() == theirs["write_slot"].item() == 0
 
 
 def test_attend_launch_waves_set_the_splits():
