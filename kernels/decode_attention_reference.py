@@ -61,7 +61,7 @@ LN2 = 0.6931471805599453
 STORED_LOGIT_DTYPE = torch.float16
 """The dtype of the logits between the kernel's two passes. Against float32: 0.96x the op's time where
 the logits miss L2 (batch 128 at 921 slots, batch 64 at 1,740; H100), 1.01x where they fit, and
-0.08-0.13% of LongFlow's choices changed on SmolLM2, each between near-equal slots
+0.10-0.15% of LongFlow's choices changed on SmolLM2, each between near-equal slots
 (docs/results/kernels_throughput.md, fifteenth run and "fp16 logits")."""
 
 
