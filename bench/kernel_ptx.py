@@ -5,8 +5,9 @@ kernel is specialized as Triton's JIT would specialize it at launch (16-byte ali
 integers divisible by 16, integers equal to 1 as constants) and compiled for ``--target`` with
 the PTX assembler Triton ships. Per kernel: registers and local memory (spills) from the cubin,
 and the global loads and stores by width in the PTX, barriers and shuffles. A 16-byte load
-(``v4``) moves four float32 at once; Triton emits it only where the pointer is aligned and the
-mask is constant over the four, so the counts show which tiles move as vectors.
+(``v4``) moves four 32-bit words at once (four float32, or eight fp16 logits); Triton emits it only
+where the pointer is aligned and the mask is constant over the vector, so the counts show which
+tiles move as vectors.
 
     python bench/kernel_ptx.py --batch 64 --slots 1740            # the 8B throughput row at 8k
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from longflow_patch.kernels.decode_attention_reference import STORED_LOGIT_DTYPE
+
 pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend compiles the kernels")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,9 +31,11 @@ def throughput_row_kernels(tmp_path_factory) -> dict[tuple[str, str], dict]:
 
 
 def test_scoring_pass_loads_logits_sixteen_bytes_at_a_time(throughput_row_kernels):
-    """A tile of 4096 logits over 128 threads is 8 loads of four floats each per thread. With a mask
-    per slot (before 2026-12-06) Triton issued every logit as its own load."""
-    assert throughput_row_kernels["_score_merge_kernel", "qwen3"]["ld_v4"] >= 8
+    """A tile of 4096 logits over 128 threads is 64 bytes a thread in fp16 (`STORED_LOGIT_DTYPE`; 128
+    in float32, before 2026-12-07): 4 loads of 16 bytes. With a mask per slot (before 2026-12-06)
+    Triton issued every logit as its own load."""
+    bytes_per_thread = 4096 * STORED_LOGIT_DTYPE.itemsize // 128
+    assert throughput_row_kernels["_score_merge_kernel", "qwen3"]["ld_v4"] >= bytes_per_thread // 16
 
 
 def test_decode_kernels_do_not_spill(throughput_row_kernels):
