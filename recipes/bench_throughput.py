@@ -336,11 +336,11 @@ def preparation_apart() -> Iterator[None]:
 
 @contextlib.contextmanager
 def op_setting(model, module: types.ModuleType, name: str, value: object) -> Iterator[None]:
-    """Decode steps run with ``module.name`` set to ``value``: the
-    attention pass's launch (`decode_attention.DEFAULT_ATTEND_LAUNCH`), where the scoring pass runs
-    (`side_stream`), or the dtype of the op's logits scratch (`decode_attention.STORED_LOGIT_DTYPE`). The
-    op reads these when it runs, inside graphs that dynamo does not guard on them, so compiled
-    graphs are dropped on the way in and out (the patch stays)."""
+    """Decode steps run with ``module.name`` set to ``value``: the attention pass's launch
+    (`decode_attention.DEFAULT_ATTEND_LAUNCH`), where the scoring pass runs (`side_stream`), or the
+    dtype of the op's logits scratch (`decode_attention.STORED_LOGIT_DTYPE`). The op reads these when
+    it runs, inside graphs that dynamo does not guard on them, so compiled graphs are dropped on the
+    way in and out (the patch stays)."""
     default = getattr(module, name)
     drop_compiled_graphs(model)
     setattr(module, name, value)
