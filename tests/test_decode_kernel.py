@@ -74,12 +74,17 @@ def same_layout_copy(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device).copy_(tensor)
 
 
+def softmax_scale(step: dict) -> float:
+    """The attention scale `run_both` gives both implementations: ``head_dim ** -0.5``."""
+    return step["q"].shape[-1] ** -0.5
+
+
 def run_both(
     step, score_kind, shared, n_splits=None, sink=4, recent=8, planned_slots=0, reallocate_every=0, launch=None
 ):
     theirs = {k: same_layout_copy(v) if isinstance(v, torch.Tensor) else v for k, v in step.items()}
     settings = dict(
-        scale=step["q"].shape[-1] ** -0.5,
+        scale=softmax_scale(step),
         sink_tokens=sink,
         recent_window=recent,
         shared=shared,
@@ -112,8 +117,8 @@ def assert_accumulated_close(step, theirs):
     in the two, which scales its weight by up to ``2 ** spacing``: the tolerance is that factor at the
     step's largest logit (the accumulated scores start nonnegative, so it bounds the sums too)."""
     q = step["q"].float().unflatten(1, (step["k_cache"].shape[1], -1))
-    scale = step["q"].shape[-1] ** -0.5  # as run_both
-    largest = torch.einsum("bhgd,bhsd->bhgs", q, step["k_cache"].float()).abs().amax() * scale * LOG2E
+    logits = torch.einsum("bhgd,bhsd->bhgs", q, step["k_cache"].float()) * softmax_scale(step)
+    largest = logits.abs().amax() * LOG2E
     spacing = torch.finfo(STORED_LOGIT_DTYPE).eps * 2 ** largest.log2().floor().item()
     rtol = 2**spacing - 1 + 1e-4
     torch.testing.assert_close(theirs["accumulated"], step["accumulated"], rtol=rtol, atol=1e-6)
