@@ -41,6 +41,10 @@
 #   bash bench/gpu_figures.sh logits-fp32 OUT  # compiled LongFlow (8B shape, 4k batch 64 and 128, 8k batch 64) with
 #                                              # the logits between the op's two passes in fp16 (the default) and
 #                                              # in float32 (until 2026-12-07), side by side
+#   bash bench/gpu_figures.sh gate-up OUT      # the GPU tests that patch whole models (fused projections, compile,
+#                                              # model against transformers), then compiled LongFlow (8B shape, 4k
+#                                              # at batch 64 and 128, 8k at batch 64) with the MLP's gate and up
+#                                              # as one matmul (the default) and as two, side by side
 #   bash bench/gpu_figures.sh speculative OUT  # recipes/bench_speculative.py: the toy's tokens/s per draft at 8k
 #   bash bench/gpu_figures.sh speculative-2k OUT  # the same at 2k (speculative-4k: at 4k)
 # OUT gets the results and logs (bench/results/ to commit them). The package is used from this checkout
@@ -140,6 +144,11 @@ scoring-beside)
 logits-fp32)
     beside_default logits_fp32 longflow-compiled-logits-fp32 "4096 64" "4096 128" "8192 64"
     ;;
+gate-up)
+    GPU_TEST_FILES="tests/test_fused_projections.py tests/test_gpu.py tests/test_compile.py" \
+        bash .ci/gpu_tests.sh "$out/gpu_tests_gate_up.log" "${parallel[@]}"
+    beside_default gate_up_apart longflow-compiled-gate-up-apart "4096 64" "4096 128" "8192 64"
+    ;;
 prepared-ab)
     # Compiled LongFlow (8B shape, batch 64 at 4k and 8k, batch 128 at 4k) with the new token's q/k norms
     # and RoPE inside the fused op (the default) and run by transformers' modules, side by side; the 4k
@@ -184,7 +193,7 @@ speculative | speculative-2k | speculative-4k)
 *)
     echo "unknown part: $part (tests, kernel-tests, speed, speed-dynamic, speed-loop, speed-1.7b, roofline-batches," \
         "prepared-ab, fused-qkv, score-sweep, attend-sweep, kernel-ab, attend-ablation, scoring-beside, logits-fp32," \
-        "speculative, speculative-2k, speculative-4k)" >&2
+        "gate-up, speculative, speculative-2k, speculative-4k)" >&2
     exit 2
     ;;
 esac

@@ -21,7 +21,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from longflow_patch.cache import LongFlowCache
 from longflow_patch.compat import cache_from_kwargs
-from longflow_patch.fused_projections import fused_qkv
+from longflow_patch.fused_projections import fused_projection
 from longflow_patch.ops import NewTokenPreparation
 from longflow_patch.prefill import key_padding_from_mask
 from longflow_patch.speculative_cache import SpeculativeCache
@@ -130,7 +130,7 @@ def longflow_attention_forward(
     del kwargs[keyword]
     batch, length = hidden_states.shape[:2]
     hidden_shape = (batch, length, -1, self.head_dim)
-    fused = fused_qkv(self)
+    fused = fused_projection(self)
     if fused is None:
         query, key, value = (projection(hidden_states) for projection in (self.q_proj, self.k_proj, self.v_proj))
     else:  # one matmul over the three weights' shared rows (`longflow_patch.fused_projections`)

@@ -1,7 +1,7 @@
 """`apply` / `unapply`: patch a Hugging Face causal LM in place, without forking transformers.
 
-`apply` replaces the ``forward`` of every attention module (an instance attribute, so the class
-and other models are untouched) and wraps the model's ``generate`` so each call gets a fresh
+`apply` replaces the ``forward`` of every attention and MLP module (an instance attribute, so the
+class and other models are untouched) and wraps the model's ``generate`` so each call gets a fresh
 `LongFlowCache` unless the caller passes a cache. `unapply` removes both.
 """
 
@@ -17,18 +17,30 @@ from transformers import CompileConfig
 from longflow_patch.attention import longflow_attention_forward, refresh_norms_in_op
 from longflow_patch.cache import LongFlowCache
 from longflow_patch.compat import cache_from_kwargs, cache_keyword, defer_stop_check_on_cuda
-from longflow_patch.fused_projections import refresh_fused_qkv, unfuse_qkv
+from longflow_patch.fused_projections import GATE_UP, QKV, mlp_forward, refresh_fused, unfuse
 from longflow_patch.ops import KERNEL_DTYPES, KERNEL_HEAD_DIMS
 from longflow_patch.policies import Policy, ProfiledPolicy, check_budget, make_policy
 
 SUPPORTED_MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 """The model classes `apply` patches (full-attention layers only); any other is refused."""
 SUPPORTED_ATTENTION = ("LlamaAttention", "Qwen2Attention", "Qwen3Attention")
+SUPPORTED_MLP = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP")
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in SUPPORTED_ATTENTION]
+
+
+def _mlp_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ in SUPPORTED_MLP]
+
+
+def _patched_modules(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """Each module whose ``forward`` `apply` replaces, with its replacement."""
+    return [(m, longflow_attention_forward) for m in _attention_modules(model)] + [
+        (m, mlp_forward) for m in _mlp_modules(model)
+    ]
 
 
 def _head_dim(config) -> int:
@@ -152,11 +164,14 @@ def apply(
     to ``generate`` replaces these settings.
 
     On a CUDA device, ``generate`` (and `new_cache`, `speculative_generate`) also runs each
-    attention's q, k and v projections as one matmul (`longflow_patch.fused_projections`): the three
-    weights move into one tensor and the parameters point at their rows, with the same values and no
-    added memory, and ``state_dict`` / ``save_pretrained`` see no change. Plain ``nn.Linear``
-    projections only (a quantized, adapter-wrapped or hooked one runs as before); a model moved or
-    cast since runs them apart until the next call fuses again.
+    attention's q, k and v projections as one matmul, and each MLP's gate and up projections as
+    another (`longflow_patch.fused_projections`): the weights move into one tensor and the parameters
+    point at their rows, with the same values and no added memory, and ``state_dict`` /
+    ``save_pretrained`` see no change. Plain ``nn.Linear`` projections only (a quantized,
+    adapter-wrapped or hooked one runs as before); a model moved or cast since runs them apart until
+    the next call fuses again. A fused MLP serves every forward of the patched model, also one
+    without a compressed cache: the same sums, which cuBLAS may round differently in the last bit
+    of a bf16 output.
     """
     _check_model(model)
     check_budget(budget)
@@ -166,10 +181,10 @@ def apply(
         raise TypeError("pass settings either inside a Policy object or as keyword arguments, not both")
     model._longflow_compile = _check_compile_request(model, policy, compile)
     defer_stop_check_on_cuda()
-    for module in _attention_modules(model):
+    for module, forward in _patched_modules(model):
         if not hasattr(module, "_longflow_original_forward"):
             module._longflow_original_forward = module.forward
-            module.forward = types.MethodType(longflow_attention_forward, module)
+            module.forward = types.MethodType(forward, module)
     if not hasattr(model, "_longflow_original_generate"):
         model._longflow_original_generate = model.generate
         model.generate = types.MethodType(_generate_with_compressed_cache, model)
@@ -179,8 +194,8 @@ def apply(
 
 def unapply(model: nn.Module) -> nn.Module:
     """Undo `apply`: the model behaves exactly as before it was patched; returns it."""
-    for module in _attention_modules(model):
-        unfuse_qkv(module)
+    for module, _ in _patched_modules(model):
+        unfuse(module)
         module.__dict__.pop("_longflow_norms_in_op", None)
         if hasattr(module, "_longflow_original_forward"):
             del module.forward
@@ -196,10 +211,12 @@ def unapply(model: nn.Module) -> nn.Module:
 def prepare_for_decoding(model: nn.Module) -> None:
     """What `generate`, `new_cache` and `speculative_generate` do before decoding, so that a compiled
     step never reads a stale decision: run each attention's q/k/v projections of ``model`` as one
-    matmul where that pays and is safe (`longflow_patch.fused_projections.refresh_fused_qkv`), and
-    mark the Qwen3 q/k norms the fused op may apply itself (`longflow_patch.attention.refresh_norms_in_op`)."""
+    matmul, and each MLP's gate and up projections as another, where that pays and is safe
+    (`longflow_patch.fused_projections.refresh_fused`), and mark the Qwen3 q/k norms the fused op
+    may apply itself (`longflow_patch.attention.refresh_norms_in_op`)."""
     modules = _attention_modules(model)
-    refresh_fused_qkv(modules)
+    refresh_fused(modules, QKV)
+    refresh_fused(_mlp_modules(model), GATE_UP)
     refresh_norms_in_op(modules)
 
 

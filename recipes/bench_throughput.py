@@ -17,7 +17,8 @@ fit under ``--memory-cap-gb`` (rows are labelled in the JSON, `LABELS`):
    ``longflow-compiled-sync``: ``longflow-compiled`` with ``generate`` reading its stop check on
    the host every step (transformers' rule on CUDA, which `apply` lifts for its own caches);
    ``longflow-compiled-unfused``: ``longflow-compiled`` with the q, k and v projections as three
-   matmuls, as transformers runs them (`apply` fuses them into one on a GPU);
+   matmuls and the MLP's gate and up as two, as transformers runs them (`apply` fuses each set into
+   one on a GPU); ``longflow-compiled-gate-up-apart``: only the gate and up apart;
    ``longflow-compiled-prepared-apart``: ``longflow-compiled`` with the new token's q/k norms
    (Qwen3) and RoPE run by transformers' modules, not inside the fused op;
    ``longflow-compiled-capped-registers``: ``longflow-compiled`` with the attention pass in 32-slot
@@ -88,6 +89,7 @@ CONFIGS = (
     "longflow-loop",
     "longflow-compiled-sync",
     "longflow-compiled-unfused",
+    "longflow-compiled-gate-up-apart",
     "longflow-compiled-prepared-apart",
     "longflow-compiled-capped-registers",
     "longflow-compiled-serial-scoring",
@@ -100,6 +102,7 @@ OPT_IN = (
     "longflow-loop",
     "longflow-compiled-sync",
     "longflow-compiled-unfused",
+    "longflow-compiled-gate-up-apart",
     "longflow-compiled-prepared-apart",
     "longflow-compiled-capped-registers",
     "longflow-compiled-serial-scoring",
@@ -115,8 +118,10 @@ LABELS = {
     "longflow-loop": "LongFlow 80% compression in the same compiled loop as fullcache-loop",
     "longflow-compiled-sync": "longflow-compiled with generate's stop check read on the host every step "
     "(transformers' rule on CUDA)",
-    "longflow-compiled-unfused": "longflow-compiled with q, k, v projected by three matmuls (transformers' way), "
-    "not apply's one",
+    "longflow-compiled-unfused": "longflow-compiled with q, k, v projected by three matmuls and gate, up by two "
+    "(transformers' way), not apply's one each",
+    "longflow-compiled-gate-up-apart": "longflow-compiled with the MLP's gate and up projected by two matmuls "
+    "(transformers' way), not apply's one (q, k, v still one)",
     "longflow-compiled-prepared-apart": "longflow-compiled with the new token's q/k norms and RoPE run by "
     "transformers' modules, not inside the fused op",
     "longflow-compiled-capped-registers": "longflow-compiled with the attention pass in 32-slot tiles, 3 stages, "
@@ -134,6 +139,7 @@ THROUGH_GENERATE = (
     "longflow-compiled",
     "longflow-compiled-sync",
     "longflow-compiled-unfused",
+    "longflow-compiled-gate-up-apart",
     "longflow-compiled-prepared-apart",
     "longflow-compiled-capped-registers",
     "longflow-compiled-serial-scoring",
@@ -309,17 +315,21 @@ def per_step_stop_check() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def projections_apart(model) -> Iterator[None]:
-    """The q, k and v projections of ``model`` run as three matmuls, as in transformers (`apply`
-    fuses them into one on a GPU: `longflow_patch.fused_projections`)."""
-    fusing = fused_projections.FUSE_ON_DEVICES
-    fused_projections.FUSE_ON_DEVICES = ()
+def projections_apart(model, apart: tuple[tuple[str, ...], ...]) -> Iterator[None]:
+    """The projections ``apart`` (`fused_projections.QKV`, `fused_projections.GATE_UP`) of ``model``
+    run as separate matmuls, as in transformers (`apply` fuses each set into one on a GPU:
+    `longflow_patch.fused_projections`)."""
+    fusing = dict(fused_projections.FUSE_ON_DEVICES)
+    for names in apart:
+        fused_projections.FUSE_ON_DEVICES[names] = ()
     for module in model.modules():
-        fused_projections.unfuse_qkv(module)
+        fused = getattr(module, "_longflow_fused", None)
+        if fused is not None and fused.names in apart:
+            fused_projections.unfuse(module)
     try:
         yield
     finally:
-        fused_projections.FUSE_ON_DEVICES = fusing
+        fused_projections.FUSE_ON_DEVICES.update(fusing)
 
 
 @contextlib.contextmanager
@@ -356,7 +366,9 @@ def generate_variant(model, kind: str) -> contextlib.AbstractContextManager:
     if kind == "longflow-compiled-sync":
         return per_step_stop_check()
     if kind == "longflow-compiled-unfused":
-        return projections_apart(model)
+        return projections_apart(model, (fused_projections.QKV, fused_projections.GATE_UP))
+    if kind == "longflow-compiled-gate-up-apart":
+        return projections_apart(model, (fused_projections.GATE_UP,))
     if kind == "longflow-compiled-prepared-apart":
         return preparation_apart()
     if kind == "longflow-compiled-capped-registers":
@@ -548,6 +560,7 @@ PASSES = (
         "fullcache-loop",
         "longflow-compiled",
         "longflow-compiled-unfused",
+        "longflow-compiled-gate-up-apart",
         "longflow-compiled-prepared-apart",
         "longflow-compiled-capped-registers",
         "longflow-compiled-serial-scoring",

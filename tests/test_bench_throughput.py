@@ -5,6 +5,7 @@ the q/k/v projections apart, and its capped-register rows another launch of the 
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -55,18 +56,30 @@ def test_one_compile_of_the_loop_serves_every_batch_and_cache_length():
     assert counter.frame_count == 1, f"{counter.frame_count} compiles for three shapes"
 
 
-def test_unfused_rows_run_the_projections_apart_and_later_rows_fuse_again(monkeypatch):
-    monkeypatch.setattr(fused_projections, "FUSE_ON_DEVICES", ("cpu",))  # fuse here as on a GPU
+@pytest.mark.parametrize(
+    ("kind", "apart"),
+    [("longflow-compiled-unfused", ("self_attn", "mlp")), ("longflow-compiled-gate-up-apart", ("mlp",))],
+)
+def test_rows_that_run_projections_apart_leave_later_rows_fused(kind, apart, monkeypatch):
+    """``longflow-compiled-unfused`` rows run q/k/v and gate/up apart, ``...-gate-up-apart`` rows only
+    gate/up; the other projections stay fused, and later rows fuse everything again."""
+    fusing = {names: ("cpu",) for names in fused_projections.FUSE_ON_DEVICES}  # fuse here as on a GPU
+    monkeypatch.setattr(fused_projections, "FUSE_ON_DEVICES", fusing)
     model = longflow_patch.apply(tiny_model("qwen3", "gqa", layers=2), budget=64, compile=False)
-    attention = [layer.self_attn for layer in model.model.layers]
+    modules = {part: [getattr(layer, part) for layer in model.model.layers] for part in ("self_attn", "mlp")}
     prompt = torch.randint(3, 128, (2, 9))
-    model.generate(input_ids=prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    assert all(fused_projections.fused_qkv(module) is not None for module in attention)
-    with throughput.generate_variant(model, "longflow-compiled-unfused"):
-        model.generate(input_ids=prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
-        assert all(fused_projections.fused_qkv(module) is None for module in attention)
-    model.generate(input_ids=prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
-    assert all(fused_projections.fused_qkv(module) is not None for module in attention)
+
+    def fused_parts() -> set[str]:
+        generate = model.generate(input_ids=prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert generate.shape == (2, 11)
+        fused = fused_projections.fused_projection
+        return {part for part, ms in modules.items() if all(fused(m) is not None for m in ms)}
+
+    assert fused_parts() == {"self_attn", "mlp"}
+    with throughput.generate_variant(model, kind):
+        assert fused_parts() == {"self_attn", "mlp"} - set(apart)
+        assert all(fused_projections.fused_projection(m) is None for part in apart for m in modules[part])
+    assert fused_parts() == {"self_attn", "mlp"}
 
 
 def test_capped_register_rows_plan_the_attention_pass_with_their_launch(monkeypatch):

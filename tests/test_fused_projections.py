@@ -1,5 +1,6 @@
-"""The fused q/k/v projection (`longflow_patch.fused_projections`): same parameters, same memory,
-the same generation as unpatched transformers, and no use of a fusion the model has left behind."""
+"""The fused projections (`longflow_patch.fused_projections`: q/k/v, and the MLP's gate/up): same
+parameters, same memory, the same generation as unpatched transformers, and no use of a fusion the
+model has left behind."""
 
 import tempfile
 
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import longflow_patch
 from longflow_patch import fused_projections
 from longflow_patch.compat import cache_keyword
-from longflow_patch.fused_projections import fusable, fuse_qkv, fused_qkv, refresh_fused_qkv
+from longflow_patch.fused_projections import GATE_UP, QKV, fusable, fuse, fused_projection, refresh_fused
 
 from models import left_padded_prompts, tiny_model
 from test_equivalence import greedy
@@ -23,10 +24,32 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [layer.self_attn for layer in model.model.layers]
 
 
+def mlp_modules(model: nn.Module) -> list[nn.Module]:
+    return [layer.mlp for layer in model.model.layers]
+
+
+def fused_modules(model: nn.Module) -> list[tuple[nn.Module, tuple[str, ...]]]:
+    """Every module `apply`'s generate fuses, with the projections it fuses."""
+    return [(m, QKV) for m in attention_modules(model)] + [(m, GATE_UP) for m in mlp_modules(model)]
+
+
+def assert_reads_fused_rows(module: nn.Module, names: tuple[str, ...]) -> None:
+    """``module``'s projections ``names`` are fused, and each parameter is its rows of the fused tensors."""
+    fused = fused_projection(module)
+    assert fused is not None and fused.names == names, f"{type(module).__name__} is not fused"
+    for tensor, part in ((fused.weight, "weight"), (fused.bias, "bias")):
+        if tensor is None:
+            continue
+        address = tensor.data_ptr()
+        for name, rows in zip(names, fused.splits, strict=True):
+            assert getattr(getattr(module, name), part).data_ptr() == address, f"{name}.{part} is not its rows"
+            address += rows * tensor.stride(0) * tensor.element_size()
+
+
 @pytest.fixture
 def fuse_on_cpu(monkeypatch):
-    """`refresh_fused_qkv` fuses on the CPU too (by default it fuses on CUDA devices only)."""
-    monkeypatch.setattr(fused_projections, "FUSE_ON_DEVICES", ("cpu", "cuda"))
+    """`refresh_fused` fuses on the CPU too (by default it fuses on CUDA devices only)."""
+    monkeypatch.setattr(fused_projections, "FUSE_ON_DEVICES", {QKV: ("cpu", "cuda"), GATE_UP: ("cpu", "cuda")})
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -38,15 +61,34 @@ def test_fused_projection_generates_like_transformers_in_the_same_memory(arch, f
     longflow_patch.apply(model, policy="longflow", budget=64)  # holds every token: nothing is evicted
     got = greedy(model, ids, mask)
     assert torch.equal(got, expected)
-    for module in attention_modules(model):
-        fused = fused_qkv(module)
-        assert fused is not None, "generate did not fuse the projections"
-        start = fused.weight.data_ptr()
-        assert module.q_proj.weight.data_ptr() == start, "q_proj does not read the fused rows"
-        row_bytes = fused.weight.stride(0) * fused.weight.element_size()
-        assert module.v_proj.weight.data_ptr() == start + sum(fused.splits[:2]) * row_bytes
-        assert (fused.bias is None) == (arch != "qwen2")
+    for module, names in fused_modules(model):
+        assert_reads_fused_rows(module, names)
+    assert (fused_projection(attention_modules(model)[0]).bias is None) == (arch != "qwen2")
     assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_mlp_computes_transformers_mlp(bias, fuse_on_cpu):
+    """The MLP's forward with gate and up as one matmul gives transformers' MLP output (with biases,
+    as Llama's ``mlp_bias`` makes), and `unapply` gives back its own forward."""
+    model = tiny_model("llama")
+    mlp = mlp_modules(model)[0]
+    if bias:
+        for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            linear.bias = nn.Parameter(torch.randn(linear.out_features))
+    x = torch.randn(3, 5, model.config.hidden_size)
+    with torch.no_grad():
+        expected = mlp(x)
+        longflow_patch.new_cache(longflow_patch.apply(model, budget=64))
+        assert_reads_fused_rows(mlp, GATE_UP)
+        assert (fused_projection(mlp).bias is None) != bias
+        torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)
+        for tensor in fused_projection(mlp)[:2]:  # the fused rows are the parameters: the forward sees them
+            if tensor is not None:
+                tensor.zero_()
+        assert torch.equal(mlp(x), mlp.down_proj(torch.zeros(3, 5, model.config.intermediate_size)))
+    longflow_patch.unapply(model)
+    assert "forward" not in vars(mlp) and fused_projection(mlp) is None
 
 
 def test_the_op_reads_each_new_value_from_the_fused_output_uncopied(fuse_on_cpu, monkeypatch):
@@ -65,7 +107,7 @@ def test_the_op_reads_each_new_value_from_the_fused_output_uncopied(fuse_on_cpu,
     model = longflow_patch.apply(tiny_model("llama"), budget=64)
     ids, mask = left_padded_prompts()
     greedy(model, ids, mask)
-    fused = fused_qkv(attention_modules(model)[0])
+    fused = fused_projection(attention_modules(model)[0])
     head_dim = model.config.head_dim
     assert row_strides and set(row_strides) == {(sum(fused.splits), head_dim, 1)}
 
@@ -73,7 +115,8 @@ def test_the_op_reads_each_new_value_from_the_fused_output_uncopied(fuse_on_cpu,
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_fused_model_saves_and_loads_its_own_weights(arch, fuse_on_cpu):
     model = longflow_patch.apply(tiny_model(arch), budget=64)
-    refresh_fused_qkv(attention_modules(model))
+    longflow_patch.new_cache(model)  # fuses
+    assert all(fused_projection(module) is not None for module, _ in fused_modules(model))
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
@@ -86,15 +129,16 @@ def test_a_cast_model_stops_using_the_old_fusion_and_fuses_again(fuse_on_cpu):
     model = longflow_patch.apply(tiny_model("qwen2"), budget=64)
     ids, mask = left_padded_prompts()
     greedy(model, ids, mask)
-    modules = attention_modules(model)
-    old = fused_qkv(modules[0]).weight
-    model.to(torch.float64)  # new storage for every parameter: the fused tensor is stale
-    assert all(fused_qkv(module) is None for module in modules)
+    modules = [module for module, _ in fused_modules(model)]
+    old = [fused_projection(module).weight for module in modules]
+    model.to(torch.float64)  # new storage for every parameter: the fused tensors are stale
+    assert all(fused_projection(module) is None for module in modules)
     with torch.no_grad():
         # The forward falls back to the three projections: float64 logits, the model's own weights.
         logits = model(ids, attention_mask=mask, **{cache_keyword(model): longflow_patch.new_cache(model)}).logits
     assert logits.dtype == torch.float64
-    assert fused_qkv(modules[0]).weight is not old and fused_qkv(modules[0]).weight.dtype == torch.float64
+    for module, weight in zip(modules, old, strict=True):
+        assert fused_projection(module).weight is not weight and fused_projection(module).weight.dtype == torch.float64
     unpatched = longflow_patch.unapply(model)
     with torch.no_grad():
         torch.testing.assert_close(logits, unpatched(ids, attention_mask=mask).logits, rtol=1e-10, atol=1e-10)
@@ -103,27 +147,28 @@ def test_a_cast_model_stops_using_the_old_fusion_and_fuses_again(fuse_on_cpu):
 def test_stale_fusion_is_never_read_before_a_refresh():
     model = longflow_patch.apply(tiny_model("llama"), budget=64)
     ids, mask = left_padded_prompts()
-    for module in attention_modules(model):
-        fuse_qkv(module)
+    for module, names in fused_modules(model):
+        fuse(module, names)
     with torch.no_grad():
-        for module in attention_modules(model):
-            fused = fused_qkv(module)
-            module.k_proj.weight.data = module.k_proj.weight.data.clone()  # k no longer the fused rows
+        for module, names in fused_modules(model):
+            fused = fused_projection(module)
+            second = getattr(module, names[1])
+            second.weight.data = second.weight.data.clone()  # k / up no longer the fused rows
             fused.weight.zero_()  # so a forward reading the fusion would be visibly wrong
         got = model(ids, attention_mask=mask, **{cache_keyword(model): longflow_patch.new_cache(model)}).logits
-    assert all(fused_qkv(module) is None for module in attention_modules(model))
+    assert all(fused_projection(module) is None for module, _ in fused_modules(model))
     assert torch.isfinite(got).all() and got.abs().amax() > 0
     # new_cache on a CPU model dropped the stale fusions (and, on a CPU, made no new one).
-    assert all(not hasattr(module, "_longflow_fused_qkv") for module in attention_modules(model))
+    assert all(not hasattr(module, "_longflow_fused") for module, _ in fused_modules(model))
 
 
 def test_loading_weights_into_a_fused_model_updates_the_fusion(fuse_on_cpu):
     model = longflow_patch.apply(tiny_model("qwen3"), budget=64)
-    refresh_fused_qkv(attention_modules(model))
+    longflow_patch.new_cache(model)  # fuses
     other = tiny_model("qwen3", seed=1)
     model.load_state_dict(other.state_dict())  # copies into the parameters in place
     ids, mask = left_padded_prompts()
-    assert all(fused_qkv(module) is not None for module in attention_modules(model))
+    assert all(fused_projection(module) is not None for module, _ in fused_modules(model))
     assert torch.equal(greedy(model, ids, mask), greedy(other, ids, mask))
 
 
@@ -133,7 +178,7 @@ def test_fusing_under_inference_mode_leaves_normal_parameters(fuse_on_cpu):
         longflow_patch.new_cache(model)  # fuses here, as a generate under inference_mode would
     assert all(not p.is_inference() for p in model.parameters())
     model.load_state_dict(tiny_model("qwen3", seed=1).state_dict())  # in place: refused on inference tensors
-    assert all(fused_qkv(module) is not None for module in attention_modules(model))
+    assert all(fused_projection(module) is not None for module, _ in fused_modules(model))
 
 
 def test_speculative_generate_fuses_a_cast_model_afresh(fuse_on_cpu):
@@ -142,7 +187,7 @@ def test_speculative_generate_fuses_a_cast_model_afresh(fuse_on_cpu):
     expected = greedy(model, ids, torch.ones_like(ids), new_tokens=12)
     model.to(torch.float64)  # the fusion made by generate is stale now
     got = longflow_patch.speculative_generate(model.to(torch.float32), ids, max_new_tokens=12, budget=32)
-    assert all(fused_qkv(module) is not None for module in attention_modules(model))
+    assert all(fused_projection(module) is not None for module, _ in fused_modules(model))
     assert torch.equal(got, expected)
 
 
@@ -153,7 +198,7 @@ def test_unapply_forgets_the_fusion_and_keeps_the_weights(fuse_on_cpu):
     longflow_patch.apply(model, budget=64)
     greedy(model, ids, mask)
     longflow_patch.unapply(model)
-    assert all(not hasattr(module, "_longflow_fused_qkv") for module in attention_modules(model))
+    assert all(not hasattr(module, "_longflow_fused") for module, _ in fused_modules(model))
     assert torch.equal(greedy(model, ids, mask), expected)
 
 
@@ -165,9 +210,14 @@ def test_projections_that_are_not_plain_linears_stay_apart(fuse_on_cpu):
     hooked.k_proj.register_forward_hook(lambda *args: None)
     wrapped.v_proj.__class__ = Adapter
     biased.q_proj.bias = nn.Parameter(torch.zeros(biased.q_proj.out_features))  # a bias on q only
-    assert [fusable(m) for m in (hooked, wrapped, biased, plain)] == [False, False, False, True]
-    refresh_fused_qkv([hooked, wrapped, biased, plain])
-    assert [fused_qkv(m) is not None for m in (hooked, wrapped, biased, plain)] == [False, False, False, True]
+    assert [fusable(m, QKV) for m in (hooked, wrapped, biased, plain)] == [False, False, False, True]
+    refresh_fused([hooked, wrapped, biased, plain], QKV)
+    assert [fused_projection(m) is not None for m in (hooked, wrapped, biased, plain)] == [False, False, False, True]
+
+    hooked, plain = (tiny_model("qwen3").model.layers[0].mlp for _ in range(2))
+    hooked.up_proj.register_forward_pre_hook(lambda *args: None)
+    refresh_fused([hooked, plain], GATE_UP)
+    assert [fused_projection(m) is not None for m in (hooked, plain)] == [False, True]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -180,11 +230,12 @@ def test_cuda_generate_fuses_in_the_same_memory_and_compiled_logits_match_transf
     ids, mask = (t.cuda() for t in left_padded_prompts())
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    refresh_fused_qkv(attention_modules(longflow_patch.apply(model, budget=64, compile=True)))
+    longflow_patch.new_cache(longflow_patch.apply(model, budget=64, compile=True))  # fuses
     torch.cuda.synchronize()
-    modules = attention_modules(model)
-    assert all(fused_qkv(module) is not None for module in modules)
-    # The three weights' blocks are freed as the fused one is made; the allocator rounds each to 512 bytes.
+    modules = fused_modules(model)
+    for module, names in modules:
+        assert_reads_fused_rows(module, names)
+    # The old weights' blocks are freed as the fused ones are made; the allocator rounds each to 512 bytes.
     assert torch.cuda.memory_allocated() - before <= 2 * 512 * len(modules)
     error = logit_error_against_transformers(model, ids, mask)
     assert error < 2e-2, f"relative logit error {error:.2e}"
