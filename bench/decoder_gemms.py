@@ -8,6 +8,12 @@ decode step replays them; no weight stays in L2 from one call to the next) and r
 call, the floor, and their ratio. ``--autotune`` adds inductor's ``max-autotune`` choice per shape
 (Triton GEMM templates against cuBLAS).
 
+A second floor is the matmul's arithmetic at the bf16 rate cuBLAS reaches on a large square
+product in the same process (``matmul_tflops``): at batch 64 it is a fraction of the weight read,
+but from about batch 200 up on an H100 the two are of one size, and a matmul cannot reach either
+floor without the other overlapping it perfectly. ``ratio_to_larger_floor`` compares each call
+with the larger of the two.
+
 The per-layer totals compare the layer as transformers computes it (7 matmuls) with the fused
 layout (4 matmuls), each against the same weight bytes.
 
@@ -66,6 +72,14 @@ def time_linear(linear, rows: int, weights: list[torch.Tensor]) -> float:
     return graph_median_ms(all_layers, calls_per_graph=1, repeats=15) / len(weights)
 
 
+def matmul_tflops(size: int = 8192) -> float:
+    """The bf16 rate in TFLOP/s of cuBLAS's ``size``-cubed matmul (median under a CUDA graph): the
+    rate a matmul with enough work to fill the GPU reaches, the compute floor's denominator."""
+    a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = graph_median_ms(lambda: a @ b, calls_per_graph=5, repeats=10)
+    return 2 * size**3 / (ms * 1e9)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="qwen3-8b", choices=[s for s in SHAPES if s != "tiny"])
@@ -76,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args_on_gpu(parser, argv)
 
     bandwidth = copy_bandwidth_gbs()
+    tflops = matmul_tflops()
     shapes = weight_shapes(args.shape)
     backends = ["cublas", "max-autotune"] if args.autotune else ["cublas"]
     rows, totals = [], []
@@ -93,13 +108,18 @@ def main(argv: list[str] | None = None) -> None:
                     torch._dynamo.reset()  # a fresh compile per shape: no recompile limit, no stale choice
                     linear = torch.compile(F.linear, mode="max-autotune-no-cudagraphs", dynamic=False)
                 ms = time_linear(linear, batch, weights)
+                compute_floor_ms = 2 * batch * out_features * in_features / (tflops * 1e9)
                 rows.append(
                     dict(shape=name, n=out_features, k=in_features, batch=batch, backend=backend, ms=ms,
-                         floor_ms=floor_ms, ratio=ms / floor_ms, setup_s=time.perf_counter() - start)
+                         floor_ms=floor_ms, ratio=ms / floor_ms, compute_floor_ms=compute_floor_ms,
+                         ratio_to_larger_floor=ms / max(floor_ms, compute_floor_ms),
+                         setup_s=time.perf_counter() - start)
                 )  # fmt: skip
         del weights
         torch.cuda.empty_cache()
-    print_table(rows, ["shape", "n", "k", "batch", "backend", "ms", "floor_ms", "ratio", "setup_s"])
+    print(f"copy bandwidth {bandwidth:.0f} GB/s, bf16 matmul {tflops:.0f} TFLOP/s (8192-cubed)")
+    print_table(rows, ["shape", "n", "k", "batch", "backend", "ms", "floor_ms", "ratio", "compute_floor_ms",
+                       "ratio_to_larger_floor", "setup_s"])  # fmt: skip
 
     def layer_ms(layout: dict[str, int], batch: int, backend: str, key: str) -> float:
         by_shape = {r["shape"]: r[key] for r in rows if r["batch"] == batch and r["backend"] == backend}
@@ -120,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     write_results(
         args.out,
         dict(benchmark="decoder_gemms", environment=environment(),
-             settings=dict(shape=args.shape, batches=args.batches, layers=args.layers, copy_bandwidth_gbs=bandwidth),
+             settings=dict(shape=args.shape, batches=args.batches, layers=args.layers, copy_bandwidth_gbs=bandwidth,
+                           matmul_tflops=tflops),
              shapes=rows, per_layer=totals),
     )  # fmt: skip
 

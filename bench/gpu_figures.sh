@@ -42,7 +42,8 @@
 #                                              # the logits between the op's two passes in fp16 (the default) and
 #                                              # in float32 (until 2026-12-07), side by side
 #   bash bench/gpu_figures.sh gate-up OUT      # the GPU tests that patch whole models (fused projections, compile,
-#                                              # model against transformers), then compiled LongFlow (8B shape, 4k
+#                                              # model against transformers), bench/decoder_gemms.py at batch 64-256
+#                                              # (both floors), then compiled LongFlow (8B shape, 4k
 #                                              # at batch 64 and 128, 8k at batch 64) with the MLP's gate and up
 #                                              # as one matmul (the default) and as two, side by side
 #   bash bench/gpu_figures.sh speculative OUT  # recipes/bench_speculative.py: the toy's tokens/s per draft at 8k
@@ -147,6 +148,8 @@ logits-fp32)
 gate-up)
     GPU_TEST_FILES="tests/test_fused_projections.py tests/test_gpu.py tests/test_compile.py" \
         bash .ci/gpu_tests.sh "$out/gpu_tests_gate_up.log" "${parallel[@]}"
+    timeout 90 python3 -P bench/decoder_gemms.py --batches 64 128 171 256 --out "$out/decoder_gemms.json" 2>&1 |
+        tee "$out/decoder_gemms.log"
     beside_default gate_up_apart longflow-compiled-gate-up-apart "4096 64" "4096 128" "8192 64"
     ;;
 prepared-ab)
