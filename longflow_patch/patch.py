@@ -9,6 +9,7 @@ import dataclasses
 import types
 import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ def _mlp_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in SUPPORTED_MLP]
 
 
-def _patched_modules(model: nn.Module) -> list[tuple[nn.Module, object]]:
+def _patched_modules(model: nn.Module) -> list[tuple[nn.Module, Callable[..., object]]]:
     """Each module whose ``forward`` `apply` replaces, with its replacement."""
     return [(m, longflow_attention_forward) for m in _attention_modules(model)] + [
         (m, mlp_forward) for m in _mlp_modules(model)
