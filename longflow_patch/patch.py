@@ -171,8 +171,7 @@ def apply(
     ``save_pretrained`` see no change. Plain ``nn.Linear`` projections only (a quantized,
     adapter-wrapped or hooked one runs as before); a model moved or cast since runs them apart until
     the next call fuses again. A fused MLP serves every forward of the patched model, also one
-    without a compressed cache: the same sums, which cuBLAS may round differently in the last bit
-    of a bf16 output.
+    without a compressed cache: the same sums, which cuBLAS may round differently in bf16.
     """
     _check_model(model)
     check_budget(budget)
