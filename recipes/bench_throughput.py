@@ -323,7 +323,7 @@ def projections_apart(model, apart: tuple[tuple[str, ...], ...]) -> Iterator[Non
     for names in apart:
         fused_projections.FUSE_ON_DEVICES[names] = ()
     for module in model.modules():
-        fused = getattr(module, "_longflow_fused", None)
+        fused = fused_projections.fused_projection(module)
         if fused is not None and fused.names in apart:
             fused_projections.unfuse(module)
     try:
