@@ -17,7 +17,7 @@ no ``torch.library`` dispatch, scratch buffers kept, every launch through Triton
 ``LONGFLOW_DIRECT_LAUNCH=0`` gives), the same with direct launches of the compiled kernels
 (``direct``: the default, no Triton JIT after the first call)
 and SDPA; each from CUDA events around one call and from the wall clock over 50 back-to-back
-calls, with the ratios to SDPA.
+calls, medians over 5 rounds in which the four take turns, with the ratios to SDPA.
 
 ``--candidates`` times the attention of full-cache decoding candidates (one CUDA-graph replay
 each): the split-K GQA kernel of ``longflow::verify_attention`` with one query over a cache of
@@ -37,6 +37,7 @@ norms and RoPE, which the op then applies (what a Qwen3 decode step sends on a G
 import argparse
 import dataclasses
 import itertools
+import statistics
 import sys
 from pathlib import Path
 
@@ -204,10 +205,12 @@ def kernel_times_us(fn, calls: int = 20) -> dict[str, float]:
     }
 
 
-def eager_overhead_rows(slots_list: list[int], batch: int = 1) -> list[dict]:
+def eager_overhead_rows(slots_list: list[int], batch: int = 1, rounds: int = 5) -> list[dict]:
     """Per-call cost of the op, the eager decode step and SDPA at ``batch``, in microseconds:
     ``*_event_us`` from CUDA events around one call (wall clock off the GPU), ``*_wall_us`` per
-    call of 50 back-to-back calls, ``*_graph_us`` GPU time in a replayed CUDA graph."""
+    call of 50 back-to-back calls, both the median over ``rounds`` rounds in which the four calls
+    take turns (so a drift of the host's speed reaches all four alike); ``*_graph_us`` GPU time in
+    a replayed CUDA graph."""
     rows = []
     for index, slots in enumerate(slots_list):
         inputs = make_inputs(batch, slots)
@@ -218,10 +221,15 @@ def eager_overhead_rows(slots_list: list[int], batch: int = 1) -> list[dict]:
         if index == 0:
             for call in calls.values():
                 wall_ms_per_call(call, calls=500, repeats=1)
-        row = {"batch": batch, "slots": slots}
+        times = {f"{name}_{clock}_us": [] for name in calls for clock in ("event", "wall")}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                times[f"{name}_event_us"].append(median_ms(call) * 1e3)
+                times[f"{name}_wall_us"].append(wall_ms_per_call(call) * 1e3)
+        row = {"batch": batch, "slots": slots, "rounds": rounds}
         for name, call in calls.items():
-            row[f"{name}_event_us"] = median_ms(call) * 1e3
-            row[f"{name}_wall_us"] = wall_ms_per_call(call) * 1e3
+            row[f"{name}_event_us"] = statistics.median(times[f"{name}_event_us"])
+            row[f"{name}_wall_us"] = statistics.median(times[f"{name}_wall_us"])
             row[f"{name}_graph_us"] = graph_median_ms(call) * 1e3 if torch.cuda.is_available() else None
         for clock in ("event", "wall"):
             row[f"step/sdpa {clock}"] = row[f"step_{clock}_us"] / row[f"sdpa_{clock}_us"]

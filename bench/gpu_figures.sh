@@ -33,6 +33,8 @@
 #                                              # git; carry it), e.g. from 5715db2, the last with three launches:
 #                                              #   mkdir -p bench/baseline && git show \
 #                                              #     5715db2:kernels/decode_attention.py > bench/baseline/decode_attention.py
+#                                              # or against a whole earlier kernels/ folder (launch helpers too):
+#                                              #   git archive REV kernels | tar -x -C bench/baseline
 #   bash bench/gpu_figures.sh attend-ablation OUT  # bench/kernel_ablation.py: the op with parts of its kernel cut
 #                                              # out, and candidates, at the 8B rows of 4k (batch 64, 128) and 8k
 #   bash bench/gpu_figures.sh scoring-beside OUT  # compiled LongFlow (8B shape, 4k and 8k, batch 64 and 128)
@@ -181,7 +183,8 @@ attend-sweep)
     ;;
 kernel-ab)
     baseline=bench/baseline/decode_attention.py
-    [ -f $baseline ] || { echo "kernel-ab: no $baseline (see the top of this file)" >&2; exit 2; }
+    [ -d bench/baseline/kernels ] && baseline=bench/baseline/kernels
+    [ -e $baseline ] || { echo "kernel-ab: no $baseline (see the top of this file)" >&2; exit 2; }
     python3 -P bench/kernel_ab.py --baseline $baseline --label "${AB_LABEL:-5715db2}" --out "$out/kernel_ab.json" 2>&1 |
         tee "$out/kernel_ab.log"
     ;;

@@ -2,11 +2,15 @@
 
     git show REV:kernels/decode_attention.py > /tmp/baseline.py
     python3 bench/kernel_ab.py --baseline /tmp/baseline.py --label REV
+    git archive REV kernels | tar -x -C /tmp/REV     # the whole folder: its own launch helpers too
+    python3 bench/kernel_ab.py --baseline /tmp/REV/kernels --label REV
 
-The baseline file is loaded as a module of ``longflow_patch.kernels`` (its relative imports resolve
-to this tree's launch helpers, reference and online-softmax blocks), and both versions run the
-same inputs (`decode_op.make_inputs`: 32 query / 8 KV heads, head_dim 128, bf16, shared eviction,
-contribution scores), interleaved round by round, medians over the rounds:
+A baseline file is loaded as a module of ``longflow_patch.kernels`` (its relative imports resolve
+to this tree's launch helpers, reference, online-softmax blocks and side stream); a baseline
+folder as a package of its own, whose kernel file imports the folder's helpers (to time a change
+to `launch.py`). Both versions run the same inputs (`decode_op.make_inputs`: 32 query / 8 KV
+heads, head_dim 128, bf16, shared eviction, contribution scores), interleaved round by round,
+medians over the rounds:
 
 - ``eager``, batch 1: one eager decode step as the cache runs it (scratch kept, direct launches
   of the compiled kernels), from the wall clock per call over 50 calls in a row and from CUDA
@@ -23,9 +27,11 @@ which the op applies (what a Qwen3 step sends on a GPU); ``--shapes 64x921 ...``
 """
 
 import argparse
+import importlib
 import importlib.util
 import statistics
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -44,7 +50,14 @@ GRAPH_SHAPES = [(1, 1024), (1, 16384), (8, 4096), (32, 4096), (128, 4096), (128,
 
 
 def load_baseline(path: Path, name: str = "longflow_patch.kernels.baseline") -> object:
-    """``path`` (a copy of ``kernels/decode_attention.py``) as module ``name`` of the package."""
+    """``path`` (a copy of ``kernels/decode_attention.py``) as module ``name`` of the package; or,
+    where ``path`` is a copy of the ``kernels/`` folder, its ``decode_attention`` with the folder as
+    package ``name`` (its relative imports stay inside the folder)."""
+    if path.is_dir():
+        package = types.ModuleType(name)
+        package.__path__ = [str(path)]
+        sys.modules[name] = package
+        return importlib.import_module(f"{name}.decode_attention")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -111,7 +124,7 @@ def graph_row(baseline: object, batch: int, slots: int, rounds: int, preparation
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", type=Path, help="an earlier kernels/decode_attention.py (required)")
+    parser.add_argument("--baseline", type=Path, help="an earlier kernel file, or kernels/ folder (required)")
     parser.add_argument("--label", help="what the baseline is, e.g. the revision it came from (required)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--preparation", choices=["none", "rope", "qwen3"], default="none",

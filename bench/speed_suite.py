@@ -7,8 +7,8 @@ Parts, each writing its results as soon as it finishes (a run cut short keeps wh
 
 a. ``speed_eager_op.json``: the eager per-call cost of the fused op at batch 1 (the registered op,
    the eager decode step the cache calls, the same with direct launches of the compiled kernels,
-   SDPA; CUDA events around one call and wall clock over 50 calls in a row, medians) and the
-   full-cache attention candidates (`bench/decode_op.py`).
+   SDPA; CUDA events around one call and wall clock over 50 calls in a row, medians over rounds in
+   which the four take turns) and the full-cache attention candidates (`bench/decode_op.py`).
 b. ``throughput_<shape>_<tag>.json`` and ``.png``: end-to-end tokens/s at outputs of 4k-32k:
    the strongest full-cache baseline (compiled static-shape loop over the GQA split-K kernel
    reading only the filled positions), LongFlow with `apply`'s defaults (compiled on one GPU;
@@ -43,7 +43,7 @@ from common import SHAPES, build_model, copy_bandwidth_gbs, environment, print_t
 ROOT = Path(__file__).resolve().parents[1]
 
 SMOKE = dict(shape="tiny", prompt=32, timing_prompt=8, outputs=[64, 128], steps=8, max_batch=3, backend="eager",
-             eager_slots=[64, 128], candidates=[(2, 256, 100)], profile_outputs=[64])  # fmt: skip
+             eager_slots=[64, 128], eager_rounds=1, candidates=[(2, 256, 100)], profile_outputs=[64])  # fmt: skip
 
 
 def device_tag(name: str) -> str:
@@ -52,11 +52,12 @@ def device_tag(name: str) -> str:
     return (model.group() if model else name.split()[-1]).lower()
 
 
-def eager_part(slots: list[int], candidates: list[tuple[int, int, int]], out: Path) -> dict:
-    """Part a: the batch-1 eager overhead table and the full-cache attention candidates."""
+def eager_part(slots: list[int], rounds: int, candidates: list[tuple[int, int, int]], out: Path) -> dict:
+    """Part a: the batch-1 eager overhead table (medians over ``rounds`` interleaved rounds) and the
+    full-cache attention candidates."""
     bandwidth = copy_bandwidth_gbs() if torch.cuda.is_available() else None
     result = {"benchmark": "decode_op --eager --candidates", "environment": environment(),
-              "copy_bandwidth_gbs": bandwidth, "eager": decode_op.eager_overhead_rows(slots)}  # fmt: skip
+              "copy_bandwidth_gbs": bandwidth, "eager": decode_op.eager_overhead_rows(slots, 1, rounds)}  # fmt: skip
     write_results(out, result)
     result["candidates"] = decode_op.candidate_rows(candidates)
     write_results(out, result)
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (or GPU), a few seconds a part")
     parser.add_argument("--budget-s", type=float, default=420.0, help="wall-time budget of the whole run")
     parser.add_argument("--eager-slots", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--eager-rounds", type=int, default=5, help="interleaved rounds of the eager table")
     parser.add_argument("--profile-outputs", type=int, nargs="*", default=[8192, 16384],
                         help="outputs whose compiled LongFlow row is profiled (8B: batch 171, 95)")  # fmt: skip
     parser.add_argument("--tag", default=None, help="results name suffix (default: the device, e.g. h200)")
@@ -90,7 +92,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     # a. eager per-call cost
-    eager = eager_part(args.eager_slots, candidates, out_dir / f"speed_eager_op_{tag}.json")
+    eager = eager_part(args.eager_slots, args.eager_rounds, candidates, out_dir / f"speed_eager_op_{tag}.json")
     print(f"[{time.time() - start:.0f} s] part a done")
 
     # b. throughput (and c. profiles, taken after their rows)

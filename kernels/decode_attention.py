@@ -71,7 +71,7 @@ from triton.runtime import driver
 from . import launch as kernel_launch
 from . import side_stream
 from .decode_attention_reference import LOG2E, STORED_LOGIT_DTYPE, check_new_token_preparation, check_reallocation
-from .launch import KernelLaunch, aligned
+from .launch import KernelLaunch, launchable_directly
 from .online_softmax import merge_split_partials, online_softmax_step
 
 # Output columns merged by one output program: each (row, KV head) is merged by head_dim / 32
@@ -820,28 +820,36 @@ def decode_attention_triton(
                        score_launch)  # fmt: skip
     inputs = (q, k_new, v_new, k_cache, v_cache, value_norm, slot_pos, write_slot, position, slot_limit)
     # The new token's RoPE tables and norm weights (q stands in for absent ones: never read).
-    preparation = [q if t is None else t for t in (cos, sin, q_norm_weight, k_norm_weight)]
-    layout = (q, k_new, v_new, k_cache, v_cache, slot_pos, scale, sink_tokens, recent_window, score_kind,
-              accumulated is not None, reallocate_every, min_limit, cos, sin, q_norm_weight, norm_eps)  # fmt: skip
-    if workspaces is None:
-        step = DecodeLaunches.prepare(plan, *layout)
-    else:
-        current_device = torch.cuda.current_device() if q.is_cuda else None
-        key = (plan, device, current_device,
-               *(t.dtype for t in (*inputs, *preparation)), accumulated is None or accumulated.dtype,
-               *(t.stride() for t in (*inputs[:7], *preparation[:2])), cos is None, q_norm_weight is None,
-               *layout[6:13], norm_eps)  # fmt: skip
-        if (step := workspaces.get(key)) is None:
-            step = workspaces[key] = DecodeLaunches.prepare(plan, *layout)
+    prepared = (q if cos is None else cos, q if sin is None else sin, q if q_norm_weight is None else q_norm_weight,
+                q if k_norm_weight is None else k_norm_weight)  # fmt: skip
+    current_device = torch.cuda.current_device() if q.is_cuda else None
+    # What the launches depend on besides the plan: every tensor's dtype (the kernels specialize on
+    # it), the strides they take as arguments, and the settings. Written out as one tuple, not built
+    # by generators: an eager call at batch 1 is host-bound, and this is looked up every call.
+    key = None if workspaces is None else (
+        plan, device, current_device, q.dtype, k_new.dtype, v_new.dtype, k_cache.dtype, v_cache.dtype,
+        value_norm.dtype, slot_pos.dtype, write_slot.dtype, position.dtype, slot_limit.dtype, prepared[0].dtype,
+        prepared[1].dtype, prepared[2].dtype, prepared[3].dtype, accumulated is None or accumulated.dtype,
+        q.stride(), k_new.stride(), v_new.stride(), k_cache.stride(), v_cache.stride(), value_norm.stride(),
+        slot_pos.stride(), prepared[0].stride(), prepared[1].stride(), cos is None, q_norm_weight is None,
+        scale, sink_tokens, recent_window, score_kind, reallocate_every, min_limit, norm_eps)  # fmt: skip
+    if key is None or (step := workspaces.get(key)) is None:
+        step = DecodeLaunches.prepare(plan, q, k_new, v_new, k_cache, v_cache, slot_pos, scale, sink_tokens,
+                                      recent_window, score_kind, accumulated is not None, reallocate_every, min_limit,
+                                      cos, sin, q_norm_weight, norm_eps)  # fmt: skip
+        if key is not None:
+            workspaces[key] = step
     work = step.work
     out = q.new_empty(q.shape)  # contiguous, as the reference's output (the op's fake says so)
-    # Direct launches only with kept launches (the scratch buffers are the allocator's: aligned).
+    # Direct launches only with kept launches (the scratch buffers are the allocator's, on q's device: aligned).
     direct = workspaces is not None and kernel_launch.DIRECT_LAUNCH and q.is_cuda
-    direct = direct and aligned(*inputs, *preparation, out, *([] if accumulated is None else [accumulated]))
+    direct = direct and launchable_directly(
+        current_device, *inputs, *prepared, out, *(() if accumulated is None else (accumulated,))
+    )
     stream = driver.active.get_current_stream(current_device) if direct else None  # looked up once a step
 
     side_stream.join()  # the previous call's scoring pass, if it ran beside (it may share the workspace)
-    step.attend(*inputs, work.out_part, work.m_part, work.l_part, work.logits, out, work.choice, *preparation,
+    step.attend(*inputs, work.out_part, work.m_part, work.l_part, work.logits, out, work.choice, *prepared,
                 direct=direct, stream=stream)  # fmt: skip
     # Beside the model's next kernels only where it writes no output (the attention pass did) and no
     # re-allocation follows it in this step.

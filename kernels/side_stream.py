@@ -21,7 +21,7 @@ from the cache, where the attention pass stored it.
 import functools
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
@@ -56,15 +56,19 @@ def join() -> None:
         _pending.work = None  # the kept buffers are freed after the wait, in the current stream's order
 
 
-@contextmanager
-def beside(enabled: bool, keep: object) -> Iterator[torch.cuda.Stream | None]:
+_INLINE = nullcontext()  # `beside` when disabled: one shared object, no generator made per call
+
+
+def beside(enabled: bool, keep: object) -> AbstractContextManager[torch.cuda.Stream | None]:
     """Launches in the block run on a side stream of the current device (where the decode kernels
     launch) after everything queued so far on the current stream, and stay pending until the next
     `join`, which also releases ``keep``. Yields the side stream, or None (``enabled`` false: the
     block runs where it is)."""
-    if not enabled:
-        yield None
-        return
+    return _on_side_stream(keep) if enabled else _INLINE
+
+
+@contextmanager
+def _on_side_stream(keep: object) -> Iterator[torch.cuda.Stream]:
     side = side_stream(torch.cuda.current_device(), SIDE_STREAM_PRIORITY)
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -10,6 +10,7 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 GPU_ONLY = [
     "decode_op.py",
+    "eager_host.py",
     "kernel_ab.py",
     "kernel_ablation.py",
     "ncu_step.py",

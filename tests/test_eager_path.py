@@ -18,7 +18,7 @@ from longflow_patch.kernels import decode_attention as kernel
 from longflow_patch.kernels import launch
 
 from models import left_padded_prompts, tiny_model
-from test_decode_kernel import DEVICE, random_step, reallocating_step
+from test_decode_kernel import DEVICE, random_step, reallocating_step, same_layout_copy
 from triton_interpreter import INTERPRETED
 
 CASES = {
@@ -114,6 +114,54 @@ def test_eager_step_plans_once_allocates_only_its_output_and_launches_two_kernel
     assert launches == ["_attend_split_kernel", "_score_merge_kernel", "_reallocate_kernel"]
 
 
+def strided(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """The same values in a tensor twice as long along ``dim`` (so every stride before it doubles)."""
+    return torch.cat([tensor, torch.zeros_like(tensor)], dim=dim).narrow(dim, 0, tensor.shape[dim])
+
+
+LAYOUTS = {
+    # name: how a step differs from the first call's, in what its kept launches depend on
+    "same": lambda step, settings: (step, settings),
+    "query strides": lambda step, settings: ({**step, "q": strided(step["q"], 1)}, settings),
+    "new key strides": lambda step, settings: ({**step, "k_new": strided(step["k_new"], 1)}, settings),
+    "new value strides": lambda step, settings: ({**step, "v_new": strided(step["v_new"], 1)}, settings),
+    "cache strides": lambda step, settings: (
+        {**step, "k_cache": strided(step["k_cache"], 2), "v_cache": strided(step["v_cache"], 1)},
+        settings,
+    ),
+    "slot position strides": lambda step, settings: ({**step, "slot_pos": strided(step["slot_pos"], 1)}, settings),
+    "dtype": lambda step, settings: (
+        {k: v.half() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 else v for k, v in step.items()},
+        settings,
+    ),
+    "scale": lambda step, settings: (step, {**settings, "scale": 0.25}),
+    "sink and recent tokens": lambda step, settings: (step, {**settings, "sink_tokens": 1, "recent_window": 2}),
+    "score kind": lambda step, settings: (step, {**settings, "score_kind": 1}),
+}
+
+
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "same"])
+def test_kept_launches_are_kept_apart_for_every_layout_and_setting_they_depend_on(layout, monkeypatch):
+    """A call on a dict of kept launches whose tensors or settings differ from an earlier call's only
+    in what the launches take as fixed (strides, dtypes, settings) gets launches of its own, and the
+    result of a fresh call; a call like the first reuses the first's."""
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", True)
+    first = random_step(2, 2, 4, 96, 64, torch.bfloat16, 80)
+    settings = dict(scale=0.125, sink_tokens=4, recent_window=8, shared=True, score_kind=0)
+    workspaces = {}
+    for name, kept_so_far in (("same", 1), (layout, 2), ("same", 2), (layout, 2)):
+        step, step_settings = LAYOUTS[name](first, settings)
+        fresh = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in step.items()}  # contiguous
+        kept = {k: same_layout_copy(v) if isinstance(v, torch.Tensor) else v for k, v in step.items()}
+        expected = kernel.decode_attention_triton(**fresh, **step_settings)
+        got = kernel.decode_attention_triton(**kept, **step_settings, workspaces=workspaces)
+        assert torch.equal(got, expected), f"{name}: output differs from a fresh call's"
+        for key, tensor in fresh.items():
+            if isinstance(tensor, torch.Tensor):
+                assert torch.equal(kept[key], tensor), f"{name}: {key} differs from a fresh call's"
+        assert len(workspaces) == kept_so_far, f"{name}: {len(workspaces)} sets of kept launches"
+
+
 def test_direct_launch_passes_every_parameter_in_the_kernels_order(monkeypatch):
     """The positional arguments of a direct launch (tensors, scalars, then constexprs in parameter
     order) bind to each kernel's parameters exactly as the JIT's keyword call does."""
@@ -176,40 +224,76 @@ def test_direct_launches_are_on_unless_the_environment_turns_them_off(setting, e
     assert done.stdout.strip() == str(expected)
 
 
+class FakeTensor:
+    """Stands in for a tensor: a name and an address."""
+
+    def __init__(self, name, address):
+        self.name, self.address = name, address
+
+    def data_ptr(self):
+        return self.address
+
+    def __repr__(self):
+        return self.name
+
+
 def test_kernel_launch_goes_direct_only_after_a_compiled_first_call_and_only_when_allowed(monkeypatch):
     log = []
     launched = launch.KernelLaunch(
         FakeJit(log, FakeCompiled(log)), (4, 1), (7,), dict(EVEN=True, BLOCK=64), num_warps=2
     )
-    launched("x0")  # not allowed: the JIT, nothing kept
-    launched("x1", direct=True, stream=5)  # the JIT compiles; its kernel is kept
-    launched("x2", direct=True, stream=5)
-    launched("x3")  # e.g. an unaligned tensor: the JIT again
-    hook = object()  # a profiler's launch hook: the metadata and the hook chains go with the launch
+    x = [FakeTensor(f"x{index}", 4096 * (index + 1)) for index in range(5)]
+    launched(x[0])  # not allowed: the JIT, nothing kept
+    launched(x[1], direct=True, stream=5)  # the JIT compiles; its kernel is kept
+    launched(x[2], direct=True, stream=5)
+    launched(x[3])  # e.g. an unaligned tensor: the JIT again
+    hook = object()  # a profiler's launch hook: the metadata, the hook chains and the tensors go with the launch
     monkeypatch.setattr(launch.knobs.runtime.launch_enter_hook, "calls", [hook])
-    launched("x4", direct=True, stream=6)
+    launched(x[4], direct=True, stream=6)
     enter, leave = launch.knobs.runtime.launch_enter_hook, launch.knobs.runtime.launch_exit_hook
     assert log == [
-        ("jit", (4, 1, 1), ("x0", 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
-        ("jit", (4, 1, 1), ("x1", 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
-        # every parameter by position, in the kernel's order; the grid in three dimensions; no hooks
-        ("direct", (4, 1, 1), 5, None, None, None, ("x2", 7, 64, True)),
-        ("jit", (4, 1, 1), ("x3", 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
-        ("direct", (4, 1, 1), 6, ("metadata", (4, 1, 1), 6), enter, leave, ("x4", 7, 64, True)),
+        ("jit", (4, 1, 1), (x[0], 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
+        ("jit", (4, 1, 1), (x[1], 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
+        # every parameter by position, in the kernel's order, each tensor as its address; the grid in
+        # three dimensions; no hooks
+        ("direct", (4, 1, 1), 5, None, None, None, (x[2].address, 7, 64, True)),
+        ("jit", (4, 1, 1), (x[3], 7), dict(EVEN=True, BLOCK=64, num_warps=2)),
+        ("direct", (4, 1, 1), 6, ("metadata", (4, 1, 1), 6), enter, leave, (x[4], 7, 64, True)),
     ]
     interpreted = []
     launched = launch.KernelLaunch(FakeJit(interpreted, None), (1,), (7,), dict(EVEN=True, BLOCK=64))
     for _ in range(2):
-        launched("x", direct=True)
+        launched(x[0], direct=True)
     assert [entry[0] for entry in interpreted] == ["jit", "jit"]
     with pytest.raises(ValueError, match="do not match its parameters"):
         launch.constexpr_tail(FakeJit(log, None), 2, dict(BLOCK=64))
 
 
-def test_alignment_check_sees_any_unaligned_tensor():
+def test_direct_launches_need_every_tensor_aligned_and_on_the_launching_device():
     base = torch.zeros(64, dtype=torch.bfloat16, device=DEVICE)
-    assert launch.aligned(base, base[8:])
-    assert not launch.aligned(base, base[1:]) and not launch.aligned(base[4:], base)
+    here = base.get_device()  # -1 for the CPU
+    assert launch.launchable_directly(here, base, base[8:])
+    assert not launch.launchable_directly(here, base, base[1:])
+    assert not launch.launchable_directly(here, base[4:], base)
+    assert not launch.launchable_directly(here + 1, base, base[8:]), "tensors on another device"
+    if torch.cuda.is_available():
+        assert not launch.launchable_directly(here, base, torch.zeros(8)), "a CPU tensor beside CUDA ones"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CPU tensor beside CUDA ones needs a GPU")
+def test_a_cpu_tensor_in_a_later_step_is_refused_not_launched(monkeypatch):
+    """Direct launches pass bare addresses; a step with a CPU tensor among CUDA ones goes through
+    the JIT, which refuses memory the GPU cannot read, instead of launching on a host address."""
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", True)
+    step = random_step(1, 2, 4, 96, 64, torch.bfloat16, 96)
+    settings = dict(scale=0.125, sink_tokens=4, recent_window=8, shared=True, score_kind=0)
+    workspaces = {}
+    for _ in range(2):
+        kernel.decode_attention_triton(**step, **settings, workspaces=workspaces)
+    with pytest.raises(ValueError, match="cpu tensor"):
+        kernel.decode_attention_triton(**{**step, "slot_limit": step["slot_limit"].cpu()}, **settings,
+                                       workspaces=workspaces)  # fmt: skip
+    torch.cuda.synchronize()  # no launch on a host address left an error behind
 
 
 def test_unaligned_inputs_go_through_the_jit_with_the_same_result(monkeypatch):
