@@ -20,8 +20,9 @@ specialize the kernel as on the first call:
 
 A direct launch hands the launcher each tensor's address as an integer. For a tensor the launcher
 would call its ``data_ptr()`` and ask the driver whether the address is device memory, for every
-tensor of every launch: 2-7 µs more a launch on an H100's host (`bench/eager_host.py`),
-about a fifth of an eager decode step at batch 1. The caller's check stands in for the driver's.
+tensor of every launch: on an H100's host the bare launcher took 7.4-9.0 µs a call with tensors and
+5.1-5.7 µs with addresses (`bench/eager_host.py`, `bench/results/eager_host_h100.json`). The
+caller's check stands in for the driver's.
 
 A direct launch hands the compiled kernel's launcher the CUDA stream its caller looked up once per
 step, and, while no launch hook is set (``triton.knobs.runtime.launch_enter_hook`` /
