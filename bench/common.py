@@ -106,6 +106,18 @@ def wall_ms_per_call(fn: Callable[[], object], calls: int = 50, repeats: int = 7
     return statistics.median(times)
 
 
+def interleaved_call_us(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """``{name}_event_us`` (`median_ms`) and ``{name}_wall_us`` (`wall_ms_per_call`) of each call in
+    µs: medians over ``rounds`` rounds in which the calls take turns, so that a drift of the host's
+    speed reaches them all alike."""
+    times = {f"{name}_{clock}_us": [] for name in calls for clock in ("event", "wall")}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times[f"{name}_event_us"].append(median_ms(call) * 1e3)
+            times[f"{name}_wall_us"].append(wall_ms_per_call(call) * 1e3)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
 def graph_median_ms(fn: Callable[[], object], calls_per_graph: int = 20, repeats: int = 15) -> float:
     """Median GPU time of one ``fn`` call, captured ``calls_per_graph`` times in a CUDA graph
     and replayed: launch overhead is gone, so this is the device time a decode loop under CUDA

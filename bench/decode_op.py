@@ -37,7 +37,6 @@ norms and RoPE, which the op then applies (what a Qwen3 decode step sends on a G
 import argparse
 import dataclasses
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -60,6 +59,7 @@ from common import (
     copy_bandwidth_gbs,
     environment,
     graph_median_ms,
+    interleaved_call_us,
     median_ms,
     print_table,
     wall_ms_per_call,
@@ -221,15 +221,8 @@ def eager_overhead_rows(slots_list: list[int], batch: int = 1, rounds: int = 5) 
         if index == 0:
             for call in calls.values():
                 wall_ms_per_call(call, calls=500, repeats=1)
-        times = {f"{name}_{clock}_us": [] for name in calls for clock in ("event", "wall")}
-        for _ in range(rounds):
-            for name, call in calls.items():
-                times[f"{name}_event_us"].append(median_ms(call) * 1e3)
-                times[f"{name}_wall_us"].append(wall_ms_per_call(call) * 1e3)
-        row = {"batch": batch, "slots": slots, "rounds": rounds}
+        row = {"batch": batch, "slots": slots, "rounds": rounds, **interleaved_call_us(calls, rounds)}
         for name, call in calls.items():
-            row[f"{name}_event_us"] = statistics.median(times[f"{name}_event_us"])
-            row[f"{name}_wall_us"] = statistics.median(times[f"{name}_wall_us"])
             row[f"{name}_graph_us"] = graph_median_ms(call) * 1e3 if torch.cuda.is_available() else None
         for clock in ("event", "wall"):
             row[f"step/sdpa {clock}"] = row[f"step_{clock}_us"] / row[f"sdpa_{clock}_us"]

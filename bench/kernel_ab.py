@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script with
 from longflow_patch.kernels import decode_attention as current
 
 import common
-from common import environment, graph_median_ms, median_ms, print_table, wall_ms_per_call, write_results
+from common import environment, graph_median_ms, interleaved_call_us, print_table, write_results
 from decode_op import SETTINGS, make_inputs, sdpa_call
 
 EAGER_SLOTS = [1024, 4096, 16384]
@@ -89,12 +89,7 @@ def eager_row(baseline: object, slots: int, rounds: int) -> dict:
     inputs = make_inputs(1, slots)
     calls = {"baseline": step_call(baseline, inputs, {}), "current": step_call(current, inputs, {}),
              "sdpa": sdpa_call(inputs)}  # fmt: skip
-    times = {f"{name}_{clock}_us": [] for name in calls for clock in ("wall", "event")}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            times[f"{name}_wall_us"].append(wall_ms_per_call(call) * 1e3)
-            times[f"{name}_event_us"].append(median_ms(call) * 1e3)
-    row = {"batch": 1, "slots": slots, **{key: statistics.median(values) for key, values in times.items()}}
+    row = {"batch": 1, "slots": slots, **interleaved_call_us(calls, rounds)}
     for clock in ("wall", "event"):
         row[f"current/baseline {clock}"] = row[f"current_{clock}_us"] / row[f"baseline_{clock}_us"]
         row[f"current/sdpa {clock}"] = row[f"current_{clock}_us"] / row[f"sdpa_{clock}_us"]
