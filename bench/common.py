@@ -156,6 +156,30 @@ def copy_bandwidth_gbs(gigabytes: float = 2.0, rounds: int = 3) -> float:
     return best
 
 
+def kv_bytes_per_token(config, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of one token's keys and values over all layers."""
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
+
+def step_read_bytes(model: torch.nn.Module, batch: int, slots: float) -> dict[str, float]:
+    """The bytes one decode step of ``model`` must read, by part, for ``batch`` sequences with
+    ``slots`` cached positions each: the decoder layers' weights, the lm_head's, the input
+    embedding's rows of the step's tokens (``batch`` rows, not the table; none apart when the
+    lm_head shares the table, which it reads whole), and the KV cache (model dtype). What a
+    roofline counts: a step that read only these, once, at the copy bandwidth."""
+    lm_head = model.get_output_embeddings().weight
+    embedding = model.get_input_embeddings().weight
+    everything = sum(p.numel() * p.element_size() for p in model.parameters())  # a shared weight once
+    head = lm_head.numel() * lm_head.element_size()
+    layers = everything - head
+    rows = 0
+    if embedding is not lm_head:
+        layers -= embedding.numel() * embedding.element_size()
+        rows = batch * embedding.shape[1] * embedding.element_size()
+    kv = batch * slots * kv_bytes_per_token(model.config, model.dtype)
+    return {"decoder_weights": layers, "lm_head": head, "embedding_rows": rows, "kv_cache": kv}
+
+
 def write_results(path: str | Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from common import (
     copy_bandwidth_gbs,
     environment,
     print_table,
+    step_read_bytes,
     synchronize,
     write_results,
 )
@@ -105,19 +106,19 @@ def breakdown(kernels: list[dict], step_ms: float, roofline: dict) -> list[dict]
 
 
 def roofline_parts(model, batch: int, slots: int, bandwidth_gbs: float) -> dict[str, float]:
-    """Milliseconds each part of a decode step would take at the measured copy bandwidth: the
-    decoder layers' weights, the lm_head's, and the KV cache (``slots`` per sequence and layer)."""
-    config = model.config
-    lm_head = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) - lm_head
-    weights -= model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
-    kv = batch * slots * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 2
+    """Milliseconds each part of a decode step would take at the measured copy bandwidth, keyed by
+    the group that reads it: the decoder layers' weights (with the step's embedding rows), the
+    lm_head's, and the KV cache (``slots`` per sequence and layer); `common.step_read_bytes`."""
+    parts = step_read_bytes(model, batch, slots)
 
-    def ms(size: int) -> float:
+    def ms(size: float) -> float:
         return size / (bandwidth_gbs * 1e9) * 1e3
 
-    return {"matmul: weights of the decoder layers": ms(weights), LM_HEAD: ms(lm_head),
-            "fused op: attention pass (reads the KV cache)": ms(kv)}  # fmt: skip
+    return {
+        "matmul: weights of the decoder layers": ms(parts["decoder_weights"] + parts["embedding_rows"]),
+        LM_HEAD: ms(parts["lm_head"]),
+        "fused op: attention pass (reads the KV cache)": ms(parts["kv_cache"]),
+    }
 
 
 def profile_generate_step(generate: Callable[[int], object], short: int, long: int, step_ms: float,

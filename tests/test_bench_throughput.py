@@ -1,6 +1,7 @@
 """``recipes/bench_throughput.py``'s full-cache baseline: its decode loop generates what transformers
 generates, and one compile of the loop serves every batch size and cache length; its unfused rows run
-the q/k/v projections apart, and its capped-register rows another launch of the attention pass."""
+the q/k/v projections apart, and its capped-register rows another launch of the attention pass; its
+roofline counts what a step must read."""
 
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import longflow_patch
 from longflow_patch import fused_projections
@@ -17,6 +19,8 @@ from longflow_patch.speculative_cache import SpeculativeCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import decode_op
+import profile_step
+from common import step_read_bytes
 from models import tiny_model
 from recipe_loader import load_recipe
 
@@ -135,3 +139,33 @@ def test_fp32_logits_rows_allocate_full_width_logits_and_give_the_ops_output():
     out, dtype = decode_step()
     assert dtype == torch.float16
     torch.testing.assert_close(full_width, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["own-lm-head", "tied-embedding"])
+def test_the_roofline_counts_each_weight_once_and_only_the_steps_embedding_rows(tied):
+    """A step reads the decoder layers' weights, the lm_head and the KV of its slots once each, and
+    of the input embedding only its tokens' rows, unless the lm_head is that table (then it is read
+    whole, once). The bench's roofline, its full cache's and the profile's parts all count that."""
+    hidden, vocab, layers, kv_heads, head_dim = 64, 1000, 2, 2, 16
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=head_dim,
+                         tie_word_embeddings=tied)  # fmt: skip
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    batch, slots, bandwidth_gbs = 3, 50, 7.0
+    decoder = sum(p.numel() for p in model.model.layers.parameters()) + model.model.norm.weight.numel()
+
+    parts = step_read_bytes(model, batch, slots)
+
+    assert parts == {
+        "decoder_weights": 2 * decoder,
+        "lm_head": 2 * vocab * hidden,
+        "embedding_rows": 0 if tied else 2 * batch * hidden,
+        "kv_cache": 2 * batch * slots * layers * 2 * kv_heads * head_dim,
+    }
+    seconds = throughput.roofline_seconds(model, batch, slots, bandwidth_gbs)
+    assert seconds == pytest.approx(sum(parts.values()) / (bandwidth_gbs * 1e9))
+    assert sum(profile_step.roofline_parts(model, batch, slots, bandwidth_gbs).values()) == pytest.approx(seconds * 1e3)
+    full = throughput.full_cache_roofline(model, prompt=20, output=60, cap=2**40, bandwidth=bandwidth_gbs, most=batch)
+    expected = throughput.roofline_seconds(model, full["batch"], 20 + 60 / 2, bandwidth_gbs) * 1e3
+    assert full["step_ms"] == pytest.approx(expected)
