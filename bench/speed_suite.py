@@ -103,7 +103,7 @@ def main() -> None:
     settings = {"benchmark": "throughput (speed_suite)", "environment": environment(), "shape": args.shape,
                 "model": SHAPES[args.shape], "prompt": args.prompt, "timing_prompt": args.timing_prompt,
                 "memory_cap_gb": args.memory_cap_gb, "steps": args.steps, "compile_shapes": args.compile_shapes,
-                "copy_bandwidth_gbs": bandwidth,
+                "copy_bandwidth_gbs": bandwidth, "roofline_accounting": throughput.ROOFLINE_ACCOUNTING,
                 "labels": throughput.LABELS}  # fmt: skip
     profiles: list[dict] = []
     deadline = start + args.budget_s - 15  # leave time for the plot and the summary

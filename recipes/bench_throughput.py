@@ -181,9 +181,23 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+ROOFLINE_ACCOUNTING = "step_read_bytes"
+"""How the results' rooflines count a step's bytes (`common.step_read_bytes`); results written
+before 2026-12-07 counted the whole embedding table (`bench/recount_roofline.py` recounts them)."""
+
+
 def roofline_seconds(model, batch: int, slots: float, bandwidth: float) -> float:
     """A step that only read what it must (`step_read_bytes`) at ``bandwidth`` GB/s."""
     return sum(step_read_bytes(model, batch, slots).values()) / (bandwidth * 1e9)
+
+
+def slots_read(kind: str, prompt: int, output: int) -> float:
+    """Cached positions a step of ``kind`` reads per sequence and layer, on average over an output of
+    ``output`` tokens: LongFlow's budget (a fifth of the sequence), the static cache's every slot,
+    another full cache's filled positions."""
+    if kind in COMPRESSED:
+        return (prompt + output) // 5
+    return prompt + output if kind == "static" else prompt + output / 2
 
 
 def largest_batch(model, slots_per_sequence: int, cap_bytes: float, most: int) -> int:
@@ -450,8 +464,7 @@ def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, 
         first, _ = generate_step_seconds(model, kind, batch, prompt, total, steps)
         last, _ = generate_step_seconds(model, kind, batch, total - steps, total, steps)
     mean_step = (first + last) / 2
-    slots = budget if compressed else (total if kind == "static" else prompt + output / 2)
-    roofline = roofline_seconds(model, batch, slots, bandwidth)
+    roofline = roofline_seconds(model, batch, slots_read(kind, prompt, output), bandwidth)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     row = {
         "config": kind, "label": LABELS[kind], "output": output, "batch": batch,
@@ -692,7 +705,7 @@ def main() -> None:
     settings = {"benchmark": "throughput", "environment": environment(), "shape": args.shape,
                 "model": SHAPES[args.shape], "prompt": args.prompt, "timing_prompt": args.timing_prompt,
                 "memory_cap_gb": args.memory_cap_gb, "steps": args.steps, "compile_shapes": args.compile_shapes,
-                "copy_bandwidth_gbs": bandwidth,
+                "copy_bandwidth_gbs": bandwidth, "roofline_accounting": ROOFLINE_ACCOUNTING,
                 "labels": LABELS}  # fmt: skip
 
     def write(rows: list[dict], rooflines: dict) -> None:

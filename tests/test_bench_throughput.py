@@ -20,6 +20,7 @@ from longflow_patch.speculative_cache import SpeculativeCache
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import decode_op
 import profile_step
+import recount_roofline
 from common import step_read_bytes
 from models import tiny_model
 from recipe_loader import load_recipe
@@ -169,3 +170,41 @@ def test_the_roofline_counts_each_weight_once_and_only_the_steps_embedding_rows(
     full = throughput.full_cache_roofline(model, prompt=20, output=60, cap=2**40, bandwidth=bandwidth_gbs, most=batch)
     expected = throughput.roofline_seconds(model, full["batch"], 20 + 60 / 2, bandwidth_gbs) * 1e3
     assert full["step_ms"] == pytest.approx(expected)
+
+
+def test_a_runs_rooflines_recount_without_the_embedding_table_and_keep_the_runs_own():
+    """`bench/recount_roofline.py` on an 8B-shape run: each row's roofline loses the embedding table
+    but its step's rows, the ratios follow, the run's own figures stay beside, and a second recount
+    changes nothing."""
+    model = recount_roofline.meta_model("qwen3-8b")
+    table = model.model.embed_tokens.weight
+    bandwidth, prompt, output = 3000.0, 512, 8192
+    everything = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def counted_then(batch: int, slots: float) -> float:  # every weight's bytes and the KV, in ms
+        return (everything + batch * slots * 36 * 2 * 8 * 128 * 2) / (bandwidth * 1e9) * 1e3
+
+    rows = [{"config": "longflow-compiled", "output": output, "batch": 171, "step_ms_mean": 24.0},
+            {"config": "fullcache-loop", "output": output, "batch": 38, "step_ms_mean": 16.0},
+            {"config": "default", "output": output, "skipped": "time"}]  # fmt: skip
+    for row, slots in zip(rows[:2], ((prompt + output) // 5, prompt + output / 2), strict=True):
+        row["tokens_per_s"] = row["batch"] / row["step_ms_mean"] * 1e3
+        row["roofline_ms"] = counted_then(row["batch"], slots)
+        row["vs_roofline"] = row["step_ms_mean"] / row["roofline_ms"]
+    full_then = {"batch": 38, "step_ms": counted_then(38, prompt + output / 2)}
+    payload = {"shape": "qwen3-8b", "copy_bandwidth_gbs": bandwidth, "prompt": prompt, "rows": rows,
+               "full_cache_roofline": {str(output): full_then}}  # fmt: skip
+
+    recounted = recount_roofline.recount(payload)
+
+    assert payload["rows"][0]["roofline_ms"] == rows[0]["roofline_ms"]  # the input is left as it was
+    for before, after in zip(rows[:2], recounted["rows"][:2], strict=True):
+        table_less_rows = (table.numel() - before["batch"] * table.shape[1]) * 2 / (bandwidth * 1e9) * 1e3
+        assert after["roofline_ms"] == pytest.approx(before["roofline_ms"] - table_less_rows)
+        assert after["vs_roofline"] == pytest.approx(before["step_ms_mean"] / after["roofline_ms"])
+        assert after["roofline_ms" + recount_roofline.EARLIER] == before["roofline_ms"]
+    full = recounted["full_cache_roofline"][str(output)]
+    assert full["step_ms"] == pytest.approx(recounted["rows"][1]["roofline_ms"])
+    assert recounted["rows"][0]["x_full_roofline"] == pytest.approx(rows[0]["tokens_per_s"] / full["tokens_per_s"])
+    assert recounted["rows"][2] == rows[2]
+    assert recount_roofline.recount(recounted) == recounted
