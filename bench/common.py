@@ -156,6 +156,14 @@ def copy_bandwidth_gbs(gigabytes: float = 2.0, rounds: int = 3) -> float:
     return best
 
 
+def matmul_tflops(size: int = 8192) -> float:
+    """The bf16 rate in TFLOP/s of cuBLAS's ``size``-cubed matmul (median under a CUDA graph): the
+    rate a matmul with enough work to fill the GPU reaches, the compute floor's denominator."""
+    a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = graph_median_ms(lambda: a @ b, calls_per_graph=5, repeats=10)
+    return 2 * size**3 / (ms * 1e9)
+
+
 def kv_bytes_per_token(config, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of one token's keys and values over all layers."""
     return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
@@ -178,6 +186,21 @@ def step_read_bytes(model: torch.nn.Module, batch: int, slots: float) -> dict[st
         rows = batch * embedding.shape[1] * embedding.element_size()
     kv = batch * slots * kv_bytes_per_token(model.config, model.dtype)
     return {"decoder_weights": layers, "lm_head": head, "embedding_rows": rows, "kv_cache": kv}
+
+
+def step_floor_seconds(model: torch.nn.Module, batch: int, slots: float, bandwidth_gbs: float,
+                       tflops: float) -> float:  # fmt: skip
+    """A step's floor once its matmuls' arithmetic counts too: every weight matrix takes the longer of
+    its read at ``bandwidth_gbs`` and its ``2 x batch`` operations a weight at ``tflops`` (all of a
+    decode step's matmuls do ``batch`` multiply-adds per weight read, so one of the two bounds them
+    all: for bf16 weights the read below a batch of ``tflops / bandwidth``, TFLOP/s over TB/s,
+    about 230 on an H100); the embedding rows and the KV cache at ``bandwidth_gbs``. The roofline's
+    (`step_read_bytes`) where the reads are the larger, above it where the arithmetic is."""
+    parts = step_read_bytes(model, batch, slots)
+    weights = parts["decoder_weights"] + parts["lm_head"]
+    read = weights / (bandwidth_gbs * 1e9)
+    arithmetic = 2 * batch * (weights / model.dtype.itemsize) / (tflops * 1e12)
+    return max(read, arithmetic) + (parts["embedding_rows"] + parts["kv_cache"]) / (bandwidth_gbs * 1e9)
 
 
 def write_results(path: str | Path, payload: dict) -> None:

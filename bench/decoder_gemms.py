@@ -9,7 +9,7 @@ call, the floor, and their ratio. ``--autotune`` adds inductor's ``max-autotune`
 (Triton GEMM templates against cuBLAS).
 
 A second floor is the matmul's arithmetic at the bf16 rate cuBLAS reaches on a large square
-product in the same process (``matmul_tflops``): at batch 64 it is a fraction of the weight read,
+product in the same process (`common.matmul_tflops`): at batch 64 it is a fraction of the weight read,
 but from about batch 200 up on an H100 the two are of one size, and a matmul cannot reach either
 floor without the other overlapping it perfectly. ``ratio_to_larger_floor`` compares each call
 with the larger of the two.
@@ -34,6 +34,7 @@ from common import (
     copy_bandwidth_gbs,
     environment,
     graph_median_ms,
+    matmul_tflops,
     parse_args_on_gpu,
     print_table,
     write_results,
@@ -70,14 +71,6 @@ def time_linear(linear, rows: int, weights: list[torch.Tensor]) -> float:
             linear(x, w)
 
     return graph_median_ms(all_layers, calls_per_graph=1, repeats=15) / len(weights)
-
-
-def matmul_tflops(size: int = 8192) -> float:
-    """The bf16 rate in TFLOP/s of cuBLAS's ``size``-cubed matmul (median under a CUDA graph): the
-    rate a matmul with enough work to fill the GPU reaches, the compute floor's denominator."""
-    a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    ms = graph_median_ms(lambda: a @ b, calls_per_graph=5, repeats=10)
-    return 2 * size**3 / (ms * 1e9)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,7 +44,9 @@ The roofline of a step is the bytes it must read over the measured copy bandwidt
 matrix once, the input embedding's rows of the step's tokens (not the whole table, which rooflines
 here counted until 2026-12-07: 1.2 GB, 0.41 ms of an 8B step on an H100), and the KV cache
 (`common.step_read_bytes`); the full cache's roofline is that of a full cache at its own largest
-batch, each step reading only the filled positions (``prompt + output / 2`` on average).
+batch, each step reading only the filled positions (``prompt + output / 2`` on average). On a GPU
+each row's ``vs_floor`` also counts the matmuls' arithmetic at the bf16 rate measured in the same
+process: each matmul at the longer of its read and its arithmetic (`common.step_floor_seconds`).
 Compiled configurations are compiled once per process and shape, as a user's would be: the loops
 compile with dynamic shapes once, and later outputs only capture CUDA graphs; compiled LongFlow
 through ``generate`` compiles each new shape (static shapes, `apply`'s default;
@@ -89,7 +91,9 @@ from common import (
     copy_bandwidth_gbs,
     environment,
     kv_bytes_per_token,
+    matmul_tflops,
     print_table,
+    step_floor_seconds,
     step_read_bytes,
     synchronize,
     write_results,
@@ -172,7 +176,7 @@ COMPRESSED = (*THROUGH_GENERATE, "longflow", "longflow-loop")
 LOOPS = ("fullcache-loop", "longflow-loop")
 COMPILED = ("fullcache-loop", *THROUGH_GENERATE, "longflow-loop", "static")
 COLUMNS = ["config", "output", "batch", "budget", "step_ms_first", "step_ms_last", "tokens_per_s", "x_strongest",
-           "x_full_roofline", "x_default", "x_static", "vs_roofline", "compile_s", "cudagraph_skips",
+           "x_full_roofline", "x_default", "x_static", "vs_roofline", "vs_floor", "compile_s", "cudagraph_skips",
            "peak_gib"]  # fmt: skip
 
 
@@ -198,6 +202,15 @@ def slots_read(kind: str, prompt: int, output: int) -> float:
     if kind in COMPRESSED:
         return (prompt + output) // 5
     return prompt + output if kind == "static" else prompt + output / 2
+
+
+def add_floor(row: dict, model, prompt: int, bandwidth: float, tflops: float) -> None:
+    """A measured row's step over its floor with the matmuls' arithmetic counted
+    (`common.step_floor_seconds`, at ``tflops``, the bf16 rate measured in the same process):
+    ``vs_floor``, the part of ``vs_roofline`` that no faster kernel can remove."""
+    slots = slots_read(row["config"], prompt, row["output"])
+    floor = step_floor_seconds(model, row["batch"], slots, bandwidth, tflops)
+    row.update(matmul_tflops=tflops, floor_ms=floor * 1e3, vs_floor=row["step_ms_mean"] * 1e-3 / floor)
 
 
 def largest_batch(model, slots_per_sequence: int, cap_bytes: float, most: int) -> int:
@@ -628,6 +641,7 @@ def run_rows(model, args, bandwidth: float, write: Callable[[list[dict], dict], 
     ``deadline`` (``time.time()``) is skipped and recorded so (``write`` follows every row, measured,
     skipped or failed)."""
     cap = args.memory_cap_gb * 1e9
+    tflops = matmul_tflops() if torch.cuda.is_available() else None
     full_rooflines = {out: full_cache_roofline(model, args.prompt, out, cap, bandwidth, args.max_batch)
                       for out in args.outputs}  # fmt: skip
     order = [(output, kind) for kinds in PASSES for output in args.outputs for kind in kinds if kind in args.configs]
@@ -654,6 +668,8 @@ def run_rows(model, args, bandwidth: float, write: Callable[[list[dict], dict], 
             write(rows, full_rooflines)
             continue
         seen[kind] = shapes_before + 1
+        if tflops is not None:
+            add_floor(row, model, args.prompt, bandwidth, tflops)
         rows.append(row)
         tqdm.write(f"{kind:>18} out={output:>6} batch={row['batch']:>3} {row['tokens_per_s']:9.1f} tok/s")
         add_ratios(rows, full_rooflines)

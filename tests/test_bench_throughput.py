@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import decode_op
 import profile_step
 import recount_roofline
-from common import step_read_bytes
+from common import step_floor_seconds, step_read_bytes
 from models import tiny_model
 from recipe_loader import load_recipe
 
@@ -208,3 +208,27 @@ def test_a_runs_rooflines_recount_without_the_embedding_table_and_keep_the_runs_
     assert recounted["rows"][0]["x_full_roofline"] == pytest.approx(rows[0]["tokens_per_s"] / full["tokens_per_s"])
     assert recounted["rows"][2] == rows[2]
     assert recount_roofline.recount(recounted) == recounted
+
+
+def test_the_floor_is_the_roofline_until_the_matmuls_arithmetic_outlasts_their_reads():
+    """`common.step_floor_seconds` on the 8B shape at an H100's rates (3,000 GB/s, 690 TFLOP/s: the
+    two meet at batch 230): the roofline below, the weights' arithmetic in place of their read
+    above; `add_floor` sets a row's ratio to it."""
+    model = recount_roofline.meta_model("qwen3-8b")
+    bandwidth, tflops, slots = 3000.0, 690.0, 921
+    parts = step_read_bytes(model, 512, slots)
+    weights = parts["decoder_weights"] + parts["lm_head"]
+
+    for batch in (64, 229):
+        roofline = throughput.roofline_seconds(model, batch, slots, bandwidth)
+        assert step_floor_seconds(model, batch, slots, bandwidth, tflops) == pytest.approx(roofline)
+    roofline = throughput.roofline_seconds(model, 512, slots, bandwidth)
+    arithmetic = 2 * 512 * (weights / 2) / (tflops * 1e12)
+    expected = roofline - weights / (bandwidth * 1e9) + arithmetic
+    assert step_floor_seconds(model, 512, slots, bandwidth, tflops) == pytest.approx(expected)
+    assert expected > roofline * 1.2
+
+    row = {"config": "longflow-compiled", "output": 4096, "batch": 512, "step_ms_mean": 40.0}
+    throughput.add_floor(row, model, prompt=512, bandwidth=bandwidth, tflops=tflops)
+    assert row["floor_ms"] == pytest.approx(expected * 1e3)  # LongFlow's budget: (512 + 4096) // 5 = 921 slots
+    assert row["vs_floor"] == pytest.approx(40.0 / row["floor_ms"])
