@@ -189,7 +189,8 @@ def summary(eager: dict, rows: list[dict], rooflines: dict, profiles: list[dict]
     print_table(eager["candidates"], decode_op.CANDIDATE_COLUMNS)
     print(
         "\n=== b. tokens/s (x_strongest: over the compiled full-cache loop; x_full_roofline: over the full cache "
-        "at its roofline; vs_roofline: the row's step over its own roofline) ==="
+        "at its roofline; vs_roofline: the row's step over its own roofline; vs_floor: over its floor with the "
+        "matmuls' arithmetic counted) ==="
     )
     print_table([row for row in rows if "tokens_per_s" in row], throughput.COLUMNS)
     print_table([{"output": output, **roofline} for output, roofline in rooflines.items()],
