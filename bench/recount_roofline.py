@@ -47,11 +47,10 @@ def recount(payload: dict) -> dict:
         return payload
     model = meta_model(payload["shape"])
     bandwidth, prompt = payload["copy_bandwidth_gbs"], payload["prompt"]
-    full = {}
-    for output, roofline in payload["full_cache_roofline"].items():
-        batch = roofline["batch"]
-        step = throughput.roofline_seconds(model, batch, prompt + int(output) / 2, bandwidth)
-        full[int(output)] = {"batch": batch, "step_ms": step * 1e3, "tokens_per_s": batch / step}
+    full = {
+        int(output): throughput.full_cache_at_roofline(model, roofline["batch"], prompt, int(output), bandwidth)
+        for output, roofline in payload["full_cache_roofline"].items()
+    }
     for row in payload["rows"]:
         if "tokens_per_s" not in row:
             continue

@@ -96,7 +96,7 @@ def main() -> None:
     rows, start = [], time.time()
     settings = {"benchmark": "stop_check", "environment": environment(), **vars(args), "out": str(args.out)}
     for output in args.outputs:
-        budget = (args.prompt + output) // 5
+        budget = throughput.longflow_budget(args.prompt, output)
         batch = throughput.largest_batch(model, budget, args.memory_cap_gb * 1e9, 256)
         longflow_patch.apply(model, policy="longflow", budget=budget)
         for order in args.orders:

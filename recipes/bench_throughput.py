@@ -195,12 +195,17 @@ def roofline_seconds(model, batch: int, slots: float, bandwidth: float) -> float
     return sum(step_read_bytes(model, batch, slots).values()) / (bandwidth * 1e9)
 
 
+def longflow_budget(prompt: int, output: int) -> int:
+    """LongFlow's budget in every row: 80% compression, a fifth of the prompt and output."""
+    return (prompt + output) // 5
+
+
 def slots_read(kind: str, prompt: int, output: int) -> float:
     """Cached positions a step of ``kind`` reads per sequence and layer, on average over an output of
-    ``output`` tokens: LongFlow's budget (a fifth of the sequence), the static cache's every slot,
-    another full cache's filled positions."""
+    ``output`` tokens: LongFlow's budget, the static cache's every slot, another full cache's filled
+    positions."""
     if kind in COMPRESSED:
-        return (prompt + output) // 5
+        return longflow_budget(prompt, output)
     return prompt + output if kind == "static" else prompt + output / 2
 
 
@@ -431,7 +436,7 @@ def measure(model, kind: str, prompt: int, output: int, batch: int, steps: int, 
     (``compile_shapes``: `generate_compile_config`)."""
     config = model.config
     total = prompt + output
-    budget = total // 5
+    budget = longflow_budget(prompt, output)
     compressed = kind in COMPRESSED
     model.generation_config.compile_config = generate_compile_config(kind, compile_shapes)
     if compressed:
@@ -523,7 +528,7 @@ def measure_largest(model, kind: str, prompt: int, output: int, cap: float, step
                     timing_prompt: int, loop_steps: dict, backend: str, most: int = 256,
                     compile_shapes: str = "static") -> dict:  # fmt: skip
     """`measure` at the estimated largest batch, stepping the batch down by 20% on out-of-memory."""
-    slots = (prompt + output) // 5 if kind in COMPRESSED else prompt + output
+    slots = longflow_budget(prompt, output) if kind in COMPRESSED else prompt + output
     batch = largest_batch(model, slots, cap, most)
     while True:
         try:
@@ -542,8 +547,12 @@ def measure_largest(model, kind: str, prompt: int, output: int, cap: float, step
 def full_cache_roofline(model, prompt: int, output: int, cap: float, bandwidth: float, most: int = 256) -> dict:
     """tokens/s of a full cache at its largest batch under ``cap`` if every step ran at the copy
     bandwidth, reading the weights and only the filled positions (``prompt + output / 2`` on average)."""
-    batch = largest_batch(model, prompt + output, cap, most)
-    step = roofline_seconds(model, batch, prompt + output / 2, bandwidth)
+    return full_cache_at_roofline(model, largest_batch(model, prompt + output, cap, most), prompt, output, bandwidth)
+
+
+def full_cache_at_roofline(model, batch: int, prompt: int, output: int, bandwidth: float) -> dict:
+    """`full_cache_roofline` at a given ``batch``."""
+    step = roofline_seconds(model, batch, slots_read("fullcache-loop", prompt, output), bandwidth)
     return {"batch": batch, "step_ms": step * 1e3, "tokens_per_s": batch / step}
 
 
